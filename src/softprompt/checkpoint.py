@@ -1,0 +1,193 @@
+"""Prompt checkpoints in PEFT's on-disk format, plus softprompt's metadata, written atomically.
+
+A checkpoint directory holds:
+  - ``adapter_config.json``: PEFT's keys only, so ``PeftModel.from_pretrained`` reads it;
+  - ``adapter_model.safetensors``: one tensor ``prompt_embeddings``
+    ``(num_virtual_tokens * num_transformer_submodules, token_dim)``;
+  - ``softprompt.json``: our metadata (init details, template, verbalizer, training summary).
+Only safetensors are read: a pickle can run code, so ``.bin`` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from softprompt.config import ADAPTER_CONFIG_NAME, PromptTuningConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_NAME = "softprompt.json"
+PROMPT_KEY = "prompt_embeddings"
+_BACKUP_SUFFIX = ".previous"
+
+
+@dataclass
+class PromptCheckpoint:
+    """A loaded prompt: its config, its ``(total_virtual_tokens, token_dim)`` fp32 weights, metadata."""
+
+    config: PromptTuningConfig
+    weights: torch.Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temp_name, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def save_prompt(
+    directory: str | Path,
+    weights: torch.Tensor,
+    config: PromptTuningConfig,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save a prompt checkpoint atomically.
+
+    The files are written into a temp sibling directory which then replaces ``directory``; the
+    previous version is kept as ``<directory>.previous`` until the swap is done, so a crash at any
+    point leaves a loadable checkpoint.
+
+    Args:
+        directory: target checkpoint directory.
+        weights: ``(total_virtual_tokens, token_dim)`` prompt matrix.
+        config: its config (``token_dim`` set).
+        metadata: JSON-serialisable softprompt metadata.
+
+    Returns:
+        The checkpoint directory.
+    """
+    directory = Path(directory)
+    expected = (config.total_virtual_tokens, config.token_dim)
+    if tuple(weights.shape) != expected:
+        raise ValueError(f"prompt weights have shape {tuple(weights.shape)}, config expects {expected}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint gets the usual mode
+        tensor = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        save_file({PROMPT_KEY: tensor}, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        peft_config = config.to_peft_dict()
+        peft_config["inference_mode"] = True  # as PEFT writes it
+        (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+        meta = {"softprompt_version": _version(), "config": config.softprompt_fields(), **(metadata or {})}
+        (staging / METADATA_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Move ``staging`` to ``directory``, keeping the old one as ``.previous`` until done."""
+    backup = directory.with_name(directory.name + _BACKUP_SUFFIX)
+    if directory.exists():
+        if backup.exists():  # stale: the directory itself is the good copy
+            shutil.rmtree(backup)
+        os.replace(directory, backup)
+    # Without the directory, a backup left by an interrupted save is the only good copy: it is
+    # kept until the new version is in place.
+    os.replace(staging, directory)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def load_prompt(directory: str | Path) -> PromptCheckpoint:
+    """Load a checkpoint saved by softprompt or by PEFT (prompt tuning).
+
+    Raises:
+        FileNotFoundError: the directory or its files are missing (the message lists what is there).
+        ValueError: the files are not a prompt-tuning checkpoint or disagree with each other.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        backup = directory.with_name(directory.name + _BACKUP_SUFFIX)
+        if backup.is_dir():  # a crash between the two renames of save_prompt
+            directory = backup
+        else:
+            raise FileNotFoundError(f"{directory}: prompt checkpoint directory does not exist")
+    weights_path = directory / WEIGHTS_NAME
+    config_path = directory / ADAPTER_CONFIG_NAME
+    if not weights_path.is_file():
+        found = sorted(path.name for path in directory.iterdir())
+        if (directory / "adapter_model.bin").is_file():
+            raise ValueError(
+                f"{directory}: only adapter_model.bin (a pickle) is present; softprompt reads "
+                "safetensors only. Re-save it with PEFT's save_pretrained(safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{weights_path}: missing; not a prompt checkpoint (found: {found})")
+    config = PromptTuningConfig.from_json_file(config_path)
+    metadata = _read_metadata(directory / METADATA_NAME)
+    extra = metadata.get("config") or {}
+    if extra:
+        config = PromptTuningConfig.from_dict(config.to_peft_dict() | {"inference_mode": config.inference_mode}, extra)
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    if PROMPT_KEY not in tensors:
+        raise ValueError(f"{weights_path}: no '{PROMPT_KEY}' tensor (found: {sorted(tensors)}); not a prompt")
+    weights = tensors[PROMPT_KEY].to(torch.float32)
+    if weights.ndim != 2:
+        raise ValueError(f"{weights_path}: '{PROMPT_KEY}' has shape {tuple(weights.shape)}, expected 2-D")
+    rows, width = weights.shape
+    submodules = config.num_transformer_submodules or 1
+    if rows != config.num_virtual_tokens * submodules:
+        raise ValueError(
+            f"{weights_path}: {rows} prompt rows, but {config_path.name} says num_virtual_tokens="
+            f"{config.num_virtual_tokens} x num_transformer_submodules={submodules}"
+        )
+    if config.token_dim is not None and width != config.token_dim:
+        raise ValueError(f"{weights_path}: prompt width {width} != token_dim={config.token_dim}")
+    config.token_dim = width
+    config.num_transformer_submodules = submodules
+    return PromptCheckpoint(config, weights, metadata, directory)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _version() -> str:
+    from softprompt import __version__
+
+    return __version__

@@ -1,0 +1,138 @@
+"""What a prompt learned: how it was initialised, how far it drifted, its nearest vocabulary tokens.
+
+The initial prompt is recomputed from the checkpoint's config (every init is deterministic under
+its seed), so no extra file is needed to measure drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softprompt.checkpoint import load_prompt
+from softprompt.prompt import initial_prompt
+
+
+def nearest_tokens(
+    prompt: torch.Tensor, embeddings: torch.nn.Module, tokenizer: Any, top_k: int = 5, chunk: int = 16384
+) -> list[list[tuple[str, int, float]]]:
+    """Nearest vocabulary tokens of each prompt row by cosine similarity.
+
+    Args:
+        prompt: ``(n, H)`` prompt rows.
+        embeddings: the model's input embedding module.
+        tokenizer: decodes token ids.
+        top_k: neighbours per row.
+
+    Returns:
+        For each row, ``top_k`` tuples ``(token text, token id, cosine)``, best first.
+    """
+    vocab_size = min(embeddings.weight.shape[0], len(tokenizer))
+    rows = torch.nn.functional.normalize(prompt.float().cpu(), dim=-1)
+    best_values = torch.full((rows.shape[0], top_k), -2.0)
+    best_ids = torch.zeros((rows.shape[0], top_k), dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, vocab_size, chunk):
+            ids = torch.arange(start, min(vocab_size, start + chunk), device=embeddings.weight.device)
+            table = torch.nn.functional.normalize(embeddings(ids).float().cpu(), dim=-1)
+            similarity = rows @ table.T
+            values = torch.cat([best_values, similarity], dim=1)
+            candidates = torch.cat([best_ids, ids.cpu().unsqueeze(0).expand(rows.shape[0], -1)], dim=1)
+            best_values, order = values.topk(top_k, dim=1)
+            best_ids = candidates.gather(1, order)
+    return [
+        [(tokenizer.decode([int(token)]), int(token), float(value)) for token, value in zip(ids, values, strict=True)]
+        for ids, values in zip(best_ids, best_values, strict=True)
+    ]
+
+
+def inspect_prompt(prompt_dir: str | Path, model: str | None = None, top_k: int = 5) -> dict[str, Any]:
+    """Describe a prompt checkpoint.
+
+    Args:
+        prompt_dir: checkpoint directory (softprompt's or PEFT's).
+        model: base model; defaults to the one recorded in the checkpoint.
+        top_k: nearest tokens per virtual token.
+
+    Returns:
+        A JSON-ready dict with ``init``, ``drift`` and ``virtual_tokens`` (nearest tokens each).
+    """
+    from softprompt.models import load_model
+
+    checkpoint = load_prompt(prompt_dir)
+    model_name = model or checkpoint.metadata.get("base_model") or checkpoint.config.base_model_name_or_path
+    if not model_name:
+        raise ValueError(f"{prompt_dir}: the checkpoint does not name its base model; pass --model")
+    base, tokenizer = load_model(model_name)
+    embeddings = base.get_input_embeddings()
+    if checkpoint.weights.shape[1] != embeddings.weight.shape[1]:
+        raise ValueError(
+            f"{prompt_dir}: prompt width {checkpoint.weights.shape[1]} != {model_name} embedding size "
+            f"{embeddings.weight.shape[1]}"
+        )
+    config = checkpoint.config
+    init_report = checkpoint.metadata.get("init_report") or {}
+    drift: dict[str, Any] = {"available": False}
+    if "config" in checkpoint.metadata:  # our metadata records the exact init (strategy, seed, fill)
+        initial, report = initial_prompt(config, embeddings, tokenizer)
+        difference = checkpoint.weights - initial
+        drift = {
+            "available": True,
+            "total_norm": float(difference.norm()),
+            "initial_norm": float(initial.norm()),
+            "per_token": [float(value) for value in difference.norm(dim=1)],
+        }
+        init_report = init_report or report.to_dict()
+    neighbours = nearest_tokens(checkpoint.weights, embeddings, tokenizer, top_k)
+    sources = init_report.get("sources") or []
+    tokens = []
+    for index, row in enumerate(neighbours):
+        entry = {
+            "index": index,
+            "norm": float(checkpoint.weights[index].norm()),
+            "init": sources[index] if index < len(sources) else None,
+            "nearest": [{"token": text, "id": token, "cosine": round(score, 4)} for text, token, score in row],
+        }
+        if drift["available"]:
+            entry["drift"] = drift["per_token"][index]
+        tokens.append(entry)
+    return {
+        "prompt_dir": str(prompt_dir),
+        "model": model_name,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": config.token_dim,
+        "init": {
+            "strategy": config.prompt_tuning_init.value,
+            "text": config.prompt_tuning_init_text,
+            "fill": config.prompt_tuning_init_fill.value,
+            "text_tokens": init_report.get("text_tokens"),
+            "truncated": init_report.get("truncated"),
+        },
+        "drift": {key: value for key, value in drift.items() if key != "per_token"},
+        "virtual_tokens": tokens,
+    }
+
+
+def format_inspection(result: dict[str, Any]) -> str:
+    """Human-readable text of :func:`inspect_prompt`'s result."""
+    init = result["init"]
+    lines = [
+        f"prompt {result['prompt_dir']}  ({result['num_virtual_tokens']} x {result['token_dim']}, model {result['model']})",
+        f"init: {init['strategy']}" + (f"  text={init['text']!r}" if init["text"] else ""),
+    ]
+    if init.get("text_tokens"):
+        lines.append(f"  text tokenized to {len(init['text_tokens'])} tokens: {init['text_tokens']}"
+                     + (f" ({init['truncated']} truncated)" if init.get("truncated") else ""))
+    drift = result["drift"]
+    if drift.get("available"):
+        lines.append(f"drift: |trained - initial| = {drift['total_norm']:.4f} (initial norm {drift['initial_norm']:.4f})")
+    else:
+        lines.append("drift: unavailable (the initial prompt cannot be recomputed for this checkpoint)")
+    lines.append(f"{'#':>3}  {'init':<24} {'drift':>7}  nearest tokens (cosine)")
+    for token in result["virtual_tokens"]:
+        nearest = ", ".join(f"{item['token']!r} {item['cosine']:.2f}" for item in token["nearest"])
+        drift_text = f"{token['drift']:.3f}" if "drift" in token else "-"
+        lines.append(f"{token['index']:>3}  {str(token['init'] or '-')[:24]:<24} {drift_text:>7}  {nearest}")
+    return "\n".join(lines)

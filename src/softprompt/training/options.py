@@ -1,0 +1,135 @@
+"""`TrainOptions`: every knob of ``softprompt train``, validated together before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.config import PromptTuningInit
+
+DEFAULT_INIT_TEXT = "Classify if the movie review is positive or negative:"
+TASK_KINDS = ("classification", "generation")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Named option sets. "demo" is the default run (fits 10 minutes on 2 CPU cores);
+# "full" trains to this model's best accuracy (see docs/results.md for what it reached).
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "full": {
+        "num_virtual_tokens": 50,
+        "steps": 1500,
+        "batch_size": 16,
+        "eval_every": 100,
+        "patience": 6,
+        "max_eval_examples": None,
+        "schedule": "cosine",
+        "warmup_steps": 50,
+    },
+    "quick": {"steps": 6, "eval_every": 3, "max_eval_examples": 16, "batch_size": 4},
+}
+
+
+@dataclass
+class TrainOptions:
+    """Options of a prompt-tuning run; the same names as the CLI flags (``--num-virtual-tokens``)."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "Bundled name, local folder, .gguf or Hub id"})
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": "Bundled name, .jsonl/.csv/.tsv, folder, or HF name"})
+    text_column: str = field(default="text", metadata={"help": "Field holding the input text"})
+    label_column: str = field(default="label", metadata={"help": "Field holding the class label"})
+    target_column: str | None = field(default=None, metadata={"help": "Field holding the target text (generation)"})
+    task_type: str = field(default="classification", metadata={"help": "classification (verbalizer) or generation"})
+    template: str | None = field(default=None, metadata={"help": "Format string over record fields"})
+    verbalizer: str | None = field(default=None, metadata={"help": "JSON or label=word,label=word"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Length of the soft prompt"})
+    init: str = field(default="TEXT", metadata={"help": "TEXT, RANDOM, SAMPLE_VOCAB or CLASS_LABEL"})
+    init_text: str = field(default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction for TEXT init"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or adafactor (the paper's)"})
+    lr: float | None = field(default=None, metadata={"help": "Learning rate (default: per optimizer)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay on the prompt"})
+    schedule: str = field(default="constant", metadata={"help": "constant, linear or cosine decay"})
+    warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps"})
+    steps: int | None = field(default=200, metadata={"help": "Optimizer steps (overrides epochs)"})
+    epochs: float | None = field(default=None, metadata={"help": "Epochs over the train split (when steps is unset)"})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward"})
+    grad_accum: int = field(default=1, metadata={"help": "Forwards per optimizer step"})
+    eval_every: int = field(default=50, metadata={"help": "Steps between validation evaluations"})
+    patience: int | None = field(default=None, metadata={"help": "Stop after this many evals without improvement"})
+    max_eval_examples: int | None = field(default=400, metadata={"help": "Cap on validation/test examples"})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Cap on train examples"})
+    max_length: int = field(default=256, metadata={"help": "Max tokens of a rendered input"})
+    seed: int = field(default=0, metadata={"help": "Seed of init, data order and sampling"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    dtype: str = field(default="float32", metadata={"help": "Base model dtype; the prompt stays fp32"})
+    output_dir: str | None = field(default=None, metadata={"help": "Default runs/<dataset>-<model>-<time>"})
+    resume: str | None = field(default=None, metadata={"help": "Run directory to continue"})
+    baselines: bool = field(default=True, metadata={"help": "Also evaluate zero-shot and the initial prompt"})
+    shared_prefix: bool = field(default=True, metadata={"help": "Compute the prompt once per batch (fast path)"})
+    preset: str | None = field(default=None, metadata={"help": "demo, quick or full"})
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset={self.preset!r} is not valid; allowed: {', '.join(PRESETS)}")
+            defaults = {item.name: item.default for item in dataclasses.fields(self)}
+            for name, value in PRESETS[self.preset].items():
+                if getattr(self, name) == defaults[name]:  # explicit options win over the preset
+                    setattr(self, name, value)
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid training options:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem with these options (checks that need no data or model)."""
+        problems = []
+
+        def choice(name: str, allowed: tuple[str, ...], value: str) -> None:
+            if value not in allowed:
+                problems.append(f"{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
+
+        choice("task_type", TASK_KINDS, self.task_type)
+        choice("optimizer", OPTIMIZERS, self.optimizer)
+        choice("schedule", SCHEDULES, self.schedule)
+        choice("device", DEVICES, self.device)
+        choice("dtype", DTYPES, self.dtype)
+        choice("init", tuple(item.value for item in PromptTuningInit), str(self.init).upper())
+        for name in ("num_virtual_tokens", "batch_size", "grad_accum", "eval_every", "max_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("patience", "max_eval_examples", "max_train_examples", "steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be a positive integer or unset, got {value!r}")
+        if self.steps is None and (self.epochs is None or self.epochs <= 0):
+            problems.append("set steps, or epochs > 0")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.task_type == "generation" and not self.target_column:
+            problems.append("task_type='generation' needs target_column (the field with the target text)")
+        if str(self.init).upper() == "TEXT" and not self.init_text:
+            problems.append("init='TEXT' needs init_text")
+        if self.resume is not None and not (Path(self.resume) / "state").is_dir():
+            problems.append(f"resume={self.resume!r}: no resumable run there (missing {Path(self.resume) / 'state'})")
+        return problems
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate in effect: Adafactor 0.3 as in the paper; AdamW 0.03 (our tuning)."""
+        if self.lr is not None:
+            return self.lr
+        return 0.3 if self.optimizer == "adafactor" else 0.03
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
+        known = {item.name for item in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known and key != "preset"})

@@ -1,0 +1,110 @@
+"""Resumable training state, saved without pickle: tensors in safetensors, the rest in JSON.
+
+``<run>/state/`` holds the current prompt, the optimizer's tensors, the RNG state and the loop's
+counters. The prompt and its optimizer state are tiny, so they are saved whole at every
+evaluation; the directory is replaced atomically so a crash leaves the previous state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from softprompt.checkpoint import replace_directory
+
+STATE_DIR = "state"
+
+
+@dataclass
+class LoopState:
+    """Counters of the training loop."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_validation_accuracy: float = -1.0
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": optimizer.state_dict()["param_groups"], "state": {}}
+    for param_id, values in optimizer.state_dict()["state"].items():
+        plain["state"][str(param_id)] = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain["state"][str(param_id)][key] = value
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(key): dict(values) for key, values in plain["state"].items()}
+    for name, tensor in tensors.items():
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = tensor
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_state(
+    run_dir: str | Path,
+    prompt: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loop: LoopState,
+) -> Path:
+    """Write ``<run_dir>/state`` atomically."""
+    target = Path(run_dir) / STATE_DIR
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".state.", suffix=".tmp"))
+    try:
+        optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer)
+        save_file({"prompt": prompt.detach().cpu().contiguous()}, str(staging / "prompt.safetensors"))
+        save_file(
+            {**optimizer_tensors, "torch_rng": torch.get_rng_state()}, str(staging / "optimizer.safetensors")
+        )
+        document = {
+            "loop": loop.__dict__,
+            "optimizer": optimizer_plain,
+            "scheduler": scheduler.state_dict(),
+        }
+        (staging / "state.json").write_text(json.dumps(document, default=_json_default) + "\n")
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_state(
+    run_dir: str | Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[torch.Tensor, LoopState]:
+    """Restore optimizer, scheduler and RNG from ``<run_dir>/state``; returns (prompt, loop state)."""
+    directory = Path(run_dir) / STATE_DIR
+    try:
+        document = json.loads((directory / "state.json").read_text())
+        prompt = load_file(str(directory / "prompt.safetensors"))["prompt"]
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{directory}: cannot resume, state is unreadable ({error})") from None
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, document["optimizer"]))
+    scheduler.load_state_dict(document["scheduler"])
+    return prompt, LoopState(**document["loop"])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in state.json")
