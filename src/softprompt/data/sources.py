@@ -1,0 +1,479 @@
+"""Load a dataset into fixed train/validation/test splits of string records.
+
+`load_dataset` resolves ``name_or_path`` in this order: (1) ``rotten_tomatoes``, the bundled
+corpus (write ``./rotten_tomatoes`` for a local directory of that name); (2) an existing
+``.jsonl``/``.csv``/``.tsv`` file, split 80/10/10 by `text_bucket`; (3) an existing directory of
+``train.*``, ``validation.*`` (or ``dev.*``/``valid.*``) and ``test.*`` files, used as given;
+(4) a path-like name (file suffix, or leading ``.``, ``/``, ``~``) that does not exist:
+`FileNotFoundError`; (5) anything else: a Hugging Face ``datasets`` name (``name`` or
+``name:config``; optional dependency, online). A directory or hub dataset without a validation or
+test split gets it carved from train by hash (10%; both missing: 80/10/10).
+
+All values become strings (JSON numbers/booleans as JSON text, null as empty). The text column is
+required; the label column too unless ``target_column`` is set (then it is used when present);
+``label_column=None`` means no labels. Rows with an empty text/label/target are skipped, counted
+and logged (all rows empty is an error); any other bad input raises naming file, line and field.
+``max_examples`` keeps, per split, the records with the smallest text hashes in their original
+order: the same subset on every machine, unbiased by file order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from softprompt.data.rotten_tomatoes import RECORD_FIELDS, RT_NAME, read_rotten_tomatoes
+
+logger = logging.getLogger(__name__)
+
+Record = dict[str, str]
+SPLITS = ("train", "validation", "test")
+ROLES = ("text_column", "label_column", "target_column")
+FILE_FORMATS = {".jsonl": "jsonl", ".csv": ",", ".tsv": "\t"}
+SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
+DATASETS_INSTALL_HINT = 'pip install "softprompt[datasets]"'
+
+
+def normalize_text(text: str) -> str:
+    """Collapses runs of whitespace to one space and strips the ends."""
+    return " ".join(text.split())
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(normalize_text(text).encode("utf-8")).digest()
+
+
+def text_bucket(text: str, buckets: int = 10) -> int:
+    """Stable bucket of a text, the same on every machine: ``sha256(normalized) mod buckets``."""
+    return int.from_bytes(_digest(text), "big") % buckets
+
+
+def hash_split(records: list[Record], text_column: str) -> dict[str, list[Record]]:
+    """Splits records 80/10/10 by `text_bucket`: 0-7 train, 8 validation, 9 test (order kept)."""
+    parts: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    for record in records:
+        bucket = text_bucket(record[text_column])
+        parts["train" if bucket < 8 else "validation" if bucket == 8 else "test"].append(record)
+    return parts
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset's three fixed splits.
+
+    Attributes:
+        name: The name or path it was loaded from.
+        train: Training records (field -> string value).
+        validation: Validation records.
+        test: Test records.
+        labels: Sorted unique labels over all splits; None without a label column.
+        text_column: Field holding the input text.
+        label_column: Field holding the class label, or None.
+        target_column: Field holding a free-text target, or None.
+    """
+
+    name: str
+    train: list[Record]
+    validation: list[Record]
+    test: list[Record]
+    labels: list[str] | None = None
+    text_column: str = "text"
+    label_column: str | None = "label"
+    target_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("DatasetSplits.name must be a non-empty string")
+        if not self.text_column:
+            raise ValueError(f"DatasetSplits({self.name!r}).text_column must be a non-empty string")
+        if (self.labels is None) != (self.label_column is None):
+            raise ValueError(
+                f"DatasetSplits({self.name!r}): set both labels and label_column or neither"
+            )
+        if self.labels is not None and self.labels != sorted(set(self.labels)):
+            raise ValueError(f"DatasetSplits({self.name!r}).labels must be sorted and unique")
+        required = [c for c in (self.text_column, self.label_column, self.target_column) if c]
+        for split in SPLITS:
+            for index, record in enumerate(self.split(split)):
+                missing = [column for column in required if column not in record]
+                if missing:
+                    raise ValueError(
+                        f"DatasetSplits({self.name!r}).{split}[{index}] has no field "
+                        f"{missing[0]!r}; fields: {', '.join(record)}"
+                    )
+
+    def split(self, name: str) -> list[Record]:
+        """Returns the records of split ``name`` (train, validation or test)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; splits: {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def sizes(self) -> dict[str, int]:
+        """Returns ``{"train": n, "validation": n, "test": n}``."""
+        return {split: len(self.split(split)) for split in SPLITS}
+
+    def label_counts(self, split: str) -> dict[str, int]:
+        """Returns ``{label: count}`` for one split, over all `labels` (zeros included)."""
+        if self.label_column is None or self.labels is None:
+            raise ValueError(f"dataset {self.name!r} has no label column")
+        counts = Counter(record[self.label_column] for record in self.split(split))
+        return {label: counts.get(label, 0) for label in self.labels}
+
+
+class _Columns(NamedTuple):
+    """The fields playing the text, label and target roles (label/target may be None)."""
+
+    text: str
+    label: str | None
+    target: str | None
+
+    def required(self) -> list[tuple[str, str]]:
+        """Returns ``(field, role)`` pairs, role being the `load_dataset` argument name."""
+        return [(column, role) for column, role in zip(self, ROLES, strict=True) if column]
+
+    def resolve(self, available: Collection[str], where: str) -> _Columns:
+        """Checks the columns against a source's; drops the label when optional and absent."""
+        resolved = self
+        if self.label and self.target and self.label not in available:
+            logger.info("%s: no label column %r; using the target column only", where, self.label)
+            resolved = self._replace(label=None)
+        for column, role in resolved.required():
+            if column not in available:
+                found = ", ".join(available) or "(none)"
+                raise ValueError(
+                    f"{where}: column {column!r} ({role}) not found; columns found: {found}"
+                )
+        return resolved
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _clean_rows(
+    rows: Iterable[tuple[str, Mapping[str, Any]]],
+    columns: _Columns,
+    source: str,
+    allow_empty: bool = False,
+) -> list[Record]:
+    """Converts rows to string records, skipping (and logging) rows with an empty required field.
+
+    Args:
+        rows: ``(location, row)`` pairs; location is ``file:line`` or similar.
+        columns: Resolved columns; each must be present in every row.
+        source: Names the source in messages.
+        allow_empty: Return [] instead of raising when every row is empty.
+
+    Returns:
+        list[Record]: The kept records.
+    """
+    records: list[Record] = []
+    skipped: Counter[str] = Counter()
+    first_skipped: dict[str, str] = {}
+    total = 0
+    for where, row in rows:
+        total += 1
+        record = {str(key): _to_str(value) for key, value in row.items()}
+        empty = None
+        for column, role in columns.required():
+            if column not in record:
+                raise ValueError(
+                    f"{where}: field {column!r} ({role}) is missing; fields on this line: "
+                    f"{', '.join(record) or '(none)'}"
+                )
+            if empty is None and not record[column].strip():
+                empty = f"{column!r} ({role})"
+        if empty is not None:
+            skipped[empty] += 1
+            first_skipped.setdefault(empty, where)
+            continue
+        records.append(record)
+    if total == 0:
+        raise ValueError(f"{source}: no rows")
+    for what, count in skipped.items():
+        first = first_skipped[what]
+        logger.warning(
+            "%s: skipped %d/%d rows with empty %s (first: %s)", source, count, total, what, first
+        )
+    if not records and not allow_empty:
+        raise ValueError(
+            f"{source}: all {total} rows have an empty "
+            + " or ".join(f"{what} (first at {first_skipped[what]})" for what in skipped)
+        )
+    return records
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: invalid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise ValueError(f"{path}: file is empty")
+    return text
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[str, Mapping[str, Any]]]:
+    rows: list[tuple[str, Mapping[str, Any]]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}:{number}: malformed JSON at column {exc.colno}: {exc.msg}"
+            ) from None
+        if not isinstance(value, dict):
+            got = line.strip()[:40]
+            raise ValueError(
+                f'{path}:{number}: expected a JSON object like {{"text": ...}}, got {got}'
+            )
+        rows.append((f"{path}:{number}", value))
+    return rows
+
+
+def _csv_rows(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[str, dict]]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[tuple[str, dict]] = []
+    try:
+        header = next((row for row in reader if row), None)
+        if header is None:
+            raise ValueError(f"{path}: file is empty")
+        header = [name.strip() for name in header]
+        duplicates = sorted(name for name, n in Counter(header).items() if n > 1)
+        if duplicates:
+            raise ValueError(f"{path}:{reader.line_num}: duplicate column {duplicates[0]!r}")
+        start = reader.line_num + 1
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), "
+                    f"found {len(row)}"
+                )
+            rows.append((f"{path}:{line}", dict(zip(header, row, strict=True))))
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+    return header, rows
+
+
+def _read_file(path: Path, columns: _Columns) -> tuple[list[Record], _Columns]:
+    """Reads one .jsonl/.csv/.tsv file; returns its records and the resolved columns."""
+    kind = FILE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(
+            f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_FORMATS)}"
+        )
+    text = _read_utf8(path)
+    if kind == "jsonl":
+        rows = _jsonl_rows(path, text)
+        if not rows:
+            raise ValueError(f"{path}: file is empty")
+        columns = columns.resolve(list(rows[0][1]), rows[0][0])
+    else:
+        header, rows = _csv_rows(path, text, kind)
+        columns = columns.resolve(header, f"{path}:1")
+    return _clean_rows(rows, columns, str(path)), columns
+
+
+def _fill_missing(parts: dict[str, list[Record]], text_column: str, source: str) -> None:
+    """Carves missing validation/test splits (empty lists) out of train by hash, in place."""
+    missing = [split for split in ("validation", "test") if not parts.get(split)]
+    if not missing:
+        return
+    if len(missing) == 2:
+        parts.update(hash_split(parts["train"], text_column))
+    else:
+        train = parts["train"]
+        parts["train"] = [r for r in train if text_bucket(r[text_column]) != 9]
+        parts[missing[0]] = [r for r in train if text_bucket(r[text_column]) == 9]
+    logger.info("%s: no %s split; carved from train by text hash", source, " or ".join(missing))
+
+
+def _load_directory(directory: Path, columns: _Columns) -> tuple[dict[str, list[Record]], _Columns]:
+    files: dict[str, Path] = {}
+    for split, stems in SPLIT_STEMS.items():
+        found = [
+            directory / f"{stem}{suffix}"
+            for stem in stems
+            for suffix in FILE_FORMATS
+            if (directory / f"{stem}{suffix}").is_file()
+        ]
+        if len(found) > 1:
+            raise ValueError(
+                f"{directory}: several {split} files ({', '.join(p.name for p in found)}); keep one"
+            )
+        if found:
+            files[split] = found[0]
+    if "train" not in files:
+        names = sorted(p.name for p in directory.iterdir())
+        raise FileNotFoundError(
+            f"{directory}: no train{'/train'.join(FILE_FORMATS)} file; files found: "
+            f"{', '.join(names) or '(none)'}"
+        )
+    parts: dict[str, list[Record]] = {}
+    parts["train"], columns = _read_file(files["train"], columns)
+    for split in ("validation", "test"):
+        if split in files:
+            parts[split], _ = _read_file(files[split], columns)
+    _fill_missing(parts, columns.text, str(directory))
+    return parts, columns
+
+
+def _load_hub(name: str, columns: _Columns) -> tuple[dict[str, list[Record]], _Columns]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"{name!r} is neither the bundled {RT_NAME!r} nor an existing local file or directory, "
+            "so it is treated as a Hugging Face dataset name, which needs the optional 'datasets' "
+            f"package: {DATASETS_INSTALL_HINT}"
+        ) from None
+    path, _, config = name.partition(":")
+    try:
+        loaded = datasets.load_dataset(path, config or None)
+    except Exception as exc:  # the library raises many types (network, missing, bad config)
+        raise ValueError(f"could not load Hugging Face dataset {name!r}: {exc}") from exc
+    if "train" not in loaded:
+        raise ValueError(
+            f"Hugging Face dataset {name!r} has no 'train' split; splits: {', '.join(loaded)}"
+        )
+    columns = columns.resolve(loaded["train"].column_names, f"{name} (train split)")
+    parts: dict[str, list[Record]] = {}
+    for split, stems in SPLIT_STEMS.items():
+        source = next((stem for stem in stems if stem in loaded), None)
+        if source is None:
+            continue
+        table = loaded[source]
+        names = {col: getattr(feature, "names", None) for col, feature in table.features.items()}
+        rows = (
+            (f"{name}[{source}] row {index}", _hub_row(row, names))
+            for index, row in enumerate(table)
+        )
+        # Unlabeled evaluation splits (labels all -1, as in GLUE test sets) get carved from train.
+        parts[split] = _clean_rows(rows, columns, f"{name}[{source}]", split != "train")
+    _fill_missing(parts, columns.text, name)
+    return parts, columns
+
+
+def _hub_row(row: Mapping[str, Any], class_names: Mapping[str, list[str] | None]) -> dict[str, Any]:
+    """Maps ClassLabel integers to their names (negative = unlabeled -> empty)."""
+    out = dict(row)
+    for column, names in class_names.items():
+        value = out.get(column)
+        if names and isinstance(value, int) and not isinstance(value, bool):
+            out[column] = names[value] if 0 <= value < len(names) else None
+    return out
+
+
+def _subsample(records: list[Record], limit: int, text_column: str) -> list[Record]:
+    if len(records) <= limit:
+        return records
+    ranked = sorted(range(len(records)), key=lambda i: (_digest(records[i][text_column]), i))
+    return [records[i] for i in sorted(ranked[:limit])]
+
+
+def _looks_like_path(name: str) -> bool:
+    return Path(name).suffix.lower() in (*FILE_FORMATS, ".json") or name.startswith((".", "/", "~"))
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike[str],
+    text_column: str = "text",
+    label_column: str | None = "label",
+    target_column: str | None = None,
+    max_examples: int | None = None,
+) -> DatasetSplits:
+    """Loads a dataset into fixed train/validation/test splits (see the module docstring).
+
+    Args:
+        name_or_path: ``rotten_tomatoes``, a .jsonl/.csv/.tsv file, a directory of split files,
+            or a Hugging Face dataset name (``name`` or ``name:config``).
+        text_column: Field with the input text (required).
+        label_column: Field with the class label; None for no labels. Optional when
+            ``target_column`` is set.
+        target_column: Field with a free-text target, or None.
+        max_examples: Keep at most this many records per split (a stable hash-chosen subset).
+
+    Returns:
+        DatasetSplits: The splits, with ``labels`` sorted when there is a label column.
+
+    Raises:
+        FileNotFoundError: A local path (or the bundled corpus) does not exist.
+        ImportError: A Hugging Face name was given but ``datasets`` is not installed.
+        ValueError: Bad content, naming file, line and field.
+    """
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    columns = _Columns(text_column, label_column, target_column)
+    for value, role in zip(columns, ROLES, strict=True):
+        if (value is not None or role == "text_column") and (
+            not isinstance(value, str) or not value
+        ):
+            raise ValueError(f"{role} must be a non-empty string, got {value!r}")
+    if len({c for c, _ in columns.required()}) != len(columns.required()):
+        raise ValueError(f"text_column, label_column and target_column must differ: {columns}")
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if name == RT_NAME:
+        corpus = read_rotten_tomatoes()
+        columns = columns.resolve(RECORD_FIELDS, f"{RT_NAME} ({corpus.path})")
+        parts = hash_split(corpus.records, columns.text)
+    elif path.is_dir():
+        parts, columns = _load_directory(path, columns)
+    elif path.is_file():
+        records, columns = _read_file(path, columns)
+        parts = hash_split(records, columns.text)
+    elif _looks_like_path(name):
+        raise FileNotFoundError(f"{name}: no such file or directory")
+    else:
+        parts, columns = _load_hub(name, columns)
+    if max_examples is not None:
+        for split in SPLITS:
+            if len(parts[split]) > max_examples:
+                logger.info(
+                    "%s: max_examples keeps %d of %d %s",
+                    name,
+                    max_examples,
+                    len(parts[split]),
+                    split,
+                )
+                parts[split] = _subsample(parts[split], max_examples, columns.text)
+    labels = None
+    if columns.label is not None:
+        labels = sorted({r[columns.label] for split in SPLITS for r in parts[split]})
+    return DatasetSplits(
+        name=name,
+        train=parts["train"],
+        validation=parts["validation"],
+        test=parts["test"],
+        labels=labels,
+        text_column=columns.text,
+        label_column=columns.label,
+        target_column=columns.target,
+    )
