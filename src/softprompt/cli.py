@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -59,6 +60,8 @@ def _train(args: argparse.Namespace) -> int:
     from softprompt.training import train
 
     result = train(**_options_from(args, TrainOptions))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports
+        return 0
     report = result.report
     print(f"\nrun directory: {result.output_dir}")
     for key in ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy"):

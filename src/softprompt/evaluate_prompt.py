@@ -13,8 +13,20 @@ from typing import Any
 
 from softprompt.checkpoint import atomic_write_json, load_prompt
 from softprompt.config import PromptTuningConfig
-from softprompt.data import SPLITS, Template, Verbalizer, default_template, load_dataset, parse_verbalizer
-from softprompt.evaluation import classification_metrics, encode_classification, few_shot_context, score_encoded
+from softprompt.data import (
+    SPLITS,
+    Template,
+    Verbalizer,
+    default_template,
+    load_dataset,
+    parse_verbalizer,
+)
+from softprompt.evaluation import (
+    classification_metrics,
+    encode_classification,
+    few_shot_context,
+    score_encoded,
+)
 from softprompt.modeling import PromptTunedModel
 from softprompt.training.options import DEFAULT_INIT_TEXT
 

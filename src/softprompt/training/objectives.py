@@ -24,14 +24,19 @@ from softprompt.evaluation import (
 from softprompt.modeling import PromptTunedModel
 from softprompt.prefix import shared_prefix_hidden
 from softprompt.scoring import build_scoring_inputs, label_scores, scores_from_hidden
+from softprompt.training.distributed import DistContext, gather_rows
+
+SINGLE = DistContext()
 
 
 class Objective(Protocol):
     def encode(self, records: Sequence[Record], context: str = "") -> Any: ...
     def lengths(self, encoded: Any) -> list[int]: ...
-    def loss(self, model: PromptTunedModel, encoded: Any, batch: list[int], shared_prefix: bool) -> torch.Tensor: ...
+    def count(self, encoded: Any, batch: list[int]) -> int: ...
+    def loss_sum(self, model: PromptTunedModel, encoded: Any, batch: list[int], shared_prefix: bool) -> torch.Tensor: ...
     def evaluate(self, model: PromptTunedModel, encoded: Any, use_prompt: bool = True,
-                 description: str | None = None) -> dict[str, Any]: ...
+                 description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]: ...
+
 
 
 @dataclass
@@ -54,7 +59,16 @@ class ClassificationObjective:
     def lengths(self, encoded: EncodedSplit) -> list[int]:
         return [len(sequence) for sequence in encoded.sequences]
 
+    def count(self, encoded: EncodedSplit, batch: list[int]) -> int:
+        """Loss terms in ``batch``: one per example."""
+        return len(batch)
+
     def loss(self, model: PromptTunedModel, encoded: EncodedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+        """Mean cross-entropy of ``batch``."""
+        return self.loss_sum(model, encoded, batch, shared_prefix) / self.count(encoded, batch)
+
+    def loss_sum(self, model: PromptTunedModel, encoded: EncodedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+        """Summed cross-entropy of ``batch`` over the verbalizer's labels."""
         inputs = build_scoring_inputs(
             [encoded.sequences[i] for i in batch], self.verbalizer, self.tokenizer.pad_token_id
         ).to(model.device)
@@ -64,14 +78,16 @@ class ClassificationObjective:
         else:
             scores = label_scores(model, inputs)
         targets = torch.tensor([encoded.targets[i] for i in batch], device=scores.device)
-        return F.cross_entropy(scores.float(), targets)
+        return F.cross_entropy(scores.float(), targets, reduction="sum")
 
     def evaluate(self, model: PromptTunedModel, encoded: EncodedSplit, use_prompt: bool = True,
-                 description: str | None = None) -> dict[str, Any]:
-        scores = score_encoded(
-            model, encoded, self.verbalizer, self.tokenizer.pad_token_id, self.eval_batch_size,
-            use_prompt=use_prompt, description=description,
-        )
+                 description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]:
+        share = context.shard(list(range(len(encoded))))
+        local = EncodedSplit([encoded.sequences[i] for i in share], [encoded.targets[i] for i in share])
+        scores = gather_rows(score_encoded(
+            model, local, self.verbalizer, self.tokenizer.pad_token_id, self.eval_batch_size,
+            use_prompt=use_prompt, description=description if context.is_main else None,
+        ), context)
         metrics = classification_metrics(scores, encoded.targets, self.verbalizer.labels)
         targets = torch.tensor(encoded.targets)
         metrics["loss"] = float(F.cross_entropy(scores, targets)) if len(targets) else 0.0
@@ -113,7 +129,16 @@ class GenerationObjective:
     def lengths(self, encoded: GeneratedSplit) -> list[int]:
         return [len(a) + len(b) for a, b in zip(encoded.inputs, encoded.targets, strict=True)]
 
+    def count(self, encoded: GeneratedSplit, batch: list[int]) -> int:
+        """Loss terms in ``batch``: one per target token."""
+        return sum(len(encoded.targets[i]) for i in batch)
+
     def loss(self, model: PromptTunedModel, encoded: GeneratedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+        """Mean cross-entropy per target token of ``batch``."""
+        return self.loss_sum(model, encoded, batch, shared_prefix) / self.count(encoded, batch)
+
+    def loss_sum(self, model: PromptTunedModel, encoded: GeneratedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+        """Summed cross-entropy of the target tokens of ``batch``."""
         rows = [encoded.inputs[i] + encoded.targets[i][:-1] for i in batch]
         input_ids, mask = pad_batch(rows, self.tokenizer.pad_token_id)
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
@@ -132,19 +157,22 @@ class GenerationObjective:
             hidden = model.last_hidden_state(combined)[:, model.num_virtual_tokens :]
         # Only the target positions go through the LM head.
         logits = model.head_logits(hidden[row_index, column])
-        return F.cross_entropy(logits.float(), torch.tensor(labels, device=model.device))
+        return F.cross_entropy(logits.float(), torch.tensor(labels, device=model.device), reduction="sum")
 
     @torch.no_grad()
     def evaluate(self, model: PromptTunedModel, encoded: GeneratedSplit, use_prompt: bool = True,
-                 description: str | None = None) -> dict[str, Any]:
+                 description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]:
         if not use_prompt:
             raise ValueError("generation baselines without a prompt are not supported")
-        correct = 0
-        total_loss = 0.0
+        share = context.shard(list(range(len(encoded))))
+        # Per example: (exact match, summed token loss, token count), gathered across ranks.
+        rows = torch.zeros(len(share), 3, dtype=torch.float64)
         batch_size = 8
-        for start in range(0, len(encoded), batch_size):
-            batch = list(range(start, min(len(encoded), start + batch_size)))
-            total_loss += float(self.loss(model, encoded, batch, True)) * len(batch)
+        for start in range(0, len(share), batch_size):
+            batch = share[start : start + batch_size]
+            for row, i in enumerate(batch):
+                rows[start + row, 1] = float(self.loss_sum(model, encoded, [i], True))
+                rows[start + row, 2] = self.count(encoded, [i])
             input_ids, mask = pad_batch([encoded.inputs[i] for i in batch], self.tokenizer.pad_token_id, side="left")
             output = model.generate(
                 input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
@@ -153,6 +181,10 @@ class GenerationObjective:
             )
             for row, i in enumerate(batch):
                 text = self.tokenizer.decode(output[row, input_ids.shape[1]:], skip_special_tokens=True)
-                correct += int(text.strip() == encoded.target_texts[i].strip())
-        count = max(1, len(encoded))
-        return {"accuracy": correct / count, "examples": len(encoded), "loss": total_loss / count}
+                rows[start + row, 0] = float(text.strip() == encoded.target_texts[i].strip())
+        totals = gather_rows(rows, context).sum(dim=0)
+        return {
+            "accuracy": float(totals[0]) / max(1, len(encoded)),
+            "examples": len(encoded),
+            "loss": float(totals[1]) / max(1.0, float(totals[2])),
+        }

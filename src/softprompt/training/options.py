@@ -70,6 +70,7 @@ class TrainOptions:
     resume: str | None = field(default=None, metadata={"help": "Run directory to continue"})
     baselines: bool = field(default=True, metadata={"help": "Also evaluate zero-shot and the initial prompt"})
     shared_prefix: bool = field(default=True, metadata={"help": "Compute the prompt once per batch (fast path)"})
+    dist_timeout: float = field(default=600.0, metadata={"help": "Seconds a distributed collective may wait"})
     preset: str | None = field(default=None, metadata={"help": "demo, quick or full"})
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from softprompt.data import (
     parse_verbalizer,
 )
 from softprompt.modeling import PromptTunedModel, get_prompt_model
+from softprompt.training import distributed
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective
 from softprompt.training.optim import make_optimizer, make_scheduler
 from softprompt.training.options import TrainOptions
@@ -151,23 +152,45 @@ def train(options: TrainOptions | None = None, **overrides: Any) -> TrainResult:
         options = TrainOptions.from_dict({**options.to_dict(), **overrides})
     if options.resume:
         saved = json.loads((Path(options.resume) / OPTIONS_FILE).read_text())
+        # The prompt and optimizer state are saved whole, so the world size may change on resume.
         options = TrainOptions.from_dict({**saved, "resume": options.resume, "output_dir": options.resume})
+    distributed.check_batch_divisible(options.batch_size, distributed.world_from_environment())
     prepared = prepare(options)
-    output_dir = Path(options.output_dir) if options.output_dir else _default_output_dir(options)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output_dir / OPTIONS_FILE, options.to_dict())
-    return _Run(options, prepared, output_dir).execute()
+    device = resolve_device(options.device)
+    context = distributed.init_distributed(device, options.dist_timeout)
+    try:
+        output_dir = Path(options.output_dir) if options.output_dir else _default_output_dir(options)
+        output_dir = Path(distributed.broadcast_object(str(output_dir), context))
+        if context.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(output_dir / OPTIONS_FILE, options.to_dict())
+        distributed.barrier(context)
+        return _Run(options, prepared, output_dir, device, context).execute()
+    finally:
+        distributed.shutdown(context)
 
 
 class _Run:
     """One training run's state; `execute` is the whole flow."""
 
-    def __init__(self, options: TrainOptions, prepared: _Prepared, output_dir: Path) -> None:
+    def __init__(
+        self, options: TrainOptions, prepared: _Prepared, output_dir: Path, device: torch.device,
+        context: distributed.DistContext,
+    ) -> None:
         self.options = options
         self.prepared = prepared
         self.output_dir = output_dir
-        self.device = resolve_device(options.device)
-        self.metrics = MetricsLog(output_dir / "metrics.jsonl", append=bool(options.resume))
+        self.device = device
+        self.context = context
+        self.metrics = MetricsLog(output_dir / "metrics.jsonl", append=bool(options.resume)) if context.is_main else None
+
+    def _log_metrics(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def _save_prompt(self, metadata: dict[str, Any]) -> None:
+        if self.context.is_main:  # rank 0 alone writes
+            self.model.save_pretrained(self.output_dir / PROMPT_DIR, metadata)
 
     # ------------------------------------------------------------------ setup
     def _load(self) -> None:
@@ -175,7 +198,8 @@ class _Run:
 
         options = self.options
         started = time.perf_counter()
-        base, self.tokenizer = load_model(options.model, task_type="CAUSAL_LM", dtype=options.dtype, device=str(self.device))
+        device = f"cuda:{self.context.local_rank}" if self.device.type == "cuda" else str(self.device)
+        base, self.tokenizer = load_model(options.model, task_type="CAUSAL_LM", dtype=options.dtype, device=device)
         logger.info("loaded %s in %.1f s", options.model, time.perf_counter() - started)
         prepared = self.prepared
         if options.task_type == "classification":
@@ -240,19 +264,18 @@ class _Run:
         if options.baselines and options.task_type == "classification" and not options.resume:
             zero_shot = self.objective.evaluate(
                 self.model, self.objective.encode(self.test_records, context=options.init_text + "\n"),
-                use_prompt=False, description="zero-shot",
+                use_prompt=False, description="zero-shot", context=self.context,
             )
             report["zero_shot_accuracy"] = zero_shot["accuracy"]
-            initial = self.objective.evaluate(self.model, self.test_data, description="initial prompt")
+            initial = self.objective.evaluate(self.model, self.test_data, description="initial prompt", context=self.context)
             report["init_accuracy"] = initial["accuracy"]
             logger.info("test accuracy: zero-shot %.4f, initial prompt %.4f", zero_shot["accuracy"], initial["accuracy"])
         train_started = time.perf_counter()
         loop, examples_seen = self._train()
         train_seconds = time.perf_counter() - train_started
-        best = load_prompt(self.output_dir / PROMPT_DIR)
         with torch.no_grad():
-            self.model.prompt_encoder.embedding.weight.copy_(best.weights.to(self.device))
-        test = self.objective.evaluate(self.model, self.test_data, description="test")
+            self.model.prompt_encoder.embedding.weight.copy_(self.best_prompt.to(self.device))
+        test = self.objective.evaluate(self.model, self.test_data, description="test", context=self.context)
         logger.info("test accuracy of the best prompt (step %d): %.4f", loop.best_step, test["accuracy"])
         trainable, total = self.model.get_nb_trainable_parameters()
         drift = self.model.get_prompt_embedding_to_save().cpu() - self.initial_prompt.cpu()
@@ -283,12 +306,14 @@ class _Run:
             "prompt_drift_norm": float(drift.norm()),
             "prompt_drift_per_token": drift.norm(dim=1).tolist(),
             "device": str(self.device),
+            "world_size": self.context.world_size,
             "seed": options.seed,
         }
-        atomic_write_json(self.output_dir / "report.json", report)
-        self.model.save_pretrained(self.output_dir / PROMPT_DIR, self._metadata(_summary(report)))
-        plot_curves(self.metrics.path, self.output_dir / "curves.png", title=f"{options.dataset} / {options.model}")
-        logger.info("wrote %s", self.output_dir)
+        if self.context.is_main:
+            atomic_write_json(self.output_dir / "report.json", report)
+            self._save_prompt(self._metadata(_summary(report)))
+            plot_curves(self.metrics.path, self.output_dir / "curves.png", title=f"{options.dataset} / {options.model}")
+            logger.info("wrote %s", self.output_dir)
         return TrainResult(self.output_dir, report)
 
     def _total_steps(self) -> int:
@@ -312,10 +337,12 @@ class _Run:
             prompt, loop = load_state(self.output_dir, optimizer, scheduler)
             with torch.no_grad():
                 prompt_parameter.copy_(prompt.to(prompt_parameter.device))
+            self.best_prompt = load_prompt(self.output_dir / PROMPT_DIR).weights
             logger.info("resumed %s at step %d", self.output_dir, loop.step)
         else:
             # The initial prompt is the first "best" so a run stopped at once still has a checkpoint.
-            self.model.save_pretrained(self.output_dir / PROMPT_DIR, self._metadata())
+            self.best_prompt = self.model.get_prompt_embedding_to_save().cpu()
+            self._save_prompt(self._metadata())
         self.padding = padding_fraction(self.lengths, self._epoch_batches(loop.epoch))
         logger.info("training %d steps, batch %d x %d, padding %.1f%%", total_steps, options.batch_size,
                     options.grad_accum, 100 * self.padding)
@@ -323,28 +350,42 @@ class _Run:
         batches = self._epoch_batches(loop.epoch)
         examples_seen = 0
         window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
-        progress = tqdm(total=total_steps, initial=loop.step, desc="train", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=total_steps, initial=loop.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not self.context.is_main)
         try:
             while loop.step < total_steps:
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
+                step_batches = []
                 for _ in range(options.grad_accum):
                     if loop.batch_in_epoch >= len(batches):
                         loop.epoch += 1
                         loop.batch_in_epoch = 0
                         batches = self._epoch_batches(loop.epoch)
-                    batch = batches[loop.batch_in_epoch]
+                    step_batches.append(batches[loop.batch_in_epoch])
                     loop.batch_in_epoch += 1
-                    loss = self.objective.loss(self.model, self.train_data, batch, options.shared_prefix)
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"loss is {loss.item()} at step {loop.step + 1}; stopped. The best prompt so far "
-                            f"is in {self.output_dir / PROMPT_DIR}. Try a lower --lr (now {options.learning_rate})."
-                        )
-                    (loss / options.grad_accum).backward()
-                    step_loss += loss.item() / options.grad_accum
+                # Each rank backprops its shard's summed loss over the step's global count, so the
+                # all-reduced gradient equals the single-process mean-loss gradient.
+                total_count = sum(self.objective.count(self.train_data, batch) for batch in step_batches)
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for batch in step_batches:
+                    shard = self.context.shard(batch)
+                    if shard:  # an epoch's short last batch can leave a rank without examples
+                        loss = self.objective.loss_sum(self.model, self.train_data, shard, options.shared_prefix)
+                        (loss / total_count).backward()
+                        loss_sum += loss.detach().double().cpu()
                     examples_seen += len(batch)
                     window_examples += len(batch)
+                if prompt_parameter.grad is None:
+                    prompt_parameter.grad = torch.zeros_like(prompt_parameter)
+                if self.context.enabled:
+                    distributed.all_reduce_sum(prompt_parameter.grad, self.context)
+                    distributed.all_reduce_sum(loss_sum, self.context)
+                step_loss = float(loss_sum) / total_count
+                if not math.isfinite(step_loss):
+                    raise TrainingDivergedError(
+                        f"loss is {step_loss} at step {loop.step + 1}; stopped. The best prompt so far "
+                        f"is in {self.output_dir / PROMPT_DIR}. Try a lower --lr (now {options.learning_rate})."
+                    )
                 optimizer.step()
                 scheduler.step()
                 loop.step += 1
@@ -353,17 +394,18 @@ class _Run:
                 elapsed = time.perf_counter() - window_start
                 progress.set_postfix(loss=f"{step_loss:.4f}", ex_per_s=f"{window_examples / max(elapsed, 1e-9):.1f}")
                 if loop.step % 10 == 0 or loop.step == total_steps:
-                    self.metrics.write({
+                    self._log_metrics({
                         "step": loop.step, "loss": window_loss / (10 if loop.step % 10 == 0 else loop.step % 10),
                         "lr": scheduler.get_last_lr()[0], "examples_per_second": window_examples / max(elapsed, 1e-9),
                     })
                     window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
-                if loop.step % options.eval_every == 0 or loop.step == total_steps:
-                    if self._evaluate(loop, optimizer, scheduler):
-                        logger.info("early stop at step %d: no improvement in %d evaluations", loop.step, options.patience)
-                        break
+                evaluate_now = loop.step % options.eval_every == 0 or loop.step == total_steps
+                if evaluate_now and self._evaluate(loop, optimizer, scheduler):
+                    logger.info("early stop at step %d: no improvement in %d evaluations", loop.step, options.patience)
+                    break
         except KeyboardInterrupt:
-            save_state(self.output_dir, prompt_parameter, optimizer, scheduler, loop)
+            if self.context.is_main:
+                save_state(self.output_dir, prompt_parameter, optimizer, scheduler, loop)
             logger.warning("interrupted at step %d; state saved. Continue with: softprompt train --resume %s",
                            loop.step, self.output_dir)
             raise
@@ -373,20 +415,22 @@ class _Run:
 
     def _evaluate(self, loop: LoopState, optimizer: torch.optim.Optimizer, scheduler: Any) -> bool:
         """Validate, keep the best prompt, save resumable state; True means stop early."""
-        result = self.objective.evaluate(self.model, self.validation_data)
+        result = self.objective.evaluate(self.model, self.validation_data, context=self.context)
         accuracy = result["accuracy"]
         improved = accuracy > loop.best_validation_accuracy
         if improved:
             loop.best_validation_accuracy, loop.best_step = accuracy, loop.step
             loop.evals_without_improvement = 0
-            self.model.save_pretrained(self.output_dir / PROMPT_DIR, self._metadata({"step": loop.step, "validation_accuracy": accuracy}))
+            self.best_prompt = self.model.get_prompt_embedding_to_save().cpu()
+            self._save_prompt(self._metadata({"step": loop.step, "validation_accuracy": accuracy}))
         else:
             loop.evals_without_improvement += 1
         loop.history.append({"step": loop.step, "validation_accuracy": accuracy})
-        self.metrics.write({"step": loop.step, "validation_accuracy": accuracy, "validation_loss": result["loss"]})
+        self._log_metrics({"step": loop.step, "validation_accuracy": accuracy, "validation_loss": result["loss"]})
         logger.info("step %d: validation accuracy %.4f (best %.4f at step %d)", loop.step, accuracy,
                     loop.best_validation_accuracy, loop.best_step)
-        save_state(self.output_dir, self.model.prompt_encoder.embedding.weight, optimizer, scheduler, loop)
+        if self.context.is_main:
+            save_state(self.output_dir, self.model.prompt_encoder.embedding.weight, optimizer, scheduler, loop)
         patience = self.options.patience
         return patience is not None and loop.evals_without_improvement >= patience
 

@@ -1,0 +1,121 @@
+"""Data-parallel training: 2 gloo processes on CPU give the single-process prompt."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt.training import TrainOptions, train
+from softprompt.training.distributed import DistContext, check_batch_divisible
+from tests.helpers import SENTENCES, build_tokenizer_dir, tiny_llama
+
+TRAIN_ARGS = {
+    "template": "{text} answer",
+    "verbalizer": '{"positive": " positive", "negative": " negative"}',
+    "init": "RANDOM",
+    "steps": 6,
+    "batch_size": 4,
+    "eval_every": 3,
+    "max_eval_examples": 8,
+    "lr": 0.05,
+    "warmup_steps": 0,
+    "baselines": False,
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    model_dir = root / "model"
+    tiny_llama(seed=3).save_pretrained(model_dir)
+    build_tokenizer_dir(model_dir)
+    words = " ".join(SENTENCES).split()
+    generator = random.Random(0)
+    rows = []
+    for _ in range(80):
+        text = " ".join(generator.choice(words) for _ in range(generator.randint(3, 9)))
+        rows.append({"text": text, "label": "positive" if "good" in text or "great" in text else "negative"})
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, data
+
+
+def _cli_args(options: dict) -> list[str]:
+    args = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _prompt(run_dir: Path) -> torch.Tensor:
+    return load_file(str(run_dir / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
+
+
+def _torchrun(nproc: int, options: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--standalone", "-m", "softprompt", "train", *_cli_args(options)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_shard_splits_every_item_once() -> None:
+    items = list(range(7))
+    shards = [DistContext(rank, 3).shard(items) for rank in range(3)]
+    assert shards == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_world_size_must_divide_global_batch() -> None:
+    with pytest.raises(ValueError, match="batch_size=6 .* not divisible by the world size 4"):
+        check_batch_divisible(6, DistContext(0, 4))
+
+
+def test_two_processes_match_one(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, data = setup
+    options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS}
+    single = train(TrainOptions(**options, output_dir=str(tmp_path / "single")))
+    result = _torchrun(2, {**options, "output_dir": str(tmp_path / "double")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.allclose(_prompt(tmp_path / "single"), _prompt(tmp_path / "double"), atol=1e-6)
+    report = json.loads((tmp_path / "double" / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["best_validation_accuracy"] == single.report["best_validation_accuracy"]
+    # Rank 0 alone wrote: one metrics line per logged step, not two.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "double" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == len(set((step, i) for i, step in enumerate(steps)))
+    assert steps.count(3) == 1
+
+
+def test_resume_with_another_world_size(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, data = setup
+    options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS}
+    train(TrainOptions(**options, output_dir=str(tmp_path / "whole")))
+    first = _torchrun(2, {**options, "steps": 3, "output_dir": str(tmp_path / "split")})
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Continue the 2-process run in one process, to 6 steps.
+    saved = json.loads((tmp_path / "split" / "options.json").read_text())
+    saved["steps"] = 6
+    (tmp_path / "split" / "options.json").write_text(json.dumps(saved))
+    train(resume=str(tmp_path / "split"))
+    whole_state = load_file(str(tmp_path / "whole" / "state" / "prompt.safetensors"))["prompt"]
+    split_state = load_file(str(tmp_path / "split" / "state" / "prompt.safetensors"))["prompt"]
+    assert torch.allclose(whole_state, split_state, atol=1e-6)
+
+
+def test_bad_world_size_fails_before_loading(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, data = setup
+    options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS, "batch_size": 3}
+    result = _torchrun(2, {**options, "output_dir": str(tmp_path / "bad")}, timeout=120)
+    assert result.returncode != 0
+    assert "not divisible by the world size 2" in result.stderr
