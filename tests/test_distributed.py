@@ -81,26 +81,50 @@ def test_world_size_must_divide_global_batch() -> None:
         check_batch_divisible(6, DistContext(0, 4))
 
 
-def test_two_processes_match_one(setup: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def single_run(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single-process reference run every multi-process run must reproduce."""
+    model_dir, data = setup
+    output = tmp_path_factory.mktemp("single")
+    train(TrainOptions(model=str(model_dir), dataset=str(data), **TRAIN_ARGS, output_dir=str(output)))
+    return output
+
+
+def test_two_processes_match_one(setup: tuple[Path, Path], single_run: Path, tmp_path: Path) -> None:
     model_dir, data = setup
     options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS}
-    single = train(TrainOptions(**options, output_dir=str(tmp_path / "single")))
     result = _torchrun(2, {**options, "output_dir": str(tmp_path / "double")})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.allclose(_prompt(tmp_path / "single"), _prompt(tmp_path / "double"), atol=1e-6)
+    assert torch.allclose(_prompt(single_run), _prompt(tmp_path / "double"), atol=1e-6)
     report = json.loads((tmp_path / "double" / "report.json").read_text())
+    single = json.loads((single_run / "report.json").read_text())
     assert report["world_size"] == 2
-    assert report["best_validation_accuracy"] == single.report["best_validation_accuracy"]
+    assert report["best_validation_accuracy"] == single["best_validation_accuracy"]
+    assert not torch.equal(_prompt(single_run), torch.zeros_like(_prompt(single_run)))
     # Rank 0 alone wrote: one metrics line per logged step, not two.
     steps = [json.loads(line)["step"] for line in (tmp_path / "double" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == len(set((step, i) for i, step in enumerate(steps)))
     assert steps.count(3) == 1
 
 
-def test_resume_with_another_world_size(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_sharded_frozen_base_matches_one(setup: tuple[Path, Path], single_run: Path, tmp_path: Path) -> None:
+    model_dir, data = setup
+    options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS, "shard_base": True}
+    result = _torchrun(2, {**options, "output_dir": str(tmp_path / "sharded")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded 2 frozen decoder blocks over 2 ranks" in result.stderr
+    assert torch.allclose(_prompt(single_run), _prompt(tmp_path / "sharded"), atol=1e-5)
+
+
+def test_shard_base_needs_several_processes(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, data = setup
+    with pytest.raises(ValueError, match="shard_base needs several processes"):
+        train(model=str(model_dir), dataset=str(data), **TRAIN_ARGS, shard_base=True, output_dir=str(tmp_path))
+
+
+def test_resume_with_another_world_size(setup: tuple[Path, Path], single_run: Path, tmp_path: Path) -> None:
     model_dir, data = setup
     options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS}
-    train(TrainOptions(**options, output_dir=str(tmp_path / "whole")))
     first = _torchrun(2, {**options, "steps": 3, "output_dir": str(tmp_path / "split")})
     assert first.returncode == 0, first.stderr[-3000:]
     # Continue the 2-process run in one process, to 6 steps.
@@ -108,7 +132,7 @@ def test_resume_with_another_world_size(setup: tuple[Path, Path], tmp_path: Path
     saved["steps"] = 6
     (tmp_path / "split" / "options.json").write_text(json.dumps(saved))
     train(resume=str(tmp_path / "split"))
-    whole_state = load_file(str(tmp_path / "whole" / "state" / "prompt.safetensors"))["prompt"]
+    whole_state = load_file(str(single_run / "state" / "prompt.safetensors"))["prompt"]
     split_state = load_file(str(tmp_path / "split" / "state" / "prompt.safetensors"))["prompt"]
     assert torch.allclose(whole_state, split_state, atol=1e-6)
 

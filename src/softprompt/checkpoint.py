@@ -3,7 +3,8 @@
 A checkpoint directory holds:
   - ``adapter_config.json``: PEFT's keys only, so ``PeftModel.from_pretrained`` reads it;
   - ``adapter_model.safetensors``: one tensor ``prompt_embeddings``
-    ``(num_virtual_tokens * num_transformer_submodules, token_dim)``;
+    ``(num_virtual_tokens * num_transformer_submodules, token_dim)`` (for SEQ_CLS also the frozen
+    classification head, as PEFT's ``modules_to_save``, without which PEFT cannot load it);
   - ``softprompt.json``: our metadata (init details, template, verbalizer, training summary).
 Only safetensors are read: a pickle can run code, so ``.bin`` checkpoints are refused.
 """
@@ -38,6 +39,9 @@ class PromptCheckpoint:
     weights: torch.Tensor
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # Other tensors of the weights file, by key: PEFT also saves its ``modules_to_save`` there
+    # (e.g. ``base_model.classifier.weight`` for SEQ_CLS), which a prompt alone cannot carry.
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -66,18 +70,21 @@ def save_prompt(
     weights: torch.Tensor,
     config: PromptTuningConfig,
     metadata: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save a prompt checkpoint atomically.
 
     The files are written into a temp sibling directory which then replaces ``directory``; the
     previous version is kept as ``<directory>.previous`` until the swap is done, so a crash at any
-    point leaves a loadable checkpoint.
+    point leaves a loadable checkpoint. Other files already in ``directory`` are kept.
 
     Args:
         directory: target checkpoint directory.
         weights: ``(total_virtual_tokens, token_dim)`` prompt matrix.
         config: its config (``token_dim`` set).
         metadata: JSON-serialisable softprompt metadata.
+        extra_tensors: more tensors for the weights file, by PEFT key (the frozen classification
+            head of a SEQ_CLS model, which PEFT needs to load the checkpoint).
 
     Returns:
         The checkpoint directory.
@@ -91,17 +98,45 @@ def save_prompt(
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the checkpoint gets the usual mode
         tensor = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        save_file({PROMPT_KEY: tensor}, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        extra = {key: value.detach().to("cpu").contiguous() for key, value in (extra_tensors or {}).items()}
+        save_file({**extra, PROMPT_KEY: tensor}, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         peft_config = config.to_peft_dict()
         peft_config["inference_mode"] = True  # as PEFT writes it
         (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
         meta = {"softprompt_version": _version(), "config": config.softprompt_fields(), **(metadata or {})}
         (staging / METADATA_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if directory.is_dir():
+            _carry_over(directory, staging)
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _carry_over(old: Path, staging: Path) -> None:
+    """Keep the files of ``old`` that are not the prompt's (a tokenizer or README saved beside it).
+
+    Saving into a directory must not delete what else is in it (PEFT only writes its own files).
+    Files are hard-linked where possible, so this is cheap and ``old`` stays intact until the swap.
+    """
+    for entry in old.iterdir():
+        target = staging / entry.name
+        if target.exists() or target.is_symlink():  # one of the prompt's own files: the new one wins
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def replace_directory(staging: Path, directory: Path) -> None:
@@ -166,7 +201,8 @@ def load_prompt(directory: str | Path) -> PromptCheckpoint:
         raise ValueError(f"{weights_path}: prompt width {width} != token_dim={config.token_dim}")
     config.token_dim = width
     config.num_transformer_submodules = submodules
-    return PromptCheckpoint(config, weights, metadata, directory)
+    extra = {key: tensor for key, tensor in tensors.items() if key != PROMPT_KEY}
+    return PromptCheckpoint(config, weights, metadata, directory, extra_tensors=extra)
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:

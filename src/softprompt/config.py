@@ -58,7 +58,8 @@ class InitFill(_ChoiceEnum):
     REPEAT = "REPEAT"
 
 
-# Fields PEFT 0.21 writes for a prompt-tuning adapter, in its order.
+# Fields PEFT 0.21 writes for a prompt-tuning adapter, in its order, except ``peft_version``:
+# that is PEFT's stamp of its own library version (PEFT fills it in when it is absent).
 PEFT_FIELDS = (
     "task_type",
     "peft_type",
@@ -133,7 +134,7 @@ class PromptTuningConfig:
             raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
         for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(f"num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules}")

@@ -249,7 +249,8 @@ class PromptTunedModel(nn.Module):
     def save_pretrained(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write a PEFT-format checkpoint (plus ``softprompt.json``) atomically."""
         meta = {"init_report": self.prompt_encoder.init_report.to_dict(), **(metadata or {})}
-        return save_prompt(directory, self.get_prompt_embedding_to_save(), self.peft_config, meta)
+        extra = _classifier_tensors(self.base_model) if self.peft_config.task_type == TaskType.SEQ_CLS else None
+        return save_prompt(directory, self.get_prompt_embedding_to_save(), self.peft_config, meta, extra)
 
     @classmethod
     def from_pretrained(
@@ -273,6 +274,7 @@ class PromptTunedModel(nn.Module):
                 f"embedding size is {embedding_dim}; it was tuned for another model "
                 f"({checkpoint.config.base_model_name_or_path or 'unknown'})"
             )
+        _check_extra_tensors(model, checkpoint.extra_tensors, directory)
         config = checkpoint.config
         config.inference_mode = not is_trainable
         prompt_model = cls(model, config, prompt_weights=checkpoint.weights)
@@ -280,6 +282,54 @@ class PromptTunedModel(nn.Module):
         if not is_trainable:
             prompt_model.eval()  # as PEFT: loaded for inference means no dropout
         return prompt_model
+
+
+# PeftModelForSequenceClassification always adds these to modules_to_save and fails to load a
+# checkpoint without their weights.
+_PEFT_CLASSIFIER_NAMES = ("classifier", "score")
+
+
+def _classifier_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The classification head's tensors under the keys PEFT saves its ``modules_to_save`` with."""
+    tensors: dict[str, torch.Tensor] = {}
+    matched: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(parent + ".") for parent in matched):
+            continue
+        if any(name == target or name.endswith("." + target) for target in _PEFT_CLASSIFIER_NAMES):
+            matched.append(name)
+            for key, value in module.state_dict().items():
+                tensors[f"base_model.{name}.{key}"] = value
+    return tensors
+
+
+def _check_extra_tensors(model: nn.Module, extra: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """Refuse a PEFT checkpoint whose ``modules_to_save`` weights differ from the model's own.
+
+    PEFT saves e.g. the classification head of a SEQ_CLS model (trained with the prompt) beside
+    the prompt, as ``base_model.<parameter name>``. softprompt keeps the whole base model frozen and
+    does not apply them: loading only the prompt would silently give other results, so this is
+    only accepted when those weights are the model's own.
+    """
+    if not extra:
+        return
+    own = dict(model.state_dict(keep_vars=True))
+    differing = []
+    for key, tensor in sorted(extra.items()):
+        parameter = own.get(key.removeprefix("base_model."))
+        if (
+            parameter is None
+            or parameter.shape != tensor.shape
+            or not torch.equal(parameter.detach().to("cpu", torch.float32), tensor.to(torch.float32))
+        ):
+            differing.append(key)
+    if differing:
+        raise ValueError(
+            f"{Path(directory) / 'adapter_model.safetensors'}: besides the prompt it holds "
+            f"{', '.join(differing)} (PEFT's modules_to_save, e.g. a trained classification head), "
+            "which differ from the model's own weights; softprompt keeps the base model frozen and "
+            "loads only the prompt. Copy those weights into the model first, or load it with PEFT."
+        )
 
 
 def get_prompt_model(

@@ -73,8 +73,11 @@ class PromptEmbedding(nn.Module):
         total = config.total_virtual_tokens
         self.embedding = nn.Embedding(total, config.token_dim, dtype=torch.float32)
         if weights is None:
-            needs_tokenizer = config.prompt_tuning_init in (PromptTuningInit.TEXT, PromptTuningInit.CLASS_LABEL)
-            if tokenizer is None and (needs_tokenizer or config.tokenizer_name_or_path):
+            init = config.prompt_tuning_init
+            needs_tokenizer = init in (PromptTuningInit.TEXT, PromptTuningInit.CLASS_LABEL)
+            # SAMPLE_VOCAB uses a tokenizer when it has one (to skip special tokens); RANDOM never.
+            wants_tokenizer = init == PromptTuningInit.SAMPLE_VOCAB and config.tokenizer_name_or_path
+            if tokenizer is None and (needs_tokenizer or wants_tokenizer):
                 tokenizer = load_tokenizer(config.tokenizer_name_or_path, config.tokenizer_kwargs)
             weights, self.init_report = initial_prompt(config, word_embeddings, tokenizer)
         else:

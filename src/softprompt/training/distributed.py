@@ -71,6 +71,39 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> DistContex
     return context
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (``layers`` for Llama/Gemma, ``h`` for GPT-2)."""
+    body = model.base_model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(body, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+
+
+def shard_frozen_base(model: torch.nn.Module, context: DistContext) -> int:
+    """Shard each frozen decoder block across ranks with FSDP2 (``fully_shard``).
+
+    Each rank keeps 1/world of every block's weights and gathers a block only while it runs. The
+    embeddings, final norm and LM head stay replicated: the prompt's init, the verbalizer rows and
+    the prompt (fp32, replicated, its gradient all-reduced by the loop) read them directly.
+
+    Returns:
+        The number of blocks sharded.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not context.enabled:
+        raise ValueError("shard_base needs several processes: launch with torchrun --nproc_per_node N")
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (context.world_size,))
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    return len(layers)
+
+
 def check_batch_divisible(batch_size: int, context: DistContext) -> None:
     if context.enabled and batch_size % context.world_size:
         raise ValueError(

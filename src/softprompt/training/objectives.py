@@ -49,6 +49,7 @@ class ClassificationObjective:
     label_column: str
     max_length: int
     eval_batch_size: int = 16
+    shared_prefix: bool = True  # evaluation computes the prompt once per batch
 
     def encode(self, records: Sequence[Record], context: str = "") -> EncodedSplit:
         return encode_classification(
@@ -86,7 +87,8 @@ class ClassificationObjective:
         local = EncodedSplit([encoded.sequences[i] for i in share], [encoded.targets[i] for i in share])
         scores = gather_rows(score_encoded(
             model, local, self.verbalizer, self.tokenizer.pad_token_id, self.eval_batch_size,
-            use_prompt=use_prompt, description=description if context.is_main else None,
+            use_prompt=use_prompt, shared_prefix=self.shared_prefix,
+            description=description if context.is_main else None,
         ), context)
         metrics = classification_metrics(scores, encoded.targets, self.verbalizer.labels)
         targets = torch.tensor(encoded.targets)

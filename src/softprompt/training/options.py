@@ -70,6 +70,9 @@ class TrainOptions:
     resume: str | None = field(default=None, metadata={"help": "Run directory to continue"})
     baselines: bool = field(default=True, metadata={"help": "Also evaluate zero-shot and the initial prompt"})
     shared_prefix: bool = field(default=True, metadata={"help": "Compute the prompt once per batch (fast path)"})
+    shard_base: bool = field(
+        default=False, metadata={"help": "Shard the frozen decoder blocks across torchrun ranks (FSDP2)"}
+    )
     dist_timeout: float = field(default=600.0, metadata={"help": "Seconds a distributed collective may wait"})
     preset: str | None = field(default=None, metadata={"help": "demo, quick or full"})
 

@@ -225,6 +225,15 @@ class _Run:
         )
         self.model: PromptTunedModel = get_prompt_model(base, config, tokenizer=self.tokenizer)
         self.initial_prompt = self.model.get_prompt_embedding_to_save()
+        self.shared_prefix = options.shared_prefix
+        if options.shard_base:
+            blocks = distributed.shard_frozen_base(base, self.context)
+            # FSDP2 frees a frozen block's gathered weights after each call, so the backward of a
+            # second call (the prompt-prefix pass) would find them gone: use one forward per batch.
+            self.shared_prefix = False
+            logger.info("sharded %d frozen decoder blocks over %d ranks", blocks, self.context.world_size)
+        if isinstance(self.objective, ClassificationObjective):
+            self.objective.shared_prefix = self.shared_prefix
 
     def _encode(self) -> None:
         options, splits = self.options, self.prepared.splits
@@ -370,7 +379,7 @@ class _Run:
                 for batch in step_batches:
                     shard = self.context.shard(batch)
                     if shard:  # an epoch's short last batch can leave a rank without examples
-                        loss = self.objective.loss_sum(self.model, self.train_data, shard, options.shared_prefix)
+                        loss = self.objective.loss_sum(self.model, self.train_data, shard, self.shared_prefix)
                         (loss / total_count).backward()
                         loss_sum += loss.detach().double().cpu()
                     examples_seen += len(batch)

