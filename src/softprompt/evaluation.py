@@ -32,10 +32,12 @@ class EncodedSplit:
         return len(self.sequences)
 
 
-def encode_text(tokenizer: Any, text: str, max_length: int) -> list[int]:
-    """Token ids of ``text``; an over-long text keeps its end, where the template's cue sits."""
-    ids = tokenizer(text)["input_ids"]
-    return ids[-max_length:]
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text (one batched tokenizer call); an over-long text keeps its end,
+    where the template's cue sits."""
+    if not texts:
+        return []
+    return [ids[-max_length:] for ids in tokenizer(list(texts))["input_ids"]]
 
 
 def encode_classification(
@@ -59,11 +61,8 @@ def encode_classification(
         context: text put before every rendered example (zero-/few-shot baselines).
     """
     index = {label: position for position, label in enumerate(labels)}
-    sequences, targets = [], []
-    for record in records:
-        sequences.append(encode_text(tokenizer, context + template.render(record), max_length))
-        targets.append(index[record[label_column]])
-    return EncodedSplit(sequences, targets)
+    sequences = encode_texts(tokenizer, [context + template.render(record) for record in records], max_length)
+    return EncodedSplit(sequences, [index[record[label_column]] for record in records])
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from softprompt.evaluation import (
     EncodedSplit,
     classification_metrics,
     encode_classification,
-    encode_text,
+    encode_texts,
     score_encoded,
 )
 from softprompt.modeling import PromptTunedModel
@@ -119,13 +119,11 @@ class GenerationObjective:
     max_target_length: int = 64
 
     def encode(self, records: Sequence[Record], context: str = "") -> GeneratedSplit:
-        eos = self.tokenizer.eos_token_id
-        inputs, targets, texts = [], [], []
-        for record in records:
-            inputs.append(encode_text(self.tokenizer, context + self.template.render(record), self.max_length))
-            target = self.tokenizer(record[self.target_column], add_special_tokens=False)["input_ids"]
-            targets.append(target[: self.max_target_length] + ([eos] if eos is not None else []))
-            texts.append(record[self.target_column])
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        inputs = encode_texts(self.tokenizer, [context + self.template.render(record) for record in records], self.max_length)
+        texts = [record[self.target_column] for record in records]
+        target_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        targets = [ids[: self.max_target_length] + eos for ids in target_ids]
         return GeneratedSplit(inputs, targets, texts)
 
     def lengths(self, encoded: GeneratedSplit) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,12 @@ class TrainOptions:
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ValueError(f"preset={self.preset!r} is not valid; allowed: {', '.join(PRESETS)}")
-            defaults = {item.name: item.default for item in dataclasses.fields(self)}
+            # Explicit options win over the preset, even one equal to its default (batch_size=8).
+            given = getattr(self, "_given", None)
+            if given is None:  # built without the recording __init__: non-default means given
+                given = {item.name for item in dataclasses.fields(self) if getattr(self, item.name) != item.default}
             for name, value in PRESETS[self.preset].items():
-                if getattr(self, name) == defaults[name]:  # explicit options win over the preset
+                if name not in given:
                     setattr(self, name, value)
         problems = self.problems()
         if problems:
@@ -137,3 +141,17 @@ class TrainOptions:
     def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
         known = {item.name for item in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known and key != "preset"})
+
+
+_dataclass_init = TrainOptions.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_recording_given(self: TrainOptions, *args: Any, **kwargs: Any) -> None:
+    """The dataclass ``__init__``, noting which options were given so that a preset fills only the rest."""
+    names = [item.name for item in dataclasses.fields(self)]
+    object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainOptions.__init__ = _init_recording_given  # type: ignore[method-assign]

@@ -33,6 +33,10 @@ class LoopState:
     best_step: int = 0
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The training-loss window since the last logged loss line, kept so that a resumed run logs
+    # the same averages as an uninterrupted one.
+    window_loss: float = 0.0
+    window_steps: int = 0
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

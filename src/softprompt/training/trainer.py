@@ -358,11 +358,13 @@ class _Run:
         self.model.eval()  # the frozen base runs without dropout; only the prompt learns
         batches = self._epoch_batches(loop.epoch)
         examples_seen = 0
-        window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
+        window_examples, window_start = 0, time.perf_counter()
+        step_start = None  # (step, epoch, batch_in_epoch) when the current step began
         progress = tqdm(total=total_steps, initial=loop.step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not self.context.is_main)
         try:
             while loop.step < total_steps:
+                step_start = (loop.step, loop.epoch, loop.batch_in_epoch)
                 optimizer.zero_grad(set_to_none=True)
                 step_batches = []
                 for _ in range(options.grad_accum):
@@ -398,21 +400,27 @@ class _Run:
                 optimizer.step()
                 scheduler.step()
                 loop.step += 1
-                window_loss += step_loss
+                loop.window_loss += step_loss
+                loop.window_steps += 1
                 progress.update(1)
                 elapsed = time.perf_counter() - window_start
                 progress.set_postfix(loss=f"{step_loss:.4f}", ex_per_s=f"{window_examples / max(elapsed, 1e-9):.1f}")
                 if loop.step % 10 == 0 or loop.step == total_steps:
                     self._log_metrics({
-                        "step": loop.step, "loss": window_loss / (10 if loop.step % 10 == 0 else loop.step % 10),
+                        "step": loop.step, "loss": loop.window_loss / loop.window_steps,
                         "lr": scheduler.get_last_lr()[0], "examples_per_second": window_examples / max(elapsed, 1e-9),
                     })
-                    window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
+                    loop.window_loss, loop.window_steps = 0.0, 0
+                    window_examples, window_start = 0, time.perf_counter()
                 evaluate_now = loop.step % options.eval_every == 0 or loop.step == total_steps
                 if evaluate_now and self._evaluate(loop, optimizer, scheduler):
                     logger.info("early stop at step %d: no improvement in %d evaluations", loop.step, options.patience)
                     break
         except KeyboardInterrupt:
+            if step_start is not None and loop.step == step_start[0]:
+                # The step in progress did not finish: resume must redo it, so its batches are
+                # handed back (its partial gradients are dropped by the next zero_grad).
+                loop.epoch, loop.batch_in_epoch = step_start[1], step_start[2]
             if self.context.is_main:
                 save_state(self.output_dir, prompt_parameter, optimizer, scheduler, loop)
             logger.warning("interrupted at step %d; state saved. Continue with: softprompt train --resume %s",

@@ -1,0 +1,331 @@
+"""Dynamic micro-batching: requests of concurrent clients share one engine call.
+
+Every input of every HTTP call becomes one :class:`WorkItem` in a single bounded queue. One
+worker thread drains it: it takes up to ``max_batch_size`` items, waiting at most
+``max_wait_ms`` after the oldest item arrived for more to come, groups them by kind
+(classify/generate) and ``truncate`` flag, and calls the engine once per group, whatever tasks
+the items name. Each item's asyncio future is resolved on its event loop
+(``loop.call_soon_threadsafe``).
+
+Failure isolation: an exception returned in one slot fails only that item; an engine call that
+raises fails only the items of that call; the worker itself never dies. A full queue refuses
+new work (429) instead of growing; on shutdown queued items are drained or failed with 503,
+never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from softprompt.inference import InputTooLongError, TaskNotFoundError
+from softprompt.server.metrics import ServerMetrics
+from softprompt.server.schemas import ApiError
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["classify", "generate"]
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One input waiting for the engine.
+
+    Attributes:
+        kind: ``classify`` or ``generate``.
+        task: Task name.
+        text: The input text.
+        params: Generation parameters (``GenerateParams``) for ``generate`` items.
+        truncate: Whether the engine may cut the input to fit.
+        future: Resolved with the engine's result or failed with an :class:`ApiError`.
+        loop: The event loop that owns ``future``.
+        enqueued_at: ``time.monotonic()`` when queued.
+        abandoned: Set when the client stopped waiting; the worker then skips the item.
+        prompt_tokens: For ``generate`` items, the input's token count (set by the worker,
+            which alone may use the tokenizer: fast tokenizers are not safe across threads).
+    """
+
+    kind: Kind
+    task: str
+    text: str | dict[str, str]
+    params: Any
+    truncate: bool
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float = field(default_factory=time.monotonic)
+    abandoned: bool = False
+    prompt_tokens: int = 0
+
+
+class MicroBatcher:
+    """A bounded queue drained by one worker thread that calls the engine in batches.
+
+    Args:
+        engine: A ``softprompt.inference.Engine`` (or anything with its batch methods).
+        max_batch_size: Items per batch at most.
+        max_wait_ms: How long after the oldest queued item a batch may wait to fill up.
+        max_queue: Items that may wait at once; more are refused with 429.
+        metrics: Where queue depth, batch sizes and engine timings are recorded.
+    """
+
+    def __init__(self, engine: Any, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 max_queue: int = 256, metrics: ServerMetrics | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("need max_batch_size >= 1, max_queue >= 1 and max_wait_ms >= 0, got "
+                             f"{max_batch_size}, {max_queue}, {max_wait_ms}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics or ServerMetrics()
+        # Serialises every use of the engine: the worker's batches and admin add/remove calls.
+        self.engine_lock = threading.RLock()
+        self._queue: deque[WorkItem] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- event-loop side -----------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Items currently queued."""
+        with self._cond:
+            return len(self._queue)
+
+    def submit(self, kind: Kind, task: str, texts: Sequence[str | dict[str, str]], *,
+               params: Any = None, truncate: bool = False) -> list[WorkItem]:
+        """Queues one item per text, all or none; call it from the event loop.
+
+        Returns:
+            The queued items, in input order.
+
+        Raises:
+            ApiError: 503 when shutting down, 413 when there are more texts than the queue can
+                ever hold, 429 when the queue has no room for all of them now.
+        """
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(kind, task, text, params, truncate, loop.create_future(), loop)
+                 for text in texts]
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise ApiError(503, "server is shutting down", "shutting_down",
+                               error_type="server_error")
+            if len(items) > self.max_queue:
+                raise ApiError(413, f"{len(items)} inputs in one request; this server accepts at "
+                                    f"most {self.max_queue} (--max-queue)", "too_many_inputs")
+            if len(self._queue) + len(items) > self.max_queue:
+                raise ApiError(429, f"server busy: queue full ({len(self._queue)} of "
+                                    f"{self.max_queue} waiting); retry later", "queue_full",
+                               error_type="rate_limit_error", headers={"Retry-After": "1"})
+            self._queue.extend(items)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return items
+
+    async def wait(self, items: Sequence[WorkItem], timeout_s: float) -> list[Any]:
+        """Waits for every item's result.
+
+        Raises:
+            ApiError: 504 when ``timeout_s`` passes first, else the first item's error.
+        """
+        futures = [item.future for item in items]
+        try:
+            _, pending = await asyncio.wait(futures, timeout=timeout_s)
+        except BaseException:  # the handler was cancelled: nobody will read the results
+            self._abandon(items)
+            raise
+        if pending:
+            self._abandon(items)
+            raise ApiError(504, f"request timed out after {timeout_s:g}s waiting for the model",
+                           "timeout", error_type="timeout_error")
+        errors = [future.exception() for future in futures]  # read all: no "never retrieved"
+        for error in errors:
+            if error is not None:
+                raise error
+        return [future.result() for future in futures]
+
+    @staticmethod
+    def _abandon(items: Sequence[WorkItem]) -> None:
+        for item in items:
+            item.abandoned = True
+            if item.future.done():
+                if not item.future.cancelled():
+                    item.future.exception()
+            else:
+                item.future.cancel()
+
+    async def run_exclusive(self, function: Callable[[], T]) -> T:
+        """Runs ``function`` in a thread while no batch is using the engine."""
+
+        def locked() -> T:
+            with self.engine_lock:
+                return function()
+
+        return await asyncio.to_thread(locked)
+
+    # --- worker side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the worker thread."""
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("batcher already started")
+            self._thread = threading.Thread(target=self._run, name="softprompt-batcher",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stops accepting work and ends the worker; no queued item is left unanswered.
+
+        Args:
+            drain: Run the queued items first; if False, fail them with 503 at once.
+            timeout_s: How long to wait for the drain; items still queued then fail with 503.
+        """
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                self._fail_queued_locked()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._cond:
+            self._fail_queued_locked()
+
+    def _fail_queued_locked(self) -> None:
+        while self._queue:
+            item = self._queue.popleft()
+            _resolve(item, error=ApiError(503, "server is shutting down; request not run",
+                                          "shutting_down", error_type="server_error"))
+        self.metrics.queue_depth.set(0)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                try:
+                    self._process(batch)
+                except BaseException as error:  # never let the worker die with items unanswered
+                    logger.exception("batch processing failed")
+                    for item in batch:
+                        _resolve(item, error=_internal_error(error))
+
+    def _next_batch(self) -> list[WorkItem] | None:
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].enqueued_at + self.max_wait_s
+            while len(self._queue) < self.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            count = min(len(self._queue), self.max_batch_size)
+            batch = [self._queue.popleft() for _ in range(count)]
+            self.metrics.queue_depth.set(len(self._queue))
+        return [item for item in batch if not item.abandoned]
+
+    def _process(self, batch: list[WorkItem]) -> None:
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tasks.observe(len({item.task for item in batch}))
+        groups: dict[tuple[Kind, bool], list[WorkItem]] = {}
+        for item in batch:
+            groups.setdefault((item.kind, item.truncate), []).append(item)
+        with self.engine_lock:
+            for (kind, truncate), items in groups.items():
+                self._call_engine(kind, truncate, items)
+
+    def _call_engine(self, kind: Kind, truncate: bool, items: list[WorkItem]) -> None:
+        started = time.perf_counter()
+        try:
+            if kind == "classify":
+                results = self.engine.classify_batch(
+                    [(item.task, item.text) for item in items], truncate=truncate)
+            else:
+                results = self.engine.generate_batch(
+                    [(item.task, item.text, item.params) for item in items], truncate=truncate)
+            if len(results) != len(items):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(items)} inputs")
+        except Exception as error:
+            logger.exception("engine %s_batch failed on %d inputs", kind, len(items))
+            for item in items:
+                _resolve(item, error=ApiError(
+                    500, f"the model failed on this batch ({type(error).__name__})",
+                    "engine_error", error_type="server_error"))
+            return
+        finally:
+            self.metrics.engine_seconds.observe(time.perf_counter() - started, kind=kind)
+        self.metrics.items.inc(len(items), kind=kind)
+        if kind == "generate":
+            self._count_prompt_tokens(items)
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, BaseException):
+                _resolve(item, error=self._slot_error(item, result))
+            else:
+                _resolve(item, result=result)
+
+    def _count_prompt_tokens(self, items: list[WorkItem]) -> None:
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        if tokenizer is None:
+            return
+        for item in items:
+            try:
+                item.prompt_tokens = len(tokenizer.encode(item.text, add_special_tokens=False))
+            except Exception:  # usage counts are informative only; never fail a request on them
+                item.prompt_tokens = 0
+
+    def _slot_error(self, item: WorkItem, error: BaseException) -> ApiError:
+        """Maps an exception the engine returned for one input to the client's answer."""
+        param = "task" if item.kind == "classify" else "model"
+        if isinstance(error, ApiError):
+            return error
+        if isinstance(error, TaskNotFoundError):
+            return unknown_task_error(item.task, [info.name for info in self.engine.tasks()], param)
+        if isinstance(error, InputTooLongError):
+            length, limit = getattr(error, "length", None), getattr(error, "limit", None)
+            message = str(error) if limit is None else (
+                f"input is {length} tokens (template included) but task '{item.task}' allows at "
+                f"most {limit}; shorten it or send truncate=true")
+            return ApiError(400, message, "input_too_long",
+                            param="inputs" if item.kind == "classify" else "prompt")
+        logger.error("engine failed on one %s input of task %r: %r", item.kind, item.task, error)
+        return _internal_error(error)
+
+
+def unknown_task_error(task: str, known: Sequence[str], param: str = "task") -> ApiError:
+    """The 404 answered for a task that is not loaded."""
+    names = ", ".join(sorted(known)) or "(none)"
+    return ApiError(404, f"unknown task '{task}'; known tasks: {names}", "unknown_task",
+                    param=param)
+
+
+def _internal_error(error: BaseException) -> ApiError:
+    return ApiError(500, f"internal error ({type(error).__name__})", "internal_error",
+                    error_type="server_error")
+
+
+def _resolve(item: WorkItem, result: Any = None, error: BaseException | None = None) -> None:
+    """Completes ``item.future`` on its own loop; a no-op if the client has gone."""
+
+    def complete(future: asyncio.Future) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+        item.loop.call_soon_threadsafe(complete, item.future)
