@@ -1,0 +1,480 @@
+"""`Engine`: one frozen causal LM serving many prompt-tuned tasks in mixed batches.
+
+A task is a soft prompt (or several: an ensemble, Lester et al. 2021 sec. 7) with the template
+and verbalizer of its ``softprompt.json``. A batch may mix any tasks: each request becomes one
+row per prompt, all rows run in one forward pass (layout: :mod:`softprompt.inference.kv_cache`)
+and each row is read out with its own task's label words.
+
+The task registry is a dict replaced wholesale (copy-on-write) under a lock; a batch reads it
+once at its start, so adding, replacing or removing a task never disturbs a running batch.
+
+Input length: the rendered template's tokens may fill the positions its prompt leaves. Longer
+inputs fail with :class:`InputTooLongError` unless ``truncate=True``, which cuts the text
+token-wise: its beginning is kept for classification (the template's suffix, which leads to the
+label word, always stays), its end for generation (which continues it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from softprompt.checkpoint import load_prompt
+from softprompt.config import TaskType
+from softprompt.data.templates import Template
+from softprompt.data.verbalizer import TokenizedVerbalizer, Verbalizer
+from softprompt.inference.decoding import DecodeRequest, GenerateParams, GenerateResult, decode
+from softprompt.inference.kv_cache import (
+    BatchInputs,
+    PromptCacheUnsupportedError,
+    PromptKV,
+    Row,
+    build_batch,
+    compute_prompt_kv,
+    run_body,
+)
+from softprompt.modeling import PromptTunedModel
+from softprompt.scoring import build_scoring_inputs, scores_from_hidden
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "{text}"
+_FALLBACK_MAX_POSITIONS = 2048
+
+
+class TaskNotFoundError(KeyError):
+    """No task of that name; the message lists the known tasks."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name, self.known = name, sorted(known)
+        self.message = f"unknown task {name!r}; known tasks: {', '.join(self.known) or '(none)'}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class InputTooLongError(ValueError):
+    """An input has more tokens than the task allows."""
+
+    def __init__(self, length: int, limit: int, task: str) -> None:
+        self.length, self.limit, self.task = length, limit, task
+        super().__init__(
+            f"input is {length} tokens (template included) but task {task!r} allows at most "
+            f"{limit}; shorten it or pass truncate=True"
+        )
+
+
+class TaskLoadError(ValueError):
+    """A task's checkpoint cannot be served by this engine."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A loaded task.
+
+    Attributes:
+        name: task name.
+        kind: ``"classification"`` or ``"generation"``.
+        labels: class labels (classification) or None.
+        num_virtual_tokens: prompt length of each ensemble member.
+        paths: checkpoint directory of each member.
+    """
+
+    name: str
+    kind: Literal["classification", "generation"]
+    labels: list[str] | None
+    num_virtual_tokens: list[int]
+    paths: list[str]
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """A classification: the most probable label and every label's probability."""
+
+    task: str
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One prompt of a task, ready to serve."""
+
+    path: str
+    prompted: PromptTunedModel  # shares the engine's frozen model; supplies the LM head
+    prompt: torch.Tensor  # (n, H) in the model's dtype
+    kv: PromptKV | None
+    template: Template
+    verbalizer: TokenizedVerbalizer | None
+    label_order: list[int] | None  # task label i is this member's label label_order[i]
+
+    @property
+    def length(self) -> int:
+        return self.prompt.shape[0]
+
+    @property
+    def label_room(self) -> int:
+        """Extra positions the scoring rows need (multi-token words are appended minus one)."""
+        if self.verbalizer is None or self.verbalizer.is_single_token:
+            return 0
+        return max(len(ids) for ids in self.verbalizer.label_token_ids) - 1
+
+
+@dataclass(frozen=True)
+class _Task:
+    info: TaskInfo
+    members: tuple[_Member, ...]
+
+
+class Engine:
+    """Serve prompt-tuned tasks on one frozen causal LM.
+
+    Args:
+        model: bundled name, local folder or ``.gguf`` path for ``softprompt.models.load_model``.
+        model_and_tokenizer: an already loaded ``(model, tokenizer)`` instead of ``model``.
+        device: device to load ``model`` on (unused with ``model_and_tokenizer``).
+        dtype: dtype to load ``model`` in (unused with ``model_and_tokenizer``).
+        use_kv_cache: compute each prompt's keys/values once and reuse them (falls back to the
+            uncached path, with a warning, for models whose cache is not plain keys/values).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        model_and_tokenizer: tuple[Any, Any] | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        use_kv_cache: bool = True,
+    ) -> None:
+        if (model is None) == (model_and_tokenizer is None):
+            raise ValueError("give exactly one of model (a name or path) and model_and_tokenizer")
+        if model_and_tokenizer is None:
+            from softprompt.models import load_model
+
+            model_and_tokenizer = load_model(
+                model, task_type="CAUSAL_LM", dtype=dtype, device=device
+            )
+        self.model, self.tokenizer = model_and_tokenizer
+        config = self.model.config
+        if config.is_encoder_decoder or self.model.get_output_embeddings() is None:
+            raise ValueError(f"{type(self.model).__name__}: the engine serves causal LMs only")
+        self.model.eval().requires_grad_(False)
+        self.model_name = model or getattr(config, "name_or_path", "") or type(self.model).__name__
+        self._body = self.model.base_model
+        self._embeddings = self.model.get_input_embeddings()
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        positions = getattr(text_config, "max_position_embeddings", None)
+        self._max_positions = int(positions or _FALLBACK_MAX_POSITIONS)
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self._eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._use_kv_cache = use_kv_cache and self._cache_supported()
+        self._lock = threading.Lock()
+        self._tasks: dict[str, _Task] = {}
+
+    # ----------------------------------------------------------------- registry
+    @property
+    def max_input_tokens(self) -> int:
+        """Input tokens (the rendered template) that every loaded task accepts: the model's
+        positions minus the longest prompt (and a multi-token label word's extra tokens)."""
+        members = [m for task in self._tasks.values() for m in task.members]
+        return self._max_positions - max((m.length + m.label_room for m in members), default=0)
+
+    def tasks(self) -> list[TaskInfo]:
+        """The loaded tasks, by name."""
+        return [task.info for _, task in sorted(self._tasks.items())]
+
+    def add_task(self, name: str, prompt_dirs: str | Path | list[str | Path]) -> TaskInfo:
+        """Load a task (a list of directories makes an ensemble); replaces a task of that name.
+
+        Raises:
+            TaskLoadError: a checkpoint is missing or malformed, was tuned for another width, or
+                its template/verbalizer cannot be used (the message names the directory).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"task name must be a non-empty string, got {name!r}")
+        dirs = [prompt_dirs] if isinstance(prompt_dirs, (str, Path)) else list(prompt_dirs)
+        if not dirs:
+            raise TaskLoadError(f"task {name!r}: no prompt directory given")
+        with torch.no_grad():  # loading is slow: done outside the lock
+            task = _make_task(name, tuple(self._load_member(Path(path)) for path in dirs))
+        with self._lock:
+            self._tasks = {**self._tasks, name: task}
+        logger.info("task %s loaded (%s, %d prompt(s))", name, task.info.kind, len(dirs))
+        return task.info
+
+    def remove_task(self, name: str) -> None:
+        """Unload a task; batches already running keep using it until they finish."""
+        with self._lock:
+            if name not in self._tasks:
+                raise TaskNotFoundError(name, list(self._tasks))
+            self._tasks = {key: task for key, task in self._tasks.items() if key != name}
+
+    def _load_member(self, path: Path) -> _Member:
+        try:
+            checkpoint = load_prompt(path)
+        except (OSError, ValueError) as error:
+            raise TaskLoadError(f"{path}: cannot load the prompt: {error}") from None
+        config, metadata = checkpoint.config, checkpoint.metadata
+        width, expected = checkpoint.weights.shape[1], self._embeddings.weight.shape[1]
+        if width != expected:
+            raise TaskLoadError(
+                f"{path}: the prompt has width {width} but the model's embedding size is "
+                f"{expected}; it was tuned for another model "
+                f"({config.base_model_name_or_path or 'unknown'})"
+            )
+        if config.task_type != TaskType.CAUSAL_LM:
+            raise TaskLoadError(f"{path}: task_type is {config.task_type.value}, not CAUSAL_LM")
+        try:
+            template = Template(metadata.get("template") or DEFAULT_TEMPLATE)
+            mapping = metadata.get("verbalizer")
+            verbalizer = Verbalizer(dict(mapping)).tokenize(self.tokenizer) if mapping else None
+        except (TypeError, ValueError) as error:
+            raise TaskLoadError(f"{path}: {error}") from None
+        if len(template.fields) != 1:  # a request carries one text
+            raise TaskLoadError(f"{path}: template {template.format!r} must have exactly one field")
+        kind = metadata.get("task") or ("classification" if verbalizer else "generation")
+        if kind not in ("classification", "generation"):
+            raise TaskLoadError(f"{path}: task {kind!r} is neither classification nor generation")
+        if kind == "classification" and verbalizer is None:
+            raise TaskLoadError(f"{path}: a classification prompt needs a verbalizer")
+        config.inference_mode = True
+        prompted = PromptTunedModel(self.model, config, prompt_weights=checkpoint.weights)
+        # The model reads the prompt in its own dtype, as PromptTunedModel.combine does.
+        prompt = prompted.get_prompt_embedding_to_save()[: config.num_virtual_tokens]
+        prompt = prompt.to(self._embeddings.weight.dtype)
+        kv = compute_prompt_kv(self._body, prompt) if self._use_kv_cache else None
+        verbalizer = verbalizer if kind == "classification" else None
+        return _Member(str(path), prompted, prompt, kv, template, verbalizer, None)
+
+    def _cache_supported(self) -> bool:
+        try:
+            with torch.no_grad():
+                compute_prompt_kv(self._body, self._embeddings.weight[:1].detach())
+        except PromptCacheUnsupportedError as error:
+            logger.warning("prompt KV cache disabled: %s", error)
+            return False
+        return True
+
+    # ----------------------------------------------------------------- inputs
+    def _encode(
+        self, task: _Task, member: _Member, text: Any, truncate: bool, keep_start: bool
+    ) -> list[int]:
+        """Token ids of the rendered template, checked (or cut) against the position limit."""
+        if not isinstance(text, str):
+            raise TypeError(f"the input must be a string, got {type(text).__name__}")
+        field = member.template.fields[0]
+        limit = self._max_positions - member.length - member.label_room
+        ids = self._tokenize(member.template.render({field: text}))
+        if len(ids) <= limit:
+            return ids
+        if not truncate:
+            raise InputTooLongError(len(ids), limit, task.info.name)
+        # Only the text is cut (the template's own words stay), token-wise; the result is
+        # re-rendered and re-tokenized, since tokens can merge across the cut.
+        pieces = self.tokenizer.encode(text, add_special_tokens=False)
+        keep = len(pieces)
+        while keep > 0 and len(ids) > limit:
+            keep = max(0, min(keep - 1, keep - (len(ids) - limit)))
+            kept = pieces[:keep] if keep_start else pieces[len(pieces) - keep :]
+            ids = self._tokenize(member.template.render({field: self.tokenizer.decode(kept)}))
+        if len(ids) > limit:  # the template alone is too long
+            raise InputTooLongError(len(ids), limit, task.info.name)
+        return ids
+
+    def _tokenize(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text)["input_ids"])
+        if not ids:
+            raise ValueError("the input tokenizes to no tokens")
+        return ids
+
+    def _collect(
+        self, requests: list[tuple], size: int, kind: str | None, keep_start: bool, truncate: bool
+    ) -> tuple[list[Any], list[tuple[int, _Task, list[list[int]], tuple]]]:
+        """Validate and tokenize a batch's requests against one registry snapshot.
+
+        Returns:
+            The results list (errors already in their slots) and, for each valid request, its
+            slot, task, token ids per ensemble member and the request's remaining items.
+        """
+        tasks = self._tasks  # one snapshot for the whole batch
+        results: list[Any] = [None] * len(requests)
+        valid = []
+        for slot, request in enumerate(requests):
+            try:
+                if not isinstance(request, (tuple, list)) or len(request) != size:
+                    raise TypeError(f"a request must be a tuple of {size} items, got {request!r}")
+                name, text, *rest = request
+                if not isinstance(name, str) or name not in tasks:
+                    raise TaskNotFoundError(str(name), list(tasks))
+                task = tasks[name]
+                if kind is not None and task.info.kind != kind:
+                    raise ValueError(f"task {name!r} is a {task.info.kind} task, not {kind}")
+                encoded = [self._encode(task, m, text, truncate, keep_start) for m in task.members]
+            except Exception as error:  # noqa: BLE001 - a request's error belongs to its slot
+                results[slot] = error
+                continue
+            valid.append((slot, task, encoded, tuple(rest)))
+        return results, valid
+
+    def _batch(self, rows: list[Row]) -> BatchInputs:
+        return build_batch(
+            rows,
+            self._embeddings,
+            self._pad_id,
+            use_cache=self._use_kv_cache,
+            config=self.model.config,
+        )
+
+    # ----------------------------------------------------------------- classification
+    def classify(
+        self, requests: list[tuple[str, str]], truncate: bool = False
+    ) -> list[ClassifyResult]:
+        """Classify ``(task, text)`` pairs; raises the first request's error, if any."""
+        return _raise_first(self.classify_batch(requests, truncate))
+
+    def classify_batch(
+        self, requests: list[tuple[str, str]], truncate: bool = False
+    ) -> list[ClassifyResult | Exception]:
+        """Classify ``(task, text)`` pairs in one forward pass; errors stay in their slots."""
+        results, valid = self._collect(requests, 2, "classification", True, truncate)
+        if valid:
+            try:
+                with torch.no_grad():
+                    self._score(valid, results)
+            except Exception as error:  # noqa: BLE001 - the forward failed for all of them
+                for slot, *_ in valid:
+                    results[slot] = error
+        return results
+
+    def _score(self, valid: list[tuple], results: list[Any]) -> None:
+        by_task: dict[int, tuple[_Task, list[int], list[list[list[int]]]]] = {}
+        for slot, task, encoded, _ in valid:
+            entry = by_task.setdefault(id(task), (task, [], []))
+            entry[1].append(slot)
+            entry[2].append(encoded)
+        rows: list[Row] = []
+        groups = []  # (member, its requests' slots, scoring inputs, first row)
+        for task, slots, encoded in by_task.values():
+            for index, member in enumerate(task.members):
+                sequences = [ids[index] for ids in encoded]
+                inputs = build_scoring_inputs(sequences, member.verbalizer, self._pad_id)
+                groups.append((member, slots, inputs, len(rows)))
+                kv = member.kv if self._use_kv_cache else None
+                for ids, mask in zip(inputs.input_ids, inputs.attention_mask, strict=True):
+                    rows.append(Row(member.prompt, kv, ids[: int(mask.sum())].tolist()))
+        batch = self._batch(rows)
+        hidden = run_body(self._body, batch)  # (R, L, H)
+        sums: dict[int, torch.Tensor] = {}
+        for member, slots, inputs, start in groups:
+            part = hidden[start : start + inputs.input_ids.shape[0]]
+            scores = scores_from_hidden(
+                member.prompted, part, inputs.to(hidden.device), batch.text_offset
+            )  # (B, C) in the member's label order
+            probabilities = scores.softmax(dim=-1)[:, member.label_order].cpu()
+            for slot, row in zip(slots, probabilities, strict=True):
+                sums[slot] = sums[slot] + row if slot in sums else row
+        for task, slots, _ in by_task.values():
+            labels = task.info.labels
+            for slot in slots:
+                mean = sums[slot] / len(task.members)  # ensemble: average the probabilities
+                probabilities = {label: float(p) for label, p in zip(labels, mean, strict=True)}
+                label = labels[int(mean.argmax())]
+                results[slot] = ClassifyResult(task.info.name, label, probabilities)
+
+    # ----------------------------------------------------------------- generation
+    def generate(
+        self, requests: list[tuple[str, str, GenerateParams]], truncate: bool = False
+    ) -> list[GenerateResult]:
+        """Generate for ``(task, text, params)`` triples; raises the first request's error."""
+        return _raise_first(self.generate_batch(requests, truncate))
+
+    def generate_batch(
+        self, requests: list[tuple[str, str, GenerateParams]], truncate: bool = False
+    ) -> list[GenerateResult | Exception]:
+        """Generate for ``(task, text, params)`` triples in one loop; errors stay in their slots.
+
+        Any task may generate (a classification prompt then continues its template).
+        """
+        results, valid = self._collect(requests, 3, None, False, truncate)
+        rows: list[Row] = []
+        decoding: list[tuple[int, DecodeRequest]] = []
+        for slot, task, encoded, (params,) in valid:
+            if not isinstance(params, GenerateParams):
+                results[slot] = TypeError(f"params must be GenerateParams, got {params!r}")
+                continue
+            # Room left in the model's positions; generation stops there with "length".
+            pairs = list(zip(task.members, encoded, strict=True))
+            room = min(self._max_positions - member.length - len(ids) for member, ids in pairs)
+            own_rows = list(range(len(rows), len(rows) + len(pairs)))
+            for member, ids in pairs:
+                rows.append(Row(member.prompt, member.kv if self._use_kv_cache else None, ids))
+            budget = min(params.max_new_tokens, room)
+            decoding.append((slot, DecodeRequest(task.info.name, own_rows, params, budget)))
+        if not decoding:
+            return results
+        head = valid[0][1].members[0].prompted.head_logits  # any member: they share the model
+        try:
+            with torch.no_grad():
+                outputs = decode(
+                    self._body,
+                    self._embeddings,
+                    head,
+                    self._batch(rows),
+                    [request for _, request in decoding],
+                    tokenizer=self.tokenizer,
+                    eos_ids=self._eos_ids,
+                    config=self.model.config,
+                )
+            for (slot, _), output in zip(decoding, outputs, strict=True):
+                results[slot] = output
+        except Exception as error:  # noqa: BLE001 - the forward failed for all of them
+            for slot, _ in decoding:
+                results[slot] = error
+        return results
+
+
+def _make_task(name: str, members: tuple[_Member, ...]) -> _Task:
+    """Check that an ensemble's members agree and fix the task's label order (the first's)."""
+    first = members[0]
+    kind = "classification" if first.verbalizer is not None else "generation"
+    labels = list(first.verbalizer.labels) if first.verbalizer else None
+    fixed = []
+    for member in members:
+        own = member.verbalizer.labels if member.verbalizer else None
+        if (own is None) != (labels is None) or (own and sorted(own) != sorted(labels)):
+            raise TaskLoadError(
+                f"task {name!r}: ensemble members disagree: {member.path} has labels {own}, "
+                f"{first.path} has {labels}"
+            )
+        order = [own.index(label) for label in labels] if own else None
+        fixed.append(dataclasses.replace(member, label_order=order))
+    info = TaskInfo(name, kind, labels, [m.length for m in members], [m.path for m in members])
+    return _Task(info, tuple(fixed))
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: the generation config's (as ``model.generate``) and the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(item) for item in value)
+    return ids
+
+
+def _raise_first(results: list[Any]) -> list[Any]:
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
