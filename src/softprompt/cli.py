@@ -239,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"softprompt {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from softprompt.training import TrainingDivergedError
+
+        if not isinstance(error, TrainingDivergedError):
+            raise
+        # A diverged run is not a usage error: its message says where the best prompt is.
+        print(f"softprompt {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 PROMPT_DIR = "prompt"
 OPTIONS_FILE = "options.json"
+# Options a resumed run may set differently from the saved run (the rest define the run).
+RESUME_CHANGEABLE = ("steps", "epochs", "eval_every", "patience", "baselines", "device", "dist_timeout")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -106,7 +108,8 @@ def prepare(options: TrainOptions) -> _Prepared:
         problems.append(f"template: {error}")
     verbalizer = None
     if splits is not None and template is not None:
-        columns = set().union(*(record.keys() for record in splits.train[:100]))
+        # In file order (a set would list them in a different order in every process).
+        columns = list(dict.fromkeys(key for record in splits.train[:100] for key in record))
         try:
             template.validate(columns)
         except ValueError as error:
@@ -146,14 +149,14 @@ def train(options: TrainOptions | None = None, **overrides: Any) -> TrainResult:
         ValueError: bad options or data, all problems listed at once, before the model loads.
         TrainingDivergedError: NaN/inf loss; the best checkpoint so far stays in ``OUT/prompt``.
     """
+    # The options the caller set (the rest are defaults): on resume, only these override the saved run.
+    given = set(overrides) | (set(getattr(options, "_given", ())) if options is not None else set())
     if options is None:
         options = TrainOptions(**overrides)
     elif overrides:
         options = TrainOptions.from_dict({**options.to_dict(), **overrides})
     if options.resume:
-        saved = json.loads((Path(options.resume) / OPTIONS_FILE).read_text())
-        # The prompt and optimizer state are saved whole, so the world size may change on resume.
-        options = TrainOptions.from_dict({**saved, "resume": options.resume, "output_dir": options.resume})
+        options = _resumed_options(options, given)
     distributed.check_batch_divisible(options.batch_size, distributed.world_from_environment())
     prepared = prepare(options)
     device = resolve_device(options.device)
@@ -168,6 +171,27 @@ def train(options: TrainOptions | None = None, **overrides: Any) -> TrainResult:
         return _Run(options, prepared, output_dir, device, context).execute()
     finally:
         distributed.shutdown(context)
+
+
+def _resumed_options(options: TrainOptions, given: set[str]) -> TrainOptions:
+    """The saved run's options, with the given ones that may change on resume (e.g. more steps).
+
+    The prompt and optimizer state are saved whole, so the world size may change on resume too.
+    Any other given option that differs from the saved run is an error rather than being ignored.
+    """
+    saved = json.loads((Path(options.resume) / OPTIONS_FILE).read_text())
+    changed = {
+        name: getattr(options, name) for name in sorted(given - {"resume", "output_dir", "preset"})
+        if name in saved and getattr(options, name) != saved[name]
+    }
+    fixed = [name for name in changed if name not in RESUME_CHANGEABLE]
+    if fixed:
+        raise ValueError(
+            f"resume={options.resume!r}: cannot change "
+            + ", ".join(f"{name} (saved {saved[name]!r}, given {changed[name]!r})" for name in fixed)
+            + f" when resuming; only {', '.join(RESUME_CHANGEABLE)} may change"
+        )
+    return TrainOptions.from_dict({**saved, **changed, "resume": options.resume, "output_dir": options.resume})
 
 
 class _Run:

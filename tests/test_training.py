@@ -1,0 +1,641 @@
+"""Training: outputs, best-prompt saving, resume, divergence, option checks, generation.
+
+The tiny end-to-end setup (a random 2-layer Llama and a word-level tokenizer saved as a local
+transformers folder, plus an 80-row sentiment JSONL) is built here and shared with the other
+test modules through :func:`build_tiny_setup`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import softprompt.models
+import softprompt.training.trainer as trainer_module
+from softprompt.checkpoint import load_prompt
+from softprompt.data import Template, load_dataset
+from softprompt.inspection import inspect_prompt
+from softprompt.modeling import PromptTunedModel
+from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
+from softprompt.training.objectives import ClassificationObjective, GenerationObjective
+from tests.helpers import (
+    BOS_ID,
+    EOS_ID,
+    HIDDEN,
+    PAD_ID,
+    VOCAB_SIZE,
+    load_test_tokenizer,
+    one_torch_thread,
+)
+
+TEMPLATE = "Review: {text}\nSentiment:"
+VERBALIZER = '{"positive": " positive", "negative": " negative"}'
+INIT_TEXT = "classify if this review is positive or negative :"  # every word is one known token
+POSITIVE_WORDS = ["great", "good", "wonderful", "fantastic", "loved"]
+NEGATIVE_WORDS = ["terrible", "boring", "bad", "slow", "okay"]
+NOUNS = ["movie", "film", "book", "food", "acting", "plot", "service", "experience", "music",
+         "topic", "science", "sports"]
+
+
+def sentiment_rows(count: int = 80) -> list[dict[str, str]]:
+    """``count`` distinct reviews, alternating positive and negative."""
+    rows = []
+    for index in range(count):
+        k = index // 2  # (k mod 12, k mod 5) never repeats for k < 60
+        positive = index % 2 == 0
+        adjective = (POSITIVE_WORDS if positive else NEGATIVE_WORDS)[k % 5]
+        rows.append({"text": f"the {NOUNS[k % 12]} was very {adjective}",
+                     "label": "positive" if positive else "negative"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def tiny_sentiment_llama(seed: int = 0):
+    """The helpers' tiny Llama shape with larger random weights (initializer_range 0.1).
+
+    With the default 0.02 the last token alone decides the output, so every review gets the same
+    label; here the predictions depend on the review (44 of the 80 reviews come out positive),
+    which lets the evaluation tests see wrong bookkeeping.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Llama and the helpers' tokenizer, saved for ``load_model(folder)``."""
+    tiny_sentiment_llama(seed).save_pretrained(directory)
+    load_test_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@dataclass(frozen=True)
+class TinySetup:
+    model: Path
+    data: Path
+
+    def options(self, output_dir: Path, **overrides) -> dict:
+        """Options of a fast run on the tiny setup (a few seconds on one core)."""
+        return {
+            "model": str(self.model),
+            "dataset": str(self.data),
+            "template": TEMPLATE,
+            "verbalizer": VERBALIZER,
+            "init": "TEXT",
+            "init_text": INIT_TEXT,
+            "num_virtual_tokens": 4,
+            "steps": 6,
+            "eval_every": 2,
+            "batch_size": 4,
+            "warmup_steps": 2,
+            "lr": 0.3,
+            "device": "cpu",
+            "output_dir": str(output_dir),
+            **overrides,
+        }
+
+
+def build_tiny_setup(root: Path) -> TinySetup:
+    root.mkdir(parents=True, exist_ok=True)
+    model = save_tiny_model(root / "model")
+    data = write_jsonl(root / "reviews.jsonl", sentiment_rows())
+    return TinySetup(model, data)
+
+
+# ====================================================================== fixtures and recorders
+REPORT_FIELDS = (
+    "model", "dataset", "num_virtual_tokens", "init", "trainable_parameters", "total_parameters", "steps",
+    "train_examples", "wall_seconds", "train_examples_per_second", "zero_shot_accuracy", "init_accuracy",
+    "test_accuracy", "best_validation_accuracy", "prompt_drift_norm",
+)
+PROMPT_FILES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinySetup:
+    return build_tiny_setup(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def no_plots(monkeypatch) -> list[Path]:
+    """Skip drawing curves.png (a second of matplotlib per run) where a test does not read it."""
+    drawn: list[Path] = []
+    monkeypatch.setattr(trainer_module, "plot_curves", lambda metrics, output, title="": drawn.append(Path(output)))
+    return drawn
+
+
+@pytest.fixture(scope="module")
+def sizes(tiny) -> dict[str, int]:
+    return load_dataset(str(tiny.data)).sizes()
+
+
+@dataclass
+class Evaluation:
+    examples: int
+    prompt: torch.Tensor
+    accuracy: float
+
+
+def record_evaluations(monkeypatch, scripted: dict[int, list[float]] | None = None) -> list[Evaluation]:
+    """Record every classification evaluation: split size, the prompt evaluated, the accuracy.
+
+    ``scripted`` maps a split size to accuracies reported instead of the real ones, in order
+    (the validation split has its own size, so its evaluations can be told apart).
+    """
+    calls: list[Evaluation] = []
+    queues = {size: list(values) for size, values in (scripted or {}).items()}
+    original = ClassificationObjective.evaluate
+
+    def evaluate(self, model, encoded, *args, **kwargs):
+        result = original(self, model, encoded, *args, **kwargs)
+        if queues.get(len(encoded)):
+            result = {**result, "accuracy": queues[len(encoded)].pop(0)}
+        calls.append(Evaluation(len(encoded), model.get_prompt_embedding_to_save().cpu(), result["accuracy"]))
+        return result
+
+    monkeypatch.setattr(ClassificationObjective, "evaluate", evaluate)
+    return calls
+
+
+def patch_training_loss(monkeypatch, at_call: int, replace) -> None:
+    """Pass the loss of the ``at_call``-th training forward (1-based) through ``replace``."""
+    # The loop calls loss_sum (summed over the batch) where it exists, else loss.
+    name = "loss_sum" if hasattr(ClassificationObjective, "loss_sum") else "loss"
+    original = getattr(ClassificationObjective, name)
+    calls = [0]
+
+    def patched(self, *args, **kwargs):
+        calls[0] += 1
+        loss = original(self, *args, **kwargs)
+        return replace(loss) if calls[0] == at_call else loss
+
+    monkeypatch.setattr(ClassificationObjective, name, patched)
+
+
+def _interrupt(loss):
+    raise KeyboardInterrupt
+
+
+def _metrics(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    assert lines and all(line.strip() for line in lines)
+    return [json.loads(line) for line in lines]
+
+
+def check_run_outputs(out: Path, report: dict, num_virtual_tokens: int, hidden: int) -> list[dict]:
+    """What every classification run must write; returns the metrics records."""
+    assert {path.name for path in (out / "prompt").iterdir()} >= PROMPT_FILES
+    adapter = json.loads((out / "prompt" / "adapter_config.json").read_text())
+    assert (adapter["peft_type"], adapter["task_type"]) == ("PROMPT_TUNING", "CAUSAL_LM")
+    assert (adapter["num_virtual_tokens"], adapter["token_dim"]) == (num_virtual_tokens, hidden)
+    weights = load_file(str(out / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert weights.shape == (num_virtual_tokens, hidden) and torch.isfinite(weights).all()
+    meta = json.loads((out / "prompt" / "softprompt.json").read_text())
+    assert meta["template"] and meta["verbalizer"]
+    assert meta["training"]["best_step"] == report["best_step"]
+
+    assert json.loads((out / "report.json").read_text()) == report
+    missing = [key for key in REPORT_FIELDS if key not in report]
+    assert not missing, missing
+    assert report["num_virtual_tokens"] == num_virtual_tokens
+    assert report["trainable_parameters"] == num_virtual_tokens * hidden
+    assert report["total_parameters"] > report["trainable_parameters"]
+    for key in ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["wall_seconds"] > 0
+    assert 0 < report["train_examples_per_second"] < math.inf
+    assert report["prompt_drift_norm"] > 0
+    assert report["train_examples"] > 0 and report["steps"] > 0
+
+    records = _metrics(out / "metrics.jsonl")
+    losses = [record for record in records if "loss" in record]
+    validations = [record for record in records if "validation_accuracy" in record]
+    assert losses and validations and len(losses) + len(validations) == len(records)
+    assert all(math.isfinite(record["loss"]) and record["loss"] > 0 for record in losses)
+    assert all(0.0 <= record["validation_accuracy"] <= 1.0 for record in validations)
+    assert losses[-1]["step"] == validations[-1]["step"] == report["steps"]
+    assert report["best_validation_accuracy"] == max(record["validation_accuracy"] for record in validations)
+
+    png = (out / "curves.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE)
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(str(out / "curves.png"))  # decodes the whole file
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    return records
+
+
+@pytest.fixture(scope="module")
+def main_run(tiny, sizes, tmp_path_factory):
+    """One 12-step run with baselines, recording its evaluations and its frozen base model."""
+    out = tmp_path_factory.mktemp("main") / "run"
+    loaded = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        evaluations = record_evaluations(monkeypatch)
+        original_load = softprompt.models.load_model
+
+        def load_model(*args, **kwargs):
+            model, tokenizer = original_load(*args, **kwargs)
+            loaded.append((model, {name: tensor.clone() for name, tensor in model.state_dict().items()}))
+            return model, tokenizer
+
+        monkeypatch.setattr(softprompt.models, "load_model", load_model)
+        result = train(**tiny.options(out, steps=12, eval_every=4))
+    validations = [item for item in evaluations if item.examples == sizes["validation"]]
+    return {"result": result, "out": out, "validations": validations, "loaded": loaded}
+
+
+# ====================================================================== a full run
+def test_run_writes_every_output(main_run, tiny, sizes):
+    out, report = main_run["out"], main_run["result"].report
+    assert main_run["result"].output_dir == out
+    records = check_run_outputs(out, report, num_virtual_tokens=4, hidden=HIDDEN)
+    (base, _), = main_run["loaded"]
+    assert report["total_parameters"] == 4 * HIDDEN + sum(p.numel() for p in base.parameters())
+    assert (report["model"], report["dataset"], report["init"]) == (str(tiny.model), str(tiny.data), "TEXT")
+    assert report["steps"] == 12
+    assert report["train_examples"] == sizes["train"]
+    assert report["test_examples"] == sizes["test"]
+    assert [record["step"] for record in records if "loss" in record] == [10, 12]
+    assert [record["step"] for record in records if "validation_accuracy" in record] == [4, 8, 12]
+    meta = load_prompt(out / "prompt").metadata
+    assert meta["template"] == TEMPLATE
+    assert meta["verbalizer"] == json.loads(VERBALIZER)
+    assert (meta["base_model"], meta["dataset"]) == (str(tiny.model), str(tiny.data))
+    # The drift in the report is the one `softprompt inspect` recomputes from the saved config.
+    assert inspect_prompt(out / "prompt")["drift"]["total_norm"] == pytest.approx(report["prompt_drift_norm"], rel=1e-5)
+    assert json.loads((out / "options.json").read_text())["steps"] == 12
+
+
+def test_saved_prompt_is_the_prompt_of_the_best_validation_step(main_run):
+    out, report, validations = main_run["out"], main_run["result"].report, main_run["validations"]
+    records = _metrics(out / "metrics.jsonl")
+    accuracies = [item.accuracy for item in validations]
+    assert accuracies == [record["validation_accuracy"] for record in records if "validation_accuracy" in record]
+    best = accuracies.index(max(accuracies))  # the first best: a tie does not replace it
+    assert report["best_step"] == 4 * (best + 1)
+    assert torch.equal(load_prompt(out / "prompt").weights, validations[best].prompt)
+    # The prompt moved between evaluations, so keeping the wrong one would show.
+    assert not torch.allclose(validations[0].prompt, validations[-1].prompt)
+
+
+def test_best_prompt_survives_a_worse_later_validation(tiny, sizes, tmp_path, monkeypatch, no_plots):
+    evaluations = record_evaluations(monkeypatch, scripted={sizes["validation"]: [0.25, 0.75, 0.5]})
+    out = tmp_path / "run"
+    report = train(**tiny.options(out, baselines=False)).report
+    validations = [item for item in evaluations if item.examples == sizes["validation"]]
+    tests = [item for item in evaluations if item.examples == sizes["test"]]
+    assert [item.accuracy for item in validations] == [0.25, 0.75, 0.5]
+    assert (report["best_step"], report["best_validation_accuracy"]) == (4, 0.75)
+    saved = load_prompt(out / "prompt")
+    assert torch.equal(saved.weights, validations[1].prompt)
+    assert not torch.equal(saved.weights, validations[2].prompt)  # not simply the last prompt
+    assert saved.metadata["training"]["best_step"] == 4
+    # The test split is scored with the best prompt, and the resumable state holds the last one.
+    assert len(tests) == 1 and torch.equal(tests[0].prompt, validations[1].prompt)
+    assert torch.equal(load_file(str(out / "state" / "prompt.safetensors"))["prompt"], validations[2].prompt)
+    assert "zero_shot_accuracy" not in report  # baselines=False
+    assert no_plots == [out / "curves.png"]
+
+
+def test_base_model_weights_are_unchanged(main_run, tiny):
+    (base, before), = main_run["loaded"]
+    after = base.state_dict()
+    assert after.keys() == before.keys()
+    changed = [name for name, tensor in after.items() if not torch.equal(tensor, before[name])]
+    assert not changed
+    assert not any(parameter.requires_grad for parameter in base.parameters())
+    on_disk = load_file(str(tiny.model / "model.safetensors"))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in on_disk.items())
+
+
+# ====================================================================== resume
+def _comparable(records: list[dict]) -> list[dict]:
+    """Metrics without the throughput, which depends on the machine."""
+    return [{key: value for key, value in record.items() if key != "examples_per_second"} for record in records]
+
+
+def _optimizer_tensors(run: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(run / "state" / "optimizer.safetensors"))
+    tensors.pop("torch_rng")
+    return tensors
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path, monkeypatch, no_plots, optimizer):
+    options = {"steps": 7, "eval_every": 2, "baselines": False, "optimizer": optimizer, "warmup_steps": 3,
+               "schedule": "linear"}
+    straight = train(**tiny.options(tmp_path / "straight", **options)).report
+
+    # Ctrl-C in the middle of step 6, after the evaluation at step 4 and one more step.
+    with monkeypatch.context() as patch:
+        patch_training_loss(patch, at_call=6, replace=_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(**tiny.options(tmp_path / "resumed", **options))
+    state = json.loads((tmp_path / "resumed" / "state" / "state.json").read_text())
+    assert state["loop"]["step"] == 5  # saved at the interruption, not only at the last evaluation
+    saved_optimizer = _optimizer_tensors(tmp_path / "resumed")
+
+    restored = []
+    original_load_state = trainer_module.load_state
+
+    def load_state(run_dir, optimizer, scheduler):
+        loaded = original_load_state(run_dir, optimizer, scheduler)
+        restored.append({key: value.clone() for key, value in optimizer.state_dict()["state"][0].items()
+                         if isinstance(value, torch.Tensor)})
+        return loaded
+
+    monkeypatch.setattr(trainer_module, "load_state", load_state)
+    resumed = train(resume=str(tmp_path / "resumed")).report
+
+    # The optimizer state was restored as saved (AdamW's moments, Adafactor's factored statistics).
+    (optimizer_state,) = restored
+    expected_keys = {"exp_avg", "exp_avg_sq"} if optimizer == "adamw" else {"exp_avg_sq_row", "exp_avg_sq_col"}
+    assert expected_keys <= set(optimizer_state)
+    for key, tensor in optimizer_state.items():
+        assert torch.equal(tensor, saved_optimizer[f"state.0.{key}"]), key
+
+    # Same final prompt, same optimizer state, same best prompt, same metrics and results.
+    final = {name: load_file(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"]
+             for name in ("straight", "resumed")}
+    assert torch.allclose(final["straight"], final["resumed"], atol=1e-6, rtol=0)
+    straight_optimizer, resumed_optimizer = (_optimizer_tensors(tmp_path / name) for name in ("straight", "resumed"))
+    assert straight_optimizer.keys() == resumed_optimizer.keys()
+    for key, tensor in straight_optimizer.items():
+        assert torch.allclose(tensor, resumed_optimizer[key], atol=1e-6, rtol=0), key
+    best = [load_prompt(tmp_path / name / "prompt").weights for name in ("straight", "resumed")]
+    assert torch.allclose(best[0], best[1], atol=1e-6, rtol=0)
+    straight_metrics = _comparable(_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    resumed_metrics = _comparable(_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    assert [sorted(record) for record in resumed_metrics] == [sorted(record) for record in straight_metrics]
+    for ours, theirs in zip(resumed_metrics, straight_metrics, strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-6)
+    for key in ("steps", "best_step", "best_validation_accuracy", "test_accuracy", "prompt_drift_norm"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+
+
+def test_resume_without_the_optimizer_state_would_differ(tiny, tmp_path, monkeypatch, no_plots):
+    """The resume test can fail: dropping the restored AdamW moments changes the final prompt."""
+    options = {"steps": 6, "eval_every": 2, "baselines": False}
+    train(**tiny.options(tmp_path / "straight", **options))
+    with monkeypatch.context() as patch:
+        patch_training_loss(patch, at_call=5, replace=_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(**tiny.options(tmp_path / "resumed", **options))
+    original_load_state = trainer_module.load_state
+
+    def forgetful_load_state(run_dir, optimizer, scheduler):
+        loaded = original_load_state(run_dir, optimizer, scheduler)
+        optimizer.state.clear()
+        return loaded
+
+    monkeypatch.setattr(trainer_module, "load_state", forgetful_load_state)
+    train(resume=str(tmp_path / "resumed"))
+    final = [load_file(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"] for name in ("straight", "resumed")]
+    assert not torch.allclose(final[0], final[1], atol=1e-3)
+
+
+def test_resume_with_more_steps_continues_the_run(tiny, tmp_path, no_plots):
+    """A finished 4-step run resumed with steps=6 ends where a 6-step run ends."""
+    options = {"eval_every": 2, "baselines": False, "schedule": "constant"}
+    train(**tiny.options(tmp_path / "straight", steps=6, **options))
+    train(**tiny.options(tmp_path / "extended", steps=4, **options))
+    report = train(resume=str(tmp_path / "extended"), steps=6).report
+    assert report["steps"] == 6
+    assert json.loads((tmp_path / "extended" / "options.json").read_text())["steps"] == 6
+    final = [load_file(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"] for name in ("straight", "extended")]
+    assert torch.allclose(final[0], final[1], atol=1e-6, rtol=0)
+    validations = [
+        [record for record in _metrics(tmp_path / name / "metrics.jsonl") if "validation_accuracy" in record]
+        for name in ("straight", "extended")
+    ]
+    assert [record["step"] for record in validations[1]] == [2, 4, 6]
+    for ours, theirs in zip(validations[1], validations[0], strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_resume_refuses_to_change_what_defines_the_run(tiny, tmp_path, monkeypatch, no_plots):
+    train(**tiny.options(tmp_path / "run", steps=2, baselines=False))
+    monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError) as error:
+        train(resume=str(tmp_path / "run"), num_virtual_tokens=8, batch_size=4, lr=0.1)
+    message = str(error.value)
+    assert "cannot change lr (saved 0.3, given 0.1), num_virtual_tokens (saved 4, given 8) when resuming" in message
+    assert "batch_size" not in message.split(" when ")[0]  # given, but equal to the saved value
+
+
+def test_resume_needs_saved_state(tmp_path):
+    with pytest.raises(ValueError, match="no resumable run there"):
+        train(resume=str(tmp_path))
+
+
+# ====================================================================== divergence
+@pytest.mark.parametrize("bad_step", [1, 5])
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_best_prompt(tiny, sizes, tmp_path, monkeypatch, bad_step):
+    # Validation gets worse after step 2, so the best prompt is not simply the latest one.
+    evaluations = record_evaluations(monkeypatch, scripted={sizes["validation"]: [0.75, 0.5]})
+    patch_training_loss(monkeypatch, at_call=bad_step, replace=lambda loss: loss * float("nan"))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError) as error:
+        train(**tiny.options(out, baselines=False))
+    message = str(error.value)
+    assert "nan" in message.lower()
+    assert f"at step {bad_step};" in message
+    assert str(out / "prompt") in message
+    assert "lower --lr" in message
+
+    saved = load_prompt(out / "prompt")  # still a loadable checkpoint
+    base, _ = softprompt.models.load_model(str(tiny.model))
+    assert torch.equal(PromptTunedModel.from_pretrained(base, out / "prompt").get_prompt_embedding_to_save(), saved.weights)
+    validations = [item for item in evaluations if item.examples == sizes["validation"]]
+    if bad_step == 1:  # no evaluation yet: the initial prompt is the best so far
+        assert validations == []
+        assert inspect_prompt(out / "prompt")["drift"]["total_norm"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert [item.accuracy for item in validations] == [0.75, 0.5]
+        assert torch.equal(saved.weights, validations[0].prompt)
+        assert saved.metadata["training"] == {"step": 2, "validation_accuracy": 0.75}
+    assert not (out / "report.json").exists()
+
+
+# ====================================================================== options
+def test_bad_data_options_fail_together_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("load_model must not be called when the options are bad")
+
+    monkeypatch.setattr(softprompt.models, "load_model", no_loading)
+    with pytest.raises(ValueError) as error:
+        train(model="no-such-model", dataset=str(tiny.data), template="Review: {review}\nSentiment:",
+              verbalizer='{"positive": " positive"}', output_dir=str(tmp_path / "run"))
+    message = str(error.value)
+    assert message.startswith("cannot start training:")
+    assert "unknown model 'no-such-model'" in message and "smollm2-135m" in message
+    assert "uses field {review}, which is not a column; available columns: text, label" in message
+    assert "data label(s) 'negative' not in the verbalizer" in message
+    assert message.count("\n  - ") == 3
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_is_reported_with_the_other_problems(tmp_path, monkeypatch):
+    monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError) as error:
+        train(model="no-such-model", dataset=str(tmp_path / "missing.jsonl"))
+    message = str(error.value)
+    assert "unknown model 'no-such-model'" in message
+    assert "missing.jsonl: no such file or directory" in message
+
+
+def test_train_options_list_every_problem(tmp_path):
+    with pytest.raises(ValueError) as error:
+        TrainOptions(num_virtual_tokens=0, batch_size=-2, optimizer="sgd", schedule="step", device="tpu",
+                     dtype="int8", init="ZEROS", lr=0.0, warmup_steps=-1, steps=None, patience=0,
+                     task_type="generation", resume=str(tmp_path))
+    lines = str(error.value).splitlines()
+    assert lines[0] == "invalid training options:"
+    expected = [
+        "optimizer='sgd' is not valid; allowed: adamw, adafactor",
+        "schedule='step' is not valid; allowed: constant, linear, cosine",
+        "device='tpu' is not valid; allowed: auto, cpu, cuda, mps",
+        "dtype='int8' is not valid; allowed: float32, bfloat16, float16",
+        "init='ZEROS' is not valid; allowed: ",
+        "num_virtual_tokens must be a positive integer, got 0",
+        "batch_size must be a positive integer, got -2",
+        "patience must be a positive integer or unset, got 0",
+        "set steps, or epochs > 0",
+        "lr must be > 0, got 0.0",
+        "warmup_steps must be >= 0, got -1",
+        "task_type='generation' needs target_column",
+        f"resume={str(tmp_path)!r}: no resumable run there",
+    ]
+    for fragment in expected:
+        assert any(line.startswith("  - " + fragment) for line in lines[1:]), fragment
+    assert len(lines) - 1 == len(expected)
+
+
+def test_train_options_single_problems_and_learning_rate():
+    with pytest.raises(ValueError, match="init='TEXT' needs init_text"):
+        TrainOptions(init="TEXT", init_text="")
+    with pytest.raises(ValueError, match="task_type='ranking' is not valid"):
+        TrainOptions(task_type="ranking")
+    assert TrainOptions(steps=None, epochs=0.5).epochs == 0.5
+    assert TrainOptions(init="random").init == "random"  # case-insensitive
+    assert TrainOptions().learning_rate == 0.03
+    assert TrainOptions(optimizer="adafactor").learning_rate == 0.3
+    assert TrainOptions(optimizer="adafactor", lr=0.01).learning_rate == 0.01
+    options = TrainOptions(steps=3, batch_size=2)
+    assert TrainOptions.from_dict({**options.to_dict(), "unknown": 1}) == options
+
+
+def test_presets_apply_and_explicit_options_win():
+    quick = TrainOptions(preset="quick")
+    for name, value in PRESETS["quick"].items():
+        assert getattr(quick, name) == value, name
+    mixed = TrainOptions(preset="quick", steps=9, batch_size=2)
+    assert (mixed.steps, mixed.batch_size) == (9, 2)
+    assert (mixed.eval_every, mixed.max_eval_examples) == (PRESETS["quick"]["eval_every"], PRESETS["quick"]["max_eval_examples"])
+    full = TrainOptions(preset="full", lr=0.1, num_virtual_tokens=10)
+    assert (full.lr, full.num_virtual_tokens, full.steps) == (0.1, 10, PRESETS["full"]["steps"])
+    assert full.max_eval_examples is None
+    # An explicit option wins even when it equals the default the preset would replace.
+    assert TrainOptions(preset="quick", batch_size=8).batch_size == 8
+    assert TrainOptions(preset="full", max_eval_examples=400).max_eval_examples == 400
+    assert TrainOptions(preset="demo") == TrainOptions(preset="demo", steps=200)
+    with pytest.raises(ValueError, match="preset='huge' is not valid; allowed: demo, full, quick"):
+        TrainOptions(preset="huge")
+
+
+# ====================================================================== generation
+def _generation_rows(count: int = 40) -> list[dict[str, str]]:
+    targets = ["{noun}", "the {noun}", "very good {noun}"]  # 1, 2 and 3 target words
+    rows = []
+    for index in range(count):
+        noun, adjective = NOUNS[index % 12], (POSITIVE_WORDS + NEGATIVE_WORDS)[index % 10]
+        text = f"the {noun} was {adjective}" + (" and good" if index % 4 == 0 else "")
+        rows.append({"text": text, "target": targets[index % 3].format(noun=noun)})
+    return rows
+
+
+def test_generation_run_trains_on_target_tokens_only(tiny, tmp_path, no_plots):
+    rows = _generation_rows()
+    data = write_jsonl(tmp_path / "copy.jsonl", rows)
+    out = tmp_path / "run"
+    template = "{text} :"
+    report = train(
+        model=str(tiny.model), dataset=str(data), task_type="generation", target_column="target",
+        template=template, init="RANDOM", num_virtual_tokens=3, steps=3, eval_every=3, batch_size=4,
+        max_eval_examples=4, lr=0.1, device="cpu", output_dir=str(out),
+    ).report
+    assert report["task_type"] == "generation" and report["steps"] == 3
+    assert "zero_shot_accuracy" not in report  # no baselines for generation
+    test_size = load_dataset(str(data), label_column=None, target_column="target").sizes()["test"]
+    assert 0.0 <= report["test_accuracy"] <= 1.0 and report["test_examples"] == min(4, test_size)
+    assert report["prompt_drift_norm"] > 0
+    assert any("validation_accuracy" in record for record in _metrics(out / "metrics.jsonl"))
+    assert load_prompt(out / "prompt").metadata["task"] == "generation"
+
+    # The objective's loss on one batch, against cross-entropy over the target positions of
+    # full forwards of [prompt, input, target].
+    base, tokenizer = softprompt.models.load_model(str(tiny.model))
+    model = PromptTunedModel.from_pretrained(base, out / "prompt")
+    objective = GenerationObjective(tokenizer, Template(template), "target", max_length=256)
+    encoded = objective.encode(rows[:4])
+    assert [len(target) for target in encoded.targets[:3]] == [2, 3, 4]  # words + <eos>
+    batch = [0, 1, 2, 3]
+    token_losses, all_position_losses = [], []
+    with torch.no_grad():
+        for index in batch:
+            inputs, targets = encoded.inputs[index], encoded.targets[index]
+            sequence = torch.tensor([inputs + targets])
+            logits = model(input_ids=sequence).logits[0, model.num_virtual_tokens :]
+            log_probs = logits.log_softmax(dim=-1)
+            for k, token in enumerate(targets):
+                token_losses.append(-log_probs[len(inputs) - 1 + k, token])
+            all_position_losses += [-log_probs[p, sequence[0, p + 1]] for p in range(sequence.shape[1] - 1)]
+        expected = torch.stack(token_losses).mean()
+        for shared_prefix in (True, False):
+            loss = objective.loss(model, encoded, batch, shared_prefix)
+            assert torch.allclose(loss, expected, atol=1e-5), shared_prefix
+    assert not torch.allclose(expected, torch.stack(all_position_losses).mean(), atol=1e-3)
+
+
+# ====================================================================== the real model
+@pytest.mark.real
+def test_short_real_run_on_smollm2(tmp_path):
+    name = "smollm2-135m"
+    if softprompt.models.model_cache_path(name) is None:
+        pytest.skip(f"{name} is neither installed nor cached (make setup)")
+    out = tmp_path / "run"
+    result = train(model=name, steps=4, batch_size=4, eval_every=2, max_eval_examples=16, max_train_examples=64,
+                   device="cpu", output_dir=str(out))
+    report = result.report
+    records = check_run_outputs(out, report, num_virtual_tokens=20, hidden=576)
+    assert (report["model"], report["dataset"], report["init"]) == (name, "rotten_tomatoes", "TEXT")
+    assert report["steps"] == 4 and report["train_examples"] == 64 and report["test_examples"] == 16
+    assert report["total_parameters"] == 20 * 576 + 134_515_008
+    assert [record["step"] for record in records if "validation_accuracy" in record] == [2, 4]
+    meta = load_prompt(out / "prompt").metadata
+    assert meta["template"] == "Review: {text}\nSentiment:"
+    assert meta["verbalizer"] == {"negative": " negative", "positive": " positive"}
