@@ -19,27 +19,22 @@ order: the same subset on every machine, unbiased by file order.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from softprompt.data.files import FILE_FORMATS, SPLIT_STEMS, read_directory, read_file
+from softprompt.data.records import ROLES, Columns, Record, clean_rows
 from softprompt.data.rotten_tomatoes import RECORD_FIELDS, RT_NAME, read_rotten_tomatoes
 
 logger = logging.getLogger(__name__)
 
-Record = dict[str, str]
 SPLITS = ("train", "validation", "test")
-ROLES = ("text_column", "label_column", "target_column")
-FILE_FORMATS = {".jsonl": "jsonl", ".csv": ",", ".tsv": "\t"}
-SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
 DATASETS_INSTALL_HINT = 'pip install "softprompt[datasets]"'
 
 
@@ -129,178 +124,8 @@ class DatasetSplits:
         return {label: counts.get(label, 0) for label in self.labels}
 
 
-class _Columns(NamedTuple):
-    """The fields playing the text, label and target roles (label/target may be None)."""
-
-    text: str
-    label: str | None
-    target: str | None
-
-    def required(self) -> list[tuple[str, str]]:
-        """Returns ``(field, role)`` pairs, role being the `load_dataset` argument name."""
-        return [(column, role) for column, role in zip(self, ROLES, strict=True) if column]
-
-    def resolve(self, available: Collection[str], where: str) -> _Columns:
-        """Checks the columns against a source's; drops the label when optional and absent."""
-        resolved = self
-        if self.label and self.target and self.label not in available:
-            logger.info("%s: no label column %r; using the target column only", where, self.label)
-            resolved = self._replace(label=None)
-        for column, role in resolved.required():
-            if column not in available:
-                found = ", ".join(available) or "(none)"
-                raise ValueError(
-                    f"{where}: column {column!r} ({role}) not found; columns found: {found}"
-                )
-        return resolved
-
-
-def _to_str(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _clean_rows(
-    rows: Iterable[tuple[str, Mapping[str, Any]]],
-    columns: _Columns,
-    source: str,
-    allow_empty: bool = False,
-) -> list[Record]:
-    """Converts rows to string records, skipping (and logging) rows with an empty required field.
-
-    Args:
-        rows: ``(location, row)`` pairs; location is ``file:line`` or similar.
-        columns: Resolved columns; each must be present in every row.
-        source: Names the source in messages.
-        allow_empty: Return [] instead of raising when every row is empty.
-
-    Returns:
-        list[Record]: The kept records.
-    """
-    records: list[Record] = []
-    skipped: Counter[str] = Counter()
-    first_skipped: dict[str, str] = {}
-    total = 0
-    for where, row in rows:
-        total += 1
-        record = {str(key): _to_str(value) for key, value in row.items()}
-        empty = None
-        for column, role in columns.required():
-            if column not in record:
-                raise ValueError(
-                    f"{where}: field {column!r} ({role}) is missing; fields on this line: "
-                    f"{', '.join(record) or '(none)'}"
-                )
-            if empty is None and not record[column].strip():
-                empty = f"{column!r} ({role})"
-        if empty is not None:
-            skipped[empty] += 1
-            first_skipped.setdefault(empty, where)
-            continue
-        records.append(record)
-    if total == 0:
-        raise ValueError(f"{source}: no rows")
-    for what, count in skipped.items():
-        first = first_skipped[what]
-        logger.warning(
-            "%s: skipped %d/%d rows with empty %s (first: %s)", source, count, total, what, first
-        )
-    if not records and not allow_empty:
-        raise ValueError(
-            f"{source}: all {total} rows have an empty "
-            + " or ".join(f"{what} (first at {first_skipped[what]})" for what in skipped)
-        )
-    return records
-
-
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ValueError(
-            f"{path}:{line}: invalid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
-            "save the file as UTF-8"
-        ) from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise ValueError(f"{path}: file is empty")
-    return text
-
-
-def _jsonl_rows(path: Path, text: str) -> list[tuple[str, Mapping[str, Any]]]:
-    rows: list[tuple[str, Mapping[str, Any]]] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{path}:{number}: malformed JSON at column {exc.colno}: {exc.msg}"
-            ) from None
-        if not isinstance(value, dict):
-            got = line.strip()[:40]
-            raise ValueError(
-                f'{path}:{number}: expected a JSON object like {{"text": ...}}, got {got}'
-            )
-        rows.append((f"{path}:{number}", value))
-    return rows
-
-
-def _csv_rows(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[str, dict]]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows: list[tuple[str, dict]] = []
-    try:
-        header = next((row for row in reader if row), None)
-        if header is None:
-            raise ValueError(f"{path}: file is empty")
-        header = [name.strip() for name in header]
-        duplicates = sorted(name for name, n in Counter(header).items() if n > 1)
-        if duplicates:
-            raise ValueError(f"{path}:{reader.line_num}: duplicate column {duplicates[0]!r}")
-        start = reader.line_num + 1
-        for row in reader:
-            line, start = start, reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(
-                    f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), "
-                    f"found {len(row)}"
-                )
-            rows.append((f"{path}:{line}", dict(zip(header, row, strict=True))))
-    except csv.Error as exc:
-        raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
-    return header, rows
-
-
-def _read_file(path: Path, columns: _Columns) -> tuple[list[Record], _Columns]:
-    """Reads one .jsonl/.csv/.tsv file; returns its records and the resolved columns."""
-    kind = FILE_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(
-            f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_FORMATS)}"
-        )
-    text = _read_utf8(path)
-    if kind == "jsonl":
-        rows = _jsonl_rows(path, text)
-        if not rows:
-            raise ValueError(f"{path}: file is empty")
-        columns = columns.resolve(list(rows[0][1]), rows[0][0])
-    else:
-        header, rows = _csv_rows(path, text, kind)
-        columns = columns.resolve(header, f"{path}:1")
-    return _clean_rows(rows, columns, str(path)), columns
-
-
 def _fill_missing(parts: dict[str, list[Record]], text_column: str, source: str) -> None:
-    """Carves missing validation/test splits (empty lists) out of train by hash, in place."""
+    """Carves missing (absent or empty) validation/test splits out of train by hash, in place."""
     missing = [split for split in ("validation", "test") if not parts.get(split)]
     if not missing:
         return
@@ -313,37 +138,7 @@ def _fill_missing(parts: dict[str, list[Record]], text_column: str, source: str)
     logger.info("%s: no %s split; carved from train by text hash", source, " or ".join(missing))
 
 
-def _load_directory(directory: Path, columns: _Columns) -> tuple[dict[str, list[Record]], _Columns]:
-    files: dict[str, Path] = {}
-    for split, stems in SPLIT_STEMS.items():
-        found = [
-            directory / f"{stem}{suffix}"
-            for stem in stems
-            for suffix in FILE_FORMATS
-            if (directory / f"{stem}{suffix}").is_file()
-        ]
-        if len(found) > 1:
-            raise ValueError(
-                f"{directory}: several {split} files ({', '.join(p.name for p in found)}); keep one"
-            )
-        if found:
-            files[split] = found[0]
-    if "train" not in files:
-        names = sorted(p.name for p in directory.iterdir())
-        raise FileNotFoundError(
-            f"{directory}: no train{'/train'.join(FILE_FORMATS)} file; files found: "
-            f"{', '.join(names) or '(none)'}"
-        )
-    parts: dict[str, list[Record]] = {}
-    parts["train"], columns = _read_file(files["train"], columns)
-    for split in ("validation", "test"):
-        if split in files:
-            parts[split], _ = _read_file(files[split], columns)
-    _fill_missing(parts, columns.text, str(directory))
-    return parts, columns
-
-
-def _load_hub(name: str, columns: _Columns) -> tuple[dict[str, list[Record]], _Columns]:
+def _load_hub(name: str, columns: Columns) -> tuple[dict[str, list[Record]], Columns]:
     try:
         import datasets
     except ImportError:
@@ -374,7 +169,7 @@ def _load_hub(name: str, columns: _Columns) -> tuple[dict[str, list[Record]], _C
             for index, row in enumerate(table)
         )
         # Unlabeled evaluation splits (labels all -1, as in GLUE test sets) get carved from train.
-        parts[split] = _clean_rows(rows, columns, f"{name}[{source}]", split != "train")
+        parts[split] = clean_rows(rows, columns, f"{name}[{source}]", split != "train")
     _fill_missing(parts, columns.text, name)
     return parts, columns
 
@@ -430,7 +225,7 @@ def load_dataset(
         isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
     ):
         raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
-    columns = _Columns(text_column, label_column, target_column)
+    columns = Columns(text_column, label_column, target_column)
     for value, role in zip(columns, ROLES, strict=True):
         if (value is not None or role == "text_column") and (
             not isinstance(value, str) or not value
@@ -445,9 +240,10 @@ def load_dataset(
         columns = columns.resolve(RECORD_FIELDS, f"{RT_NAME} ({corpus.path})")
         parts = hash_split(corpus.records, columns.text)
     elif path.is_dir():
-        parts, columns = _load_directory(path, columns)
+        parts, columns = read_directory(path, columns)
+        _fill_missing(parts, columns.text, str(path))
     elif path.is_file():
-        records, columns = _read_file(path, columns)
+        records, columns = read_file(path, columns)
         parts = hash_split(records, columns.text)
     elif _looks_like_path(name):
         raise FileNotFoundError(f"{name}: no such file or directory")

@@ -3,48 +3,55 @@
 A task is a soft prompt (or several: an ensemble, Lester et al. 2021 sec. 7) with the template
 and verbalizer of its ``softprompt.json``. A batch may mix any tasks: each request becomes one
 row per prompt, all rows run in one forward pass (layout: :mod:`softprompt.inference.kv_cache`)
-and each row is read out with its own task's label words.
+and each row is read out with its own task's label words. Loading tasks and encoding (and
+truncating) their inputs live in :mod:`softprompt.inference.tasks`.
 
 The task registry is a dict replaced wholesale (copy-on-write) under a lock; a batch reads it
 once at its start, so adding, replacing or removing a task never disturbs a running batch.
-
-Input length: the rendered template's tokens may fill the positions its prompt leaves. Longer
-inputs fail with :class:`InputTooLongError` unless ``truncate=True``, which cuts the text
-token-wise: its beginning is kept for classification (the template's suffix, which leads to the
-label word, always stays), its end for generation (which continues it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from softprompt.checkpoint import load_prompt
-from softprompt.config import TaskType
-from softprompt.data.templates import Template
-from softprompt.data.verbalizer import TokenizedVerbalizer, Verbalizer
 from softprompt.inference.decoding import DecodeRequest, GenerateParams, GenerateResult, decode
 from softprompt.inference.kv_cache import (
     BatchInputs,
     PromptCacheUnsupportedError,
-    PromptKV,
     Row,
     build_batch,
     compute_prompt_kv,
     run_body,
 )
-from softprompt.modeling import PromptTunedModel
+from softprompt.inference.tasks import (
+    InputTooLongError,
+    Member,
+    Task,
+    TaskInfo,
+    TaskLoadError,
+    encode_input,
+    load_member,
+    make_task,
+)
 from softprompt.scoring import build_scoring_inputs, scores_from_hidden
+
+__all__ = [
+    "ClassifyResult",
+    "Engine",
+    "InputTooLongError",  # defined in softprompt.inference.tasks
+    "TaskInfo",
+    "TaskLoadError",
+    "TaskNotFoundError",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "{text}"
 _FALLBACK_MAX_POSITIONS = 2048
 
 
@@ -60,40 +67,6 @@ class TaskNotFoundError(KeyError):
         return self.message
 
 
-class InputTooLongError(ValueError):
-    """An input has more tokens than the task allows."""
-
-    def __init__(self, length: int, limit: int, task: str) -> None:
-        self.length, self.limit, self.task = length, limit, task
-        super().__init__(
-            f"input is {length} tokens (template included) but task {task!r} allows at most "
-            f"{limit}; shorten it or pass truncate=True"
-        )
-
-
-class TaskLoadError(ValueError):
-    """A task's checkpoint cannot be served by this engine."""
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """A loaded task.
-
-    Attributes:
-        name: task name.
-        kind: ``"classification"`` or ``"generation"``.
-        labels: class labels (classification) or None.
-        num_virtual_tokens: prompt length of each ensemble member.
-        paths: checkpoint directory of each member.
-    """
-
-    name: str
-    kind: Literal["classification", "generation"]
-    labels: list[str] | None
-    num_virtual_tokens: list[int]
-    paths: list[str]
-
-
 @dataclass(frozen=True)
 class ClassifyResult:
     """A classification: the most probable label and every label's probability."""
@@ -101,36 +74,6 @@ class ClassifyResult:
     task: str
     label: str
     probabilities: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _Member:
-    """One prompt of a task, ready to serve."""
-
-    path: str
-    prompted: PromptTunedModel  # shares the engine's frozen model; supplies the LM head
-    prompt: torch.Tensor  # (n, H) in the model's dtype
-    kv: PromptKV | None
-    template: Template
-    verbalizer: TokenizedVerbalizer | None
-    label_order: list[int] | None  # task label i is this member's label label_order[i]
-
-    @property
-    def length(self) -> int:
-        return self.prompt.shape[0]
-
-    @property
-    def label_room(self) -> int:
-        """Extra positions the scoring rows need (multi-token words are appended minus one)."""
-        if self.verbalizer is None or self.verbalizer.is_single_token:
-            return 0
-        return max(len(ids) for ids in self.verbalizer.label_token_ids) - 1
-
-
-@dataclass(frozen=True)
-class _Task:
-    info: TaskInfo
-    members: tuple[_Member, ...]
 
 
 class Engine:
@@ -178,7 +121,7 @@ class Engine:
         self._eos_ids = _eos_ids(self.model, self.tokenizer)
         self._use_kv_cache = use_kv_cache and self._cache_supported()
         self._lock = threading.Lock()
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, Task] = {}
 
     # ----------------------------------------------------------------- registry
     @property
@@ -205,7 +148,7 @@ class Engine:
         if not dirs:
             raise TaskLoadError(f"task {name!r}: no prompt directory given")
         with torch.no_grad():  # loading is slow: done outside the lock
-            task = _make_task(name, tuple(self._load_member(Path(path)) for path in dirs))
+            task = make_task(name, tuple(self._load_member(Path(path)) for path in dirs))
         with self._lock:
             self._tasks = {**self._tasks, name: task}
         logger.info("task %s loaded (%s, %d prompt(s))", name, task.info.kind, len(dirs))
@@ -218,42 +161,15 @@ class Engine:
                 raise TaskNotFoundError(name, list(self._tasks))
             self._tasks = {key: task for key, task in self._tasks.items() if key != name}
 
-    def _load_member(self, path: Path) -> _Member:
-        try:
-            checkpoint = load_prompt(path)
-        except (OSError, ValueError) as error:
-            raise TaskLoadError(f"{path}: cannot load the prompt: {error}") from None
-        config, metadata = checkpoint.config, checkpoint.metadata
-        width, expected = checkpoint.weights.shape[1], self._embeddings.weight.shape[1]
-        if width != expected:
-            raise TaskLoadError(
-                f"{path}: the prompt has width {width} but the model's embedding size is "
-                f"{expected}; it was tuned for another model "
-                f"({config.base_model_name_or_path or 'unknown'})"
-            )
-        if config.task_type != TaskType.CAUSAL_LM:
-            raise TaskLoadError(f"{path}: task_type is {config.task_type.value}, not CAUSAL_LM")
-        try:
-            template = Template(metadata.get("template") or DEFAULT_TEMPLATE)
-            mapping = metadata.get("verbalizer")
-            verbalizer = Verbalizer(dict(mapping)).tokenize(self.tokenizer) if mapping else None
-        except (TypeError, ValueError) as error:
-            raise TaskLoadError(f"{path}: {error}") from None
-        if len(template.fields) != 1:  # a request carries one text
-            raise TaskLoadError(f"{path}: template {template.format!r} must have exactly one field")
-        kind = metadata.get("task") or ("classification" if verbalizer else "generation")
-        if kind not in ("classification", "generation"):
-            raise TaskLoadError(f"{path}: task {kind!r} is neither classification nor generation")
-        if kind == "classification" and verbalizer is None:
-            raise TaskLoadError(f"{path}: a classification prompt needs a verbalizer")
-        config.inference_mode = True
-        prompted = PromptTunedModel(self.model, config, prompt_weights=checkpoint.weights)
-        # The model reads the prompt in its own dtype, as PromptTunedModel.combine does.
-        prompt = prompted.get_prompt_embedding_to_save()[: config.num_virtual_tokens]
-        prompt = prompt.to(self._embeddings.weight.dtype)
-        kv = compute_prompt_kv(self._body, prompt) if self._use_kv_cache else None
-        verbalizer = verbalizer if kind == "classification" else None
-        return _Member(str(path), prompted, prompt, kv, template, verbalizer, None)
+    def _load_member(self, path: Path) -> Member:
+        return load_member(
+            path,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            body=self._body,
+            embeddings=self._embeddings,
+            use_kv_cache=self._use_kv_cache,
+        )
 
     def _cache_supported(self) -> bool:
         try:
@@ -266,39 +182,22 @@ class Engine:
 
     # ----------------------------------------------------------------- inputs
     def _encode(
-        self, task: _Task, member: _Member, text: Any, truncate: bool, keep_start: bool
+        self, task: Task, member: Member, text: Any, truncate: bool, keep_start: bool
     ) -> list[int]:
         """Token ids of the rendered template, checked (or cut) against the position limit."""
-        if not isinstance(text, str):
-            raise TypeError(f"the input must be a string, got {type(text).__name__}")
-        field = member.template.fields[0]
-        limit = self._max_positions - member.length - member.label_room
-        ids = self._tokenize(member.template.render({field: text}))
-        if len(ids) <= limit:
-            return ids
-        if not truncate:
-            raise InputTooLongError(len(ids), limit, task.info.name)
-        # Only the text is cut (the template's own words stay), token-wise; the result is
-        # re-rendered and re-tokenized, since tokens can merge across the cut.
-        pieces = self.tokenizer.encode(text, add_special_tokens=False)
-        keep = len(pieces)
-        while keep > 0 and len(ids) > limit:
-            keep = max(0, min(keep - 1, keep - (len(ids) - limit)))
-            kept = pieces[:keep] if keep_start else pieces[len(pieces) - keep :]
-            ids = self._tokenize(member.template.render({field: self.tokenizer.decode(kept)}))
-        if len(ids) > limit:  # the template alone is too long
-            raise InputTooLongError(len(ids), limit, task.info.name)
-        return ids
-
-    def _tokenize(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text)["input_ids"])
-        if not ids:
-            raise ValueError("the input tokenizes to no tokens")
-        return ids
+        return encode_input(
+            self.tokenizer,
+            task,
+            member,
+            text,
+            max_positions=self._max_positions,
+            truncate=truncate,
+            keep_start=keep_start,
+        )
 
     def _collect(
         self, requests: list[tuple], size: int, kind: str | None, keep_start: bool, truncate: bool
-    ) -> tuple[list[Any], list[tuple[int, _Task, list[list[int]], tuple]]]:
+    ) -> tuple[list[Any], list[tuple[int, Task, list[list[int]], tuple]]]:
         """Validate and tokenize a batch's requests against one registry snapshot.
 
         Returns:
@@ -356,7 +255,7 @@ class Engine:
         return results
 
     def _score(self, valid: list[tuple], results: list[Any]) -> None:
-        by_task: dict[int, tuple[_Task, list[int], list[list[list[int]]]]] = {}
+        by_task: dict[int, tuple[Task, list[int], list[list[list[int]]]]] = {}
         for slot, task, encoded, _ in valid:
             entry = by_task.setdefault(id(task), (task, [], []))
             entry[1].append(slot)
@@ -440,25 +339,6 @@ class Engine:
             for slot, _ in decoding:
                 results[slot] = error
         return results
-
-
-def _make_task(name: str, members: tuple[_Member, ...]) -> _Task:
-    """Check that an ensemble's members agree and fix the task's label order (the first's)."""
-    first = members[0]
-    kind = "classification" if first.verbalizer is not None else "generation"
-    labels = list(first.verbalizer.labels) if first.verbalizer else None
-    fixed = []
-    for member in members:
-        own = member.verbalizer.labels if member.verbalizer else None
-        if (own is None) != (labels is None) or (own and sorted(own) != sorted(labels)):
-            raise TaskLoadError(
-                f"task {name!r}: ensemble members disagree: {member.path} has labels {own}, "
-                f"{first.path} has {labels}"
-            )
-        order = [own.index(label) for label in labels] if own else None
-        fixed.append(dataclasses.replace(member, label_order=order))
-    info = TaskInfo(name, kind, labels, [m.length for m in members], [m.path for m in members])
-    return _Task(info, tuple(fixed))
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -13,13 +13,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from softprompt.models.cache import cache_dir, concatenate_verified
+from softprompt.models.listing import format_models_table, list_bundled_models
 from softprompt.models.registry import (
     BUNDLED_MODELS,
     BundledModel,
     ModelNotInstalledError,
     ModelSource,
-    format_models_table,
-    list_bundled_models,
     resolve_model_source,
 )
 
