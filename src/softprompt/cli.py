@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--text-column", default="text", dest="text_column")
     preview.add_argument("--label-column", default="label", dest="label_column")
 
+    from softprompt.bench import add_bench_parser
+
+    add_bench_parser(sub, command)
+
     return parser
 
 

@@ -1,0 +1,775 @@
+"""The paper's ablations on Rotten Tomatoes with SmolLM2-135M, resumable, with a report.
+
+Groups (``--only``; default all):
+
+* ``lengths``: prompt length 1, 5, 20, 50, 100 for every init (one curve per init);
+* ``inits``: RANDOM, SAMPLE_VOCAB, TEXT, CLASS_LABEL at length 20;
+* ``baselines``: zero-shot, few-shot K=4 and K=8 (in-context examples, no prompt) and prompt
+  tuning (length 20, TEXT init);
+* ``lora``: LoRA r=8 on q_proj/v_proj (PEFT) trained with the same verbalizer objective, data
+  order, budget and scoring code as prompt tuning, against prompt tuning at length 20.
+
+Every config runs for a fixed budget of optimizer steps with each seed of ``--seeds``; the
+accuracy is on the first ``--max-eval-examples`` test examples (validation is capped alike).
+Each finished config is appended at once to ``benchmarks/results/ablations.jsonl``; a rerun skips
+the configs already there (the key holds the config and every setting that changes its result).
+
+    python benchmarks/ablations.py --only lengths --budget-steps 200 --seeds 0,1
+    python benchmarks/ablations.py --report      # docs/results.md + plots from the JSONL
+    python benchmarks/ablations.py --dry-run     # one tiny config per group, into a temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+LENGTHS = (1, 5, 20, 50, 100)
+INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT", "CLASS_LABEL")
+SHOTS = (4, 8)
+GROUPS = ("lengths", "inits", "baselines", "lora")
+DEFAULT_LENGTH, DEFAULT_INIT = 20, "TEXT"
+LORA_RANK, LORA_TARGETS = 8, ("q_proj", "v_proj")
+RESULTS = Path("benchmarks/results/ablations.jsonl")
+REPORT = Path("docs/results.md")
+PLOTS = Path("benchmarks/results")
+
+logger = logging.getLogger("ablations")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every config of one run shares (all of it is part of each result's key)."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "rotten_tomatoes"
+    budget_steps: int = 200
+    batch_size: int = 8
+    max_eval_examples: int = 400
+    max_train_examples: int | None = None
+    lr: float | None = None  # None: softprompt's default (AdamW 0.03)
+    lora_lr: float = 1e-3
+    eval_every: int | None = (
+        None  # None: evaluate once, after the budget (the final state is tested)
+    )
+    device: str = "auto"
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """One ablation config (one seed)."""
+
+    kind: str  # prompt_tuning, zero_shot, few_shot or lora
+    seed: int
+    num_virtual_tokens: int | None = None
+    init: str | None = None
+    shots: int | None = None
+    rank: int | None = None
+    groups: tuple[str, ...] = field(default=(), compare=False)
+
+    def label(self) -> str:
+        """A short description, e.g. ``prompt_tuning n=20 TEXT seed=0``."""
+        details = {
+            "prompt_tuning": f" n={self.num_virtual_tokens} {self.init}",
+            "few_shot": f" K={self.shots}",
+            "lora": f" r={self.rank}",
+        }
+        return f"{self.kind}{details.get(self.kind, '')} seed={self.seed}"
+
+    def key(self, settings: Settings) -> str:
+        parts = [self.kind, f"seed{self.seed}"]
+        if self.kind == "prompt_tuning":
+            parts += [f"n{self.num_virtual_tokens}", self.init or ""]
+        if self.kind == "few_shot":
+            parts.append(f"k{self.shots}")
+        if self.kind == "lora":
+            parts.append(f"r{self.rank}")
+        values = asdict(settings)
+        if self.kind in ("zero_shot", "few_shot"):  # no training: training settings do not matter
+            for name in (
+                "budget_steps",
+                "batch_size",
+                "max_train_examples",
+                "lr",
+                "lora_lr",
+                "eval_every",
+            ):
+                values.pop(name)
+        values.pop("device")
+        return "|".join(parts + [f"{name}={values[name]}" for name in sorted(values)])
+
+
+def configs_for(groups: Iterable[str], seeds: list[int]) -> list[Config]:
+    """Every config of the groups, each once (a config shared by groups runs once)."""
+    found: dict[tuple, Config] = {}
+
+    def add(config: Config, group: str) -> None:
+        signature = (
+            config.kind,
+            config.seed,
+            config.num_virtual_tokens,
+            config.init,
+            config.shots,
+            config.rank,
+        )
+        old = found.get(signature)
+        found[signature] = replace(config, groups=(*(old.groups if old else ()), group))
+
+    for group in groups:
+        for seed in seeds:
+            reference = Config("prompt_tuning", seed, DEFAULT_LENGTH, DEFAULT_INIT)
+            if group == "lengths":
+                for init in INITS:
+                    for length in LENGTHS:
+                        add(Config("prompt_tuning", seed, length, init), group)
+            elif group == "inits":
+                for init in INITS:
+                    add(Config("prompt_tuning", seed, DEFAULT_LENGTH, init), group)
+            elif group == "baselines":
+                if seed == seeds[0]:  # zero-shot has nothing random
+                    add(Config("zero_shot", seed), group)
+                for shots in SHOTS:
+                    add(Config("few_shot", seed, shots=shots), group)
+                add(reference, group)
+            elif group == "lora":
+                add(Config("lora", seed, rank=LORA_RANK), group)
+                add(reference, group)
+    return list(found.values())
+
+
+# ----------------------------------------------------------------------------- runners
+def run_prompt_tuning(config: Config, settings: Settings, runs_dir: Path) -> dict[str, Any]:
+    from softprompt.training import train
+
+    key = config.key(settings)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    name = (
+        f"n{config.num_virtual_tokens}-{config.init}-seed{config.seed}-{settings.budget_steps}steps"
+    )
+    output = runs_dir / f"{name}-{digest}"
+    options = {
+        "model": settings.model,
+        "dataset": settings.dataset,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "init": config.init,
+        "steps": settings.budget_steps,
+        "batch_size": settings.batch_size,
+        "eval_every": settings.eval_every or settings.budget_steps,
+        "max_eval_examples": settings.max_eval_examples,
+        "max_train_examples": settings.max_train_examples,
+        "seed": config.seed,
+        "baselines": False,
+        "device": settings.device,
+        "output_dir": str(output),
+        "warmup_steps": min(10, settings.budget_steps - 1),
+    }
+    if settings.lr is not None:
+        options["lr"] = settings.lr
+    report = train(**options).report
+    return {
+        "test_accuracy": report["test_accuracy"],
+        "validation_accuracy": report["best_validation_accuracy"],
+        "trainable_parameters": report["trainable_parameters"],
+        "train_seconds": report["train_seconds"],
+        "effective_lr": report["lr"],
+        "output_dir": str(output),
+    }
+
+
+def run_baseline(config: Config, settings: Settings) -> dict[str, Any]:
+    from softprompt.evaluate_prompt import evaluate_prompt
+
+    device = "cpu" if settings.device == "auto" else settings.device
+    result = evaluate_prompt(
+        model=settings.model,
+        dataset=settings.dataset,
+        split="test",
+        baseline="zero-shot" if config.kind == "zero_shot" else "few-shot",
+        shots=config.shots or 4,
+        max_examples=settings.max_eval_examples,
+        seed=config.seed,
+        device=device,
+    )
+    return {
+        "test_accuracy": result["accuracy"],
+        "validation_accuracy": None,
+        "trainable_parameters": 0,
+        "train_seconds": 0.0,
+    }
+
+
+def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
+    """LoRA through PEFT, trained and scored exactly like a prompt, minus the prompt."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from softprompt.config import PromptTuningConfig
+    from softprompt.data import Verbalizer, default_template, length_grouped_batches, load_dataset
+    from softprompt.modeling import PromptTunedModel
+    from softprompt.models import load_model
+    from softprompt.scoring import build_scoring_inputs, label_scores
+    from softprompt.training.objectives import ClassificationObjective
+    from softprompt.training.optim import make_optimizer, make_scheduler
+    from softprompt.training.trainer import resolve_device
+
+    device = resolve_device(settings.device)
+    base, tokenizer = load_model(settings.model, dtype="float32", device=str(device))
+    torch.manual_seed(config.seed)
+    lora_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=config.rank,
+        lora_alpha=2 * config.rank,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+    )
+    get_peft_model(base, lora_config)  # injects the LoRA layers into `base` itself
+    scorer = PromptTunedModel(base, PromptTuningConfig(num_virtual_tokens=1)).eval()  # freezes all
+    parameters = [p for name, p in base.named_parameters() if "lora_" in name]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    splits = load_dataset(settings.dataset)
+    verbalizer = Verbalizer.default_for(splits.labels).tokenize(tokenizer)
+    objective = ClassificationObjective(
+        tokenizer, default_template(settings.dataset), verbalizer, "label", 256
+    )
+    cap = settings.max_eval_examples
+    train_records = (
+        splits.train[: settings.max_train_examples] if settings.max_train_examples else splits.train
+    )
+    train_data = objective.encode(train_records)
+    validation, test = (
+        objective.encode(splits.validation[:cap]),
+        objective.encode(splits.test[:cap]),
+    )
+    lengths = objective.lengths(train_data)
+    optimizer = make_optimizer(parameters, "adamw", settings.lora_lr)
+    scheduler = make_scheduler(
+        optimizer, settings.budget_steps, min(10, settings.budget_steps - 1), "constant"
+    )
+    eval_every = settings.eval_every or settings.budget_steps
+    best: tuple[float, list[torch.Tensor]] = (-1.0, [])
+    epoch, batches, started = 0, [], time.perf_counter()
+    for step in range(1, settings.budget_steps + 1):
+        if not batches:  # the trainer's batch plan: seed * 1000 + epoch
+            batches = length_grouped_batches(
+                lengths, settings.batch_size, seed=config.seed * 1000 + epoch
+            )
+            epoch += 1
+        batch = batches.pop(0)
+        inputs = build_scoring_inputs(
+            [train_data.sequences[i] for i in batch], verbalizer, tokenizer.pad_token_id
+        ).to(device)
+        empty = torch.zeros(len(batch), 0, scorer.peft_config.token_dim, device=device)
+        scores = label_scores(scorer, inputs, prompt=empty)
+        targets = torch.tensor([train_data.targets[i] for i in batch], device=device)
+        loss = F.cross_entropy(scores.float(), targets)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == settings.budget_steps:
+            accuracy = objective.evaluate(scorer, validation, use_prompt=False)["accuracy"]
+            if accuracy > best[0]:
+                best = (accuracy, [p.detach().clone() for p in parameters])
+    train_seconds = time.perf_counter() - started
+    with torch.no_grad():
+        for parameter, value in zip(parameters, best[1], strict=True):
+            parameter.copy_(value)
+    result = objective.evaluate(scorer, test, use_prompt=False)
+    return {
+        "test_accuracy": result["accuracy"],
+        "validation_accuracy": best[0],
+        "trainable_parameters": sum(p.numel() for p in parameters),
+        "train_seconds": train_seconds,
+        "effective_lr": settings.lora_lr,
+    }
+
+
+def run_config(config: Config, settings: Settings, runs_dir: Path) -> dict[str, Any]:
+    if config.kind == "prompt_tuning":
+        return run_prompt_tuning(config, settings, runs_dir)
+    if config.kind == "lora":
+        return run_lora(config, settings)
+    return run_baseline(config, settings)
+
+
+# ----------------------------------------------------------------------------- results file
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    lines = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s:%d: not JSON, ignored (an interrupted write?)", path, number)
+    return lines
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def command_line(groups: Iterable[str], settings: Settings, seeds: list[int]) -> str:
+    """The ``ablations.py`` command that runs these groups with these settings."""
+    parts = [
+        "python benchmarks/ablations.py",
+        "--only",
+        ",".join(groups),
+        "--model",
+        settings.model,
+        "--budget-steps",
+        str(settings.budget_steps),
+        "--batch-size",
+        str(settings.batch_size),
+        "--seeds",
+        ",".join(map(str, seeds)),
+        "--max-eval-examples",
+        str(settings.max_eval_examples),
+    ]
+    optional = (
+        ("--max-train-examples", settings.max_train_examples),
+        ("--lr", settings.lr),
+        ("--eval-every", settings.eval_every),
+    )
+    parts += [f"{flag} {value}" for flag, value in optional if value is not None]
+    if settings.lora_lr != Settings.lora_lr:
+        parts.append(f"--lora-lr {settings.lora_lr}")
+    return " ".join(parts)
+
+
+def run_all(
+    groups: list[str],
+    settings: Settings,
+    seeds: list[int],
+    results: Path,
+    runs_dir: Path,
+    limit: int | None = None,
+) -> int:
+    """Run every config not yet in ``results``; returns how many ran."""
+    done = {record["key"] for record in read_results(results)}
+    todo = [c for c in configs_for(groups, seeds) if c.key(settings) not in done]
+    if limit is not None:
+        todo = todo[:limit]
+    logger.info("%d configs to run (%d already in %s)", len(todo), len(done), results)
+    for index, config in enumerate(todo, 1):
+        logger.info("[%d/%d] %s", index, len(todo), config.label())
+        record = run_and_record(config, settings, seeds, results, runs_dir)
+        logger.info("  test accuracy %.4f", record["test_accuracy"])
+    return len(todo)
+
+
+def run_and_record(
+    config: Config, settings: Settings, seeds: list[int], results: Path, runs_dir: Path
+) -> dict[str, Any]:
+    """Run one config and append its record to ``results`` at once."""
+    started = time.perf_counter()
+    outcome = run_config(config, settings, runs_dir)
+    record = {
+        "key": config.key(settings),
+        **asdict(config),
+        "groups": list(config.groups),
+        **asdict(settings),
+        **outcome,
+        "wall_seconds": time.perf_counter() - started,
+        "command": command_line(config.groups, settings, seeds),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    append_result(results, record)
+    return record
+
+
+# ----------------------------------------------------------------------------- report
+def _label(record: dict[str, Any]) -> tuple:
+    return (
+        record["kind"],
+        record.get("num_virtual_tokens"),
+        record.get("init"),
+        record.get("shots"),
+        record.get("rank"),
+    )
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Per config (seeds pooled): mean, sample std and range of test accuracy, params, seeds."""
+    pooled: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        pooled.setdefault(_label(record), []).append(record)
+    summary = {}
+    for label, items in pooled.items():
+        accuracies = [item["test_accuracy"] for item in items]
+        summary[label] = {
+            "mean": statistics.fmean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "min": min(accuracies),
+            "max": max(accuracies),
+            "seeds": sorted(item["seed"] for item in items),
+            "trainable_parameters": items[0]["trainable_parameters"],
+            "train_seconds": statistics.fmean(item["train_seconds"] for item in items),
+            "command": items[0]["command"],
+        }
+    return summary
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} (n={len(entry['seeds'])})"
+
+
+def render_report(
+    records: list[dict[str, Any]],
+    settings: Settings,
+    plots_dir: Path,
+    report_dir: Path,
+    results: Path = RESULTS,
+) -> str:
+    """docs/results.md: tables of mean ± std over seeds, reproduce commands, plot links."""
+    summary = aggregate(records)
+    seeds = sorted({record["seed"] for record in records}) or [0]
+    test_count = settings.max_eval_examples
+    lines = [
+        "# Results: prompt-tuning ablations",
+        "",
+        f"Rotten Tomatoes (bundled splits), {settings.model}, a fixed budget of "
+        f"{settings.budget_steps} optimizer steps of batch {settings.batch_size}; accuracy on the "
+        f"first {test_count} test examples, "
+        f"mean ± sample standard deviation over seeds (n = number of seeds), in percent. "
+        f"Generated by `python benchmarks/ablations.py --report` from `{results}` "
+        f"({len(records)} runs, last {max((r['finished_at'] for r in records), default='-')}).",
+        "",
+    ]
+    if settings.dry_run:
+        lines += ["**DRY RUN: 2-step smoke-test numbers, not results.**", ""]
+    lines += [
+        "## Prompt length and initialization",
+        "",
+        "| length | " + " | ".join(INITS) + " | trainable params |",
+        "|---" * (len(INITS) + 2) + "|",
+    ]
+    for length in LENGTHS:
+        entries = [summary.get(("prompt_tuning", length, init, None, None)) for init in INITS]
+        if not any(entries):
+            continue
+        params = next(e["trainable_parameters"] for e in entries if e)
+        lines.append(f"| {length} | " + " | ".join(_cell(e) for e in entries) + f" | {params:,} |")
+    lines += [
+        "",
+        f"Reproduce: `{command_line(['lengths'], settings, seeds)}` "
+        f"(the init table alone: `--only inits`).",
+        "",
+        f"![accuracy vs prompt length]"
+        f"({os.path.relpath(plots_dir / 'accuracy_vs_length.png', report_dir)})",
+        "",
+        "## Prompt tuning against zero-shot, few-shot and LoRA",
+        "",
+        "| method | trainable params | test accuracy |",
+        "|---|---|---|",
+    ]
+    rows = [("zero-shot (instruction, no prompt)", ("zero_shot", None, None, None, None))]
+    rows += [
+        (f"few-shot K={k} (in context, no prompt)", ("few_shot", None, None, k, None))
+        for k in SHOTS
+    ]
+    rows += [
+        (
+            f"prompt tuning (n={DEFAULT_LENGTH}, {DEFAULT_INIT} init)",
+            ("prompt_tuning", DEFAULT_LENGTH, DEFAULT_INIT, None, None),
+        )
+    ]
+    rows += [
+        (
+            f"LoRA r={LORA_RANK} on {', '.join(LORA_TARGETS)} (PEFT)",
+            ("lora", None, None, None, LORA_RANK),
+        )
+    ]
+    for name, label in rows:
+        entry = summary.get(label)
+        if entry:
+            lines.append(f"| {name} | {entry['trainable_parameters']:,} | {_cell(entry)} |")
+    lines += [
+        "",
+        f"Reproduce: `{command_line(['baselines', 'lora'], settings, seeds)}`.",
+        "",
+        f"![accuracy vs trainable parameters]"
+        f"({os.path.relpath(plots_dir / 'accuracy_vs_trainable_params.png', report_dir)})",
+        "",
+        "One config alone: `softprompt train --num-virtual-tokens N --init INIT --steps "
+        f"{settings.budget_steps} --eval-every {settings.eval_every or settings.budget_steps} "
+        f"--max-eval-examples {test_count} --seed S --no-baselines`, "
+        "or `softprompt eval --baseline "
+        f"few-shot --shots K --seed S --max-examples {test_count}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+    """accuracy_vs_length.png (one curve per init) and accuracy_vs_trainable_params.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install softprompt[plot]); no plots")
+        return []
+    summary = aggregate(records)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for init in INITS:
+        points = [
+            (n, summary[key])
+            for n in LENGTHS
+            if (key := ("prompt_tuning", n, init, None, None)) in summary
+        ]
+        if points:
+            axes.errorbar(
+                [n for n, _ in points],
+                [100 * e["mean"] for _, e in points],
+                yerr=[100 * e["std"] for _, e in points],
+                marker="o",
+                capsize=3,
+                label=init,
+            )
+    axes.set(
+        xscale="log",
+        xlabel="prompt length (virtual tokens)",
+        ylabel="test accuracy (%)",
+        title="Prompt length and initialization",
+    )
+    axes.set_xticks(LENGTHS, [str(length) for length in LENGTHS])
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    figure.tight_layout()
+    written.append(plots_dir / "accuracy_vs_length.png")
+    figure.savefig(written[-1], dpi=120)
+    plt.close(figure)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    tuned = [
+        (e["trainable_parameters"], e)
+        for label, e in summary.items()
+        if label[0] == "prompt_tuning" and label[2] == DEFAULT_INIT
+    ]
+    tuned.sort(key=lambda item: item[0])
+    if tuned:
+        axes.errorbar(
+            [p for p, _ in tuned],
+            [100 * e["mean"] for _, e in tuned],
+            yerr=[100 * e["std"] for _, e in tuned],
+            marker="o",
+            capsize=3,
+            label=f"prompt tuning ({DEFAULT_INIT} init)",
+        )
+    lora = summary.get(("lora", None, None, None, LORA_RANK))
+    if lora:
+        axes.errorbar(
+            [lora["trainable_parameters"]],
+            [100 * lora["mean"]],
+            yerr=[100 * lora["std"]],
+            marker="s",
+            capsize=3,
+            linestyle="none",
+            label=f"LoRA r={LORA_RANK}",
+        )
+    for label, entry in summary.items():
+        if label[0] in ("zero_shot", "few_shot"):
+            name = "zero-shot" if label[0] == "zero_shot" else f"few-shot K={label[3]}"
+            axes.axhline(100 * entry["mean"], linestyle="--", linewidth=1, color="gray")
+            axes.text(
+                0.01,
+                100 * entry["mean"],
+                name,
+                fontsize=8,
+                va="bottom",
+                transform=axes.get_yaxis_transform(),
+            )
+    axes.set(
+        xscale="log",
+        xlabel="trainable parameters",
+        ylabel="test accuracy (%)",
+        title="Accuracy against trainable parameters",
+    )
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    figure.tight_layout()
+    written.append(plots_dir / "accuracy_vs_trainable_params.png")
+    figure.savefig(written[-1], dpi=120)
+    plt.close(figure)
+    return written
+
+
+def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path) -> Path:
+    """Render the report and plots from the records that match ``settings``."""
+    keep = {name: value for name, value in asdict(settings).items() if name not in ("device",)}
+    records = [
+        r
+        for r in read_results(results)
+        if all(
+            r.get(name) == value
+            for name, value in keep.items()
+            if not (r["kind"] in ("zero_shot", "few_shot") and name in _TRAINING_SETTINGS)
+        )
+    ]
+    if not records:
+        raise SystemExit(
+            f"{results}: no results for these settings ({command_line(GROUPS, settings, [0])})"
+        )
+    render_plots(records, plots_dir)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(
+        render_report(records, settings, plots_dir, report_path.parent, results), encoding="utf-8"
+    )
+    return report_path
+
+
+_TRAINING_SETTINGS = (
+    "budget_steps",
+    "batch_size",
+    "max_train_examples",
+    "lr",
+    "lora_lr",
+    "eval_every",
+)
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--only", default=",".join(GROUPS), help=f"comma-separated groups: {', '.join(GROUPS)}"
+    )
+    parser.add_argument("--model", default=Settings.model)
+    parser.add_argument(
+        "--budget-steps", type=int, default=Settings.budget_steps, dest="budget_steps"
+    )
+    parser.add_argument("--batch-size", type=int, default=Settings.batch_size, dest="batch_size")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (>= 2 for a spread)")
+    parser.add_argument(
+        "--max-eval-examples",
+        type=int,
+        default=Settings.max_eval_examples,
+        dest="max_eval_examples",
+    )
+    parser.add_argument("--max-train-examples", type=int, dest="max_train_examples")
+    parser.add_argument(
+        "--lr", type=float, help="prompt-tuning lr (default: softprompt's, AdamW 0.03)"
+    )
+    parser.add_argument("--lora-lr", type=float, default=Settings.lora_lr, dest="lora_lr")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        dest="eval_every",
+        help="validate every N steps and test the best state (default: once, at the end)",
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help=f"JSONL file (default {RESULTS})"
+    )
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/ablations"), dest="runs_dir")
+    parser.add_argument("--limit", type=int, help="run at most this many configs now")
+    parser.add_argument(
+        "--report", action="store_true", help="render docs/results.md and the plots, run nothing"
+    )
+    parser.add_argument("--report-path", type=Path, default=REPORT, dest="report_path")
+    parser.add_argument("--plots-dir", type=Path, default=PLOTS, dest="plots_dir")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        dest="dry_run",
+        help="one config per group, 2 steps on a few examples, into a temp dir; then a report",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    groups = [group.strip() for group in args.only.split(",") if group.strip()]
+    unknown = [group for group in groups if group not in GROUPS]
+    if unknown or not groups:
+        raise SystemExit(f"--only: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    settings = Settings(
+        model=args.model,
+        budget_steps=args.budget_steps,
+        batch_size=args.batch_size,
+        max_eval_examples=args.max_eval_examples,
+        max_train_examples=args.max_train_examples,
+        lr=args.lr,
+        lora_lr=args.lora_lr,
+        eval_every=args.eval_every,
+        device=args.device,
+    )
+    if args.dry_run:
+        return dry_run(groups, settings)
+    if args.report:
+        print(f"wrote {report(args.results, settings, args.report_path, args.plots_dir)}")
+        return 0
+    run_all(groups, settings, seeds, args.results, args.runs_dir, args.limit)
+    return 0
+
+
+def dry_run(groups: list[str], settings: Settings) -> int:
+    """One config per group, 2 steps, 16 training and 8 evaluation examples, all in a temp dir."""
+    settings = replace(
+        settings,
+        budget_steps=2,
+        batch_size=4,
+        max_train_examples=16,
+        max_eval_examples=8,
+        eval_every=None,
+        dry_run=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="ablations-dry-run-") as directory:
+        root = Path(directory)
+        results = root / "ablations.jsonl"
+        picked = {
+            config.key(settings): config
+            for group in groups
+            for config in configs_for([group], [0])[:1]
+        }
+        for config in picked.values():
+            run_and_record(config, settings, [0], results, root / "runs")
+        path = report(results, settings, root / "results.md", root / "plots")
+        print(path.read_text(encoding="utf-8"))
+        for record in read_results(results):
+            print(
+                f"dry run ok: {record['kind']:<14} test accuracy {record['test_accuracy']:.3f} "
+                f"({record['trainable_parameters']:,} trainable params, "
+                f"{record['wall_seconds']:.0f} s)"
+            )
+        print("plots:", ", ".join(sorted(p.name for p in (root / "plots").glob("*.png"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m softprompt.bench {train,infer,generate} ...``."""
+
+import sys
+
+from softprompt.bench import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""`softprompt bench generate`: generation with the prompt KV cache against without it.
+
+Two :class:`~softprompt.inference.Engine` objects share one frozen model: one computes each
+task's prompt keys/values once when the task is added (``use_kv_cache=True``), the other runs
+the prompt through the model in every batch's prefill (``use_kv_cache=False``). The same mixed
+batches of greedy requests go to both; repeats alternate after one warm-up batch each. Throughput
+is generated tokens per second (median of repeats), and the greedy outputs must be identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from softprompt.bench.common import (
+    benchmark_texts,
+    device_facts,
+    format_number,
+    load_bench_model,
+    median,
+    ratio,
+    resolve_device,
+    save_task_prompts,
+    task_specs,
+    timed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateBenchOptions:
+    """Settings of ``softprompt bench generate``."""
+
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    requests: int = 16
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    repeats: int = 3
+    prompt_lengths: list[int] = dataclasses.field(default_factory=lambda: [10, 20, 50])
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def resolve(cls, quick: bool = False, **given: Any) -> GenerateBenchOptions:
+        """Defaults, then the quick settings (when ``quick``), then every non-None ``given``."""
+        values = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
+        return cls(quick=quick, **values)
+
+
+QUICK: dict[str, Any] = {
+    "requests": 4,
+    "batch_size": 4,
+    "max_new_tokens": 8,
+    "repeats": 2,
+    "prompt_lengths": [4, 8, 12],
+}
+
+
+def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
+    """Run the benchmark; returns the result object (see the module docstring)."""
+    from softprompt.inference import Engine, GenerateParams
+
+    device = resolve_device(options.device)
+    model, tokenizer = load_bench_model(options.model, device)
+    specs = task_specs(options.prompt_lengths)
+    params = GenerateParams(max_new_tokens=options.max_new_tokens, temperature=0.0)
+    texts = benchmark_texts(options.requests)
+    requests = [(specs[index % len(specs)].name, text, params) for index, text in enumerate(texts)]
+    batches = [
+        requests[start : start + options.batch_size]
+        for start in range(0, len(requests), options.batch_size)
+    ]
+    engines = {}
+    with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as directory:
+        paths = save_task_prompts(model, tokenizer, Path(directory), specs)
+        for name, use_cache in (("cached", True), ("uncached", False)):
+            engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=use_cache)
+            for spec in specs:
+                engine.add_task(spec.name, paths[spec.name])
+            engines[name] = engine
+    for engine in engines.values():
+        engine.generate(batches[0])  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    outputs: dict[str, list[Any]] = {}
+    for index in range(options.repeats):
+        for name, engine in engines.items():
+            outputs[name], took = timed(
+                lambda engine=engine: [
+                    result for batch in batches for result in engine.generate(batch)
+                ],
+                device,
+            )
+            seconds[name].append(took)
+            logger.info("repeat %d %-9s %.2f s", index + 1, name, took)
+    cached, uncached = outputs["cached"], outputs["uncached"]
+    differing = [
+        slot
+        for slot, (a, b) in enumerate(zip(cached, uncached, strict=True))
+        if a.token_ids != b.token_ids
+    ]
+    tokens = {
+        name: sum(result.num_tokens for result in results) for name, results in outputs.items()
+    }
+    speed = {name: tokens[name] / median(values) for name, values in seconds.items()}
+    return {
+        "bench": "generate",
+        "model": options.model,
+        "quick": options.quick,
+        **device_facts(device),
+        "options": dataclasses.asdict(options),
+        "tasks": [dataclasses.asdict(spec) for spec in specs],
+        "requests": len(requests),
+        "generated_tokens": tokens["cached"],
+        "cached_tokens_per_second": speed["cached"],
+        "uncached_tokens_per_second": speed["uncached"],
+        "ratio": ratio(speed["cached"], speed["uncached"]),
+        "cached_seconds": seconds["cached"],
+        "uncached_seconds": seconds["uncached"],
+        "outputs_identical": not differing,
+        "differing_requests": differing,
+        "sample_output": cached[0].text if cached else None,
+    }
+
+
+def format_generate(result: dict[str, Any]) -> list[str]:
+    """The result as a short text report."""
+    return [
+        f"bench generate: {result['model']} on {result['device']} ({result['device_name']}), "
+        f"{result['requests']} greedy requests x {result['options']['max_new_tokens']} new tokens, "
+        f"batch {result['options']['batch_size']}"
+        + (" [QUICK: not a result]" if result["quick"] else ""),
+        f"prompt KV cache     {format_number(result['cached_tokens_per_second']):>10} tokens/s",
+        f"no prompt KV cache  {format_number(result['uncached_tokens_per_second']):>10} tokens/s",
+        f"ratio {format_number(result['ratio'])}x; "
+        f"outputs identical: {result['outputs_identical']}",
+    ]

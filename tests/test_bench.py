@@ -1,0 +1,199 @@
+"""Smoke tests of ``softprompt bench``: every JSON field is there and the identity checks pass.
+
+The quick runs go through the Python entry point (``softprompt.bench.main``). Timings are never
+checked: they mean nothing on a shared test machine. The tiny model is built in-process; the
+``real`` tests use the bundled SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from softprompt.bench import add_bench_parser, main
+
+COMMON_FIELDS = ("bench", "model", "quick", "device", "device_name", "torch_threads", "options")
+TRAIN_FIELDS = (
+    "softprompt_examples_per_second",
+    "peft_examples_per_second",
+    "ratio",
+    "peft_dynamic_examples_per_second",
+    "ratio_vs_dynamic",
+    "softprompt_tokens_per_second",
+    "peft_tokens_per_second",
+    "peft_dynamic_tokens_per_second",
+    "softprompt_peak_rss_mb",
+    "peft_peak_rss_mb",
+    "peft_dynamic_peak_rss_mb",
+    "softprompt_peak_rss_delta_mb",
+    "peft_peak_rss_delta_mb",
+    "softprompt_loss",
+    "peft_loss",
+    "peft_dynamic_loss",
+    "softprompt_validation_accuracy",
+    "peft_validation_accuracy",
+    "softprompt_validation_loss",
+    "peft_validation_loss",
+    "validation_accuracy_standard_error",
+    "achieved_gflops",
+    "peft_achieved_gflops",
+    "matmul_peak_gflops",
+    "fraction_of_peak",
+    "levers",
+    "initial_label_logit_max_difference",
+    "same_function",
+    "memory_method",
+    "peft_fixed_length",
+)
+LEVERS = ("plain", "shared_prefix", "length_grouping", "both", "peft_dynamic_random_order")
+INFER_FIELDS = (
+    "softprompt_requests_per_second",
+    "peft_requests_per_second",
+    "ratio",
+    "predictions_identical",
+    "max_probability_difference",
+    "requests",
+    "tasks",
+)
+GENERATE_FIELDS = (
+    "cached_tokens_per_second",
+    "uncached_tokens_per_second",
+    "ratio",
+    "outputs_identical",
+    "generated_tokens",
+)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    code = main([*argv, "--quick", "--json", "--threads", "1"])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    result = json.loads(output)
+    assert result["quick"] is True
+    return result
+
+
+def _check_fields(result: dict, fields: tuple[str, ...]) -> None:
+    missing = [name for name in COMMON_FIELDS + fields if name not in result]
+    assert not missing, f"missing fields: {missing}"
+
+
+def _positive(result: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = result[name]
+        assert isinstance(value, float) and value > 0 and math.isfinite(value), name
+
+
+# ----------------------------------------------------------------------------- tiny model
+def test_train_quick_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run(capsys, "train", "--model", "tiny")
+    _check_fields(result, TRAIN_FIELDS)
+    assert set(result["levers"]) == set(LEVERS)
+    _positive(
+        result,
+        (
+            "softprompt_examples_per_second",
+            "peft_examples_per_second",
+            "ratio",
+            "matmul_peak_gflops",
+            "achieved_gflops",
+            "softprompt_peak_rss_mb",
+            "peft_peak_rss_mb",
+        ),
+    )
+    # Both sides compute the same model function at the shared initial prompt...
+    assert result["initial_label_logit_max_difference"] < 1e-4
+    # ...see the same examples in the same batches, so PEFT's two paddings give the same losses.
+    assert result["peft_loss"] == pytest.approx(result["peft_dynamic_loss"], abs=1e-4)
+    assert len(result["softprompt_losses"]) == result["options"]["steps"]
+    assert 0.0 <= result["softprompt_validation_accuracy"] <= 1.0
+    assert result["validation_examples"] == result["options"]["eval_examples"]
+
+
+def test_infer_quick_tiny(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    result = _run(capsys, "infer", "--model", "tiny", "--save", "--results-dir", str(tmp_path))
+    _check_fields(result, INFER_FIELDS)
+    assert result["predictions_identical"] is True
+    assert result["max_probability_difference"] < 1e-4
+    assert len(result["tasks"]) >= 3
+    saved = tmp_path / "infer-tiny-cpu-quick.json"
+    assert json.loads(saved.read_text())["predictions_identical"] is True
+
+
+def test_generate_quick_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run(capsys, "generate", "--model", "tiny")
+    _check_fields(result, GENERATE_FIELDS)
+    assert result["outputs_identical"] is True
+    assert result["generated_tokens"] > 0
+
+
+# ----------------------------------------------------------------------------- wiring
+def test_bench_registers_with_the_cli() -> None:
+    registered = {}
+
+    def command(name):
+        def register(function):
+            registered[name] = function
+            return function
+
+        return register
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"), command)
+    args = parser.parse_args(["bench", "infer", "--quick", "--model", "tiny", "--requests", "6"])
+    assert callable(registered["bench"])
+    assert (args.bench_command, args.quick, args.requests) == ("infer", True, 6)
+
+
+def test_module_entry_point_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "softprompt.bench", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert "--num-virtual-tokens" in done.stdout
+
+
+def test_bad_prompt_lengths_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["infer", "--model", "tiny", "--prompt-lengths", "4,8"]) == 2
+    assert "3 tasks" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real model
+@pytest.mark.real
+def test_train_quick_real(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run(capsys, "train", "--steps", "1", "--repeats", "1", "--no-levers", "--no-memory")
+    _check_fields(result, TRAIN_FIELDS)
+    assert result["initial_label_logit_max_difference"] < 1e-3
+    _positive(
+        result,
+        (
+            "softprompt_examples_per_second",
+            "peft_examples_per_second",
+            "achieved_gflops",
+            "matmul_peak_gflops",
+        ),
+    )
+
+
+@pytest.mark.real
+def test_infer_quick_real(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run(capsys, "infer", "--repeats", "1")
+    _check_fields(result, INFER_FIELDS)
+    assert result["predictions_identical"] is True
+    assert result["max_probability_difference"] < 1e-4
+
+
+@pytest.mark.real
+def test_generate_quick_real(capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run(capsys, "generate", "--repeats", "1")
+    _check_fields(result, GENERATE_FIELDS)
+    assert result["outputs_identical"] is True
