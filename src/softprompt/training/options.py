@@ -28,6 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 100,
         "patience": 6,
         "max_eval_examples": None,
+        "max_validation_examples": None,
         "schedule": "cosine",
         "warmup_steps": 50,
     },
@@ -55,13 +56,16 @@ class TrainOptions:
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay on the prompt"})
     schedule: str = field(default="constant", metadata={"help": "constant, linear or cosine decay"})
     warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps"})
-    steps: int | None = field(default=200, metadata={"help": "Optimizer steps (overrides epochs)"})
+    steps: int | None = field(default=150, metadata={"help": "Optimizer steps (overrides epochs)"})
     epochs: float | None = field(default=None, metadata={"help": "Epochs over the train split (when steps is unset)"})
     batch_size: int = field(default=8, metadata={"help": "Examples per forward"})
     grad_accum: int = field(default=1, metadata={"help": "Forwards per optimizer step"})
     eval_every: int = field(default=50, metadata={"help": "Steps between validation evaluations"})
     patience: int | None = field(default=None, metadata={"help": "Stop after this many evals without improvement"})
-    max_eval_examples: int | None = field(default=400, metadata={"help": "Cap on validation/test examples"})
+    max_eval_examples: int | None = field(default=400, metadata={"help": "Cap on test examples (and on validation)"})
+    max_validation_examples: int | None = field(
+        default=200, metadata={"help": "Cap on validation examples scored at each evaluation"}
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on train examples"})
     max_length: int = field(default=256, metadata={"help": "Max tokens of a rendered input"})
     seed: int = field(default=0, metadata={"help": "Seed of init, data order and sampling"})
@@ -109,7 +113,7 @@ class TrainOptions:
         for name in ("num_virtual_tokens", "batch_size", "grad_accum", "eval_every", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("patience", "max_eval_examples", "max_train_examples", "steps"):
+        for name in ("patience", "max_eval_examples", "max_validation_examples", "max_train_examples", "steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer or unset, got {value!r}")

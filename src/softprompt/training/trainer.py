@@ -264,7 +264,9 @@ class _Run:
         train_records = splits.train[: options.max_train_examples] if options.max_train_examples else splits.train
         cap = options.max_eval_examples
         self.train_data = self.objective.encode(train_records)
-        self.validation_data = self.objective.encode(splits.validation[:cap] if cap else splits.validation)
+        validation_cap = min(filter(None, (cap, options.max_validation_examples)), default=None)
+        validation = splits.validation[:validation_cap] if validation_cap else splits.validation
+        self.validation_data = self.objective.encode(validation)
         self.test_records = splits.test[:cap] if cap else splits.test
         self.test_data = self.objective.encode(self.test_records)
         self.lengths = self.objective.lengths(self.train_data)
