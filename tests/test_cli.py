@@ -44,8 +44,9 @@ COMMANDS = _command_paths(build_parser())
 
 
 def test_the_parser_has_every_command():
-    assert {path[0] for path in COMMANDS} == {"train", "eval", "inspect", "predict", "serve", "models", "data"}
+    assert {path[0] for path in COMMANDS} == {"train", "eval", "inspect", "predict", "serve", "models", "data", "bench"}
     assert ("data", "preview") in COMMANDS
+    assert {("bench", name) for name in ("train", "infer", "generate")} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("path", [(), *COMMANDS], ids=lambda path: " ".join(path) or "softprompt")

@@ -542,7 +542,7 @@ def test_train_options_single_problems_and_learning_rate():
         TrainOptions(task_type="ranking")
     assert TrainOptions(steps=None, epochs=0.5).epochs == 0.5
     assert TrainOptions(init="random").init == "random"  # case-insensitive
-    assert TrainOptions().learning_rate == 0.03
+    assert TrainOptions().learning_rate == 0.01
     assert TrainOptions(optimizer="adafactor").learning_rate == 0.3
     assert TrainOptions(optimizer="adafactor", lr=0.01).learning_rate == 0.01
     options = TrainOptions(steps=3, batch_size=2)
@@ -562,7 +562,8 @@ def test_presets_apply_and_explicit_options_win():
     # An explicit option wins even when it equals the default the preset would replace.
     assert TrainOptions(preset="quick", batch_size=8).batch_size == 8
     assert TrainOptions(preset="full", max_eval_examples=400).max_eval_examples == 400
-    assert TrainOptions(preset="demo") == TrainOptions(preset="demo", steps=200)
+    default_steps = TrainOptions.__dataclass_fields__["steps"].default
+    assert TrainOptions(preset="demo") == TrainOptions(preset="demo", steps=default_steps)
     with pytest.raises(ValueError, match="preset='huge' is not valid; allowed: demo, full, quick"):
         TrainOptions(preset="huge")
 

@@ -71,7 +71,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         dest="num_virtual_tokens",
         help="prompt length (default 20; quick 8)",
     )
-    train.add_argument("--lr", type=float, help="AdamW learning rate for both sides (default 0.03)")
+    train.add_argument("--lr", type=float, help="AdamW learning rate for both sides (default 0.01)")
     train.add_argument(
         "--init", help="prompt init copied to both sides: TEXT (default), SAMPLE_VOCAB, ..."
     )

@@ -82,7 +82,7 @@ class TrainBenchOptions:
     batch_size: int = 8
     num_virtual_tokens: int = 20
     repeats: int = 3
-    lr: float = 0.03
+    lr: float = 0.01
     init: str = "TEXT"
     eval_examples: int = 200
     seed: int = 0

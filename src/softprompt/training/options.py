@@ -133,10 +133,10 @@ class TrainOptions:
 
     @property
     def learning_rate(self) -> float:
-        """The learning rate in effect: Adafactor 0.3 as in the paper; AdamW 0.03 (our tuning)."""
+        """The learning rate in effect: Adafactor 0.3 as in the paper; AdamW 0.01 (our sweep, docs/results.md)."""
         if self.lr is not None:
             return self.lr
-        return 0.3 if self.optimizer == "adafactor" else 0.03
+        return 0.3 if self.optimizer == "adafactor" else 0.01
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
