@@ -71,10 +71,8 @@ class _Metric:
         raise NotImplementedError
 
 
-class Counter(_Metric):
-    """A monotonically increasing count per label set."""
-
-    kind = "counter"
+class _ValueMetric(_Metric):
+    """One float per label set: the shared state of counters and gauges."""
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
         super().__init__(name, help_text, labels)
@@ -82,16 +80,13 @@ class Counter(_Metric):
         if not self.label_names:
             self._values[()] = 0.0
 
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        """Adds ``amount`` (>= 0) to the series named by ``labels``."""
-        if amount < 0:
-            raise ValueError(f"{self.name}: counters only go up (got {amount})")
+    def _add(self, amount: float, labels: dict[str, str]) -> None:
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def value(self, **labels: str) -> float:
-        """Returns the current value of one series (0 if never incremented)."""
+        """Returns the current value of one series (0 if never changed)."""
         with self._lock:
             return self._values.get(self._key(labels), 0.0)
 
@@ -102,16 +97,22 @@ class Counter(_Metric):
                 for key, value in items]
 
 
-class Gauge(_Metric):
+class Counter(_ValueMetric):
+    """A monotonically increasing count per label set."""
+
+    kind = "counter"
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        """Adds ``amount`` (>= 0) to the series named by ``labels``."""
+        if amount < 0:
+            raise ValueError(f"{self.name}: counters only go up (got {amount})")
+        self._add(amount, labels)
+
+
+class Gauge(_ValueMetric):
     """A value that can go up and down."""
 
     kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._values: dict[LabelValues, float] = {}
-        if not self.label_names:
-            self._values[()] = 0.0
 
     def set(self, value: float, **labels: str) -> None:
         """Sets one series to ``value``."""
@@ -121,20 +122,7 @@ class Gauge(_Metric):
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         """Adds ``amount`` (may be negative) to one series."""
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        """Returns the current value of one series (0 if never set)."""
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels_text(self.label_names, key)} {_format_value(value)}"
-                for key, value in items]
+        self._add(amount, labels)
 
 
 @dataclass
