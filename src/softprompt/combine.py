@@ -33,11 +33,6 @@ class CombinedInputs:
     labels: torch.Tensor | None
     source_index: torch.Tensor
 
-    def last_real_index(self) -> torch.Tensor:
-        """``(B,)`` index of each row's last attended position."""
-        positions = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device)
-        return (self.attention_mask * positions).argmax(dim=1)
-
 
 def first_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` index of each row's first attended token (0 for right padding)."""
