@@ -31,6 +31,11 @@ TINY_MODEL = "tiny"
 
 
 # ----------------------------------------------------------------------------- devices
+def merged_settings(quick_settings: dict[str, Any], quick: bool, given: dict[str, Any]) -> dict[str, Any]:
+    """A bench's settings: defaults, then ``quick_settings`` (when ``quick``), then every non-None ``given``."""
+    return {**(quick_settings if quick else {}), **{key: value for key, value in given.items() if value is not None}}
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu`` or ``cuda`` (``cuda:N``); an unavailable CUDA device is a clear error."""
     device = torch.device(name)

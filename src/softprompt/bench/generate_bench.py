@@ -22,6 +22,7 @@ from softprompt.bench.common import (
     format_number,
     load_bench_model,
     median,
+    merged_settings,
     ratio,
     resolve_device,
     save_task_prompts,
@@ -49,7 +50,7 @@ class GenerateBenchOptions:
     @classmethod
     def resolve(cls, quick: bool = False, **given: Any) -> GenerateBenchOptions:
         """Defaults, then the quick settings (when ``quick``), then every non-None ``given``."""
-        values = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
+        values = merged_settings(QUICK, quick, given)
         return cls(quick=quick, **values)
 
 

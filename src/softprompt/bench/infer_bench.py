@@ -34,6 +34,7 @@ from softprompt.bench.common import (
     format_number,
     load_bench_model,
     median,
+    merged_settings,
     ratio,
     resolve_device,
     save_task_prompts,
@@ -60,7 +61,7 @@ class InferBenchOptions:
     @classmethod
     def resolve(cls, quick: bool = False, **given: Any) -> InferBenchOptions:
         """Defaults, then the quick settings (when ``quick``), then every non-None ``given``."""
-        values = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
+        values = merged_settings(QUICK, quick, given)
         options = cls(quick=quick, **values)
         if len(options.prompt_lengths) < 3:
             raise ValueError(

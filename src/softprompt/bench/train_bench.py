@@ -55,6 +55,7 @@ from softprompt.bench.common import (
     load_bench_model,
     matmul_peak_gflops,
     median,
+    merged_settings,
     peak_rss_mb,
     ratio,
     reset_peak_rss,
@@ -93,7 +94,7 @@ class TrainBenchOptions:
     @classmethod
     def resolve(cls, quick: bool = False, **given: Any) -> TrainBenchOptions:
         """Defaults, then the quick settings (when ``quick``), then every non-None ``given``."""
-        values = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
+        values = merged_settings(QUICK, quick, given)
         return cls(quick=quick, **values)
 
 
