@@ -59,13 +59,14 @@ class Settings:
     batch_size: int = 8
     max_eval_examples: int = 400
     max_train_examples: int | None = None
-    lr: float | None = None  # None: softprompt's default (AdamW 0.03)
+    lr: float | None = None  # None: softprompt's default (AdamW 0.01)
     lora_lr: float = 1e-3
     eval_every: int | None = (
         None  # None: evaluate once, after the budget (the final state is tested)
     )
     device: str = "auto"
     dry_run: bool = False
+    length_inits: tuple[str, ...] = INITS  # the inits swept over LENGTHS (not part of a key)
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,13 @@ class Config:
             ):
                 values.pop(name)
         values.pop("device")
+        values.pop("length_inits")
         return "|".join(parts + [f"{name}={values[name]}" for name in sorted(values)])
 
 
-def configs_for(groups: Iterable[str], seeds: list[int]) -> list[Config]:
+def configs_for(
+    groups: Iterable[str], seeds: list[int], length_inits: Iterable[str] = INITS
+) -> list[Config]:
     """Every config of the groups, each once (a config shared by groups runs once)."""
     found: dict[tuple, Config] = {}
 
@@ -132,7 +136,7 @@ def configs_for(groups: Iterable[str], seeds: list[int]) -> list[Config]:
         for seed in seeds:
             reference = Config("prompt_tuning", seed, DEFAULT_LENGTH, DEFAULT_INIT)
             if group == "lengths":
-                for init in INITS:
+                for init in length_inits:
                     for length in LENGTHS:
                         add(Config("prompt_tuning", seed, length, init), group)
             elif group == "inits":
@@ -354,6 +358,8 @@ def command_line(groups: Iterable[str], settings: Settings, seeds: list[int]) ->
     parts += [f"{flag} {value}" for flag, value in optional if value is not None]
     if settings.lora_lr != Settings.lora_lr:
         parts.append(f"--lora-lr {settings.lora_lr}")
+    if "lengths" in groups and tuple(settings.length_inits) != INITS:
+        parts.append(f"--length-inits {','.join(settings.length_inits)}")
     return " ".join(parts)
 
 
@@ -367,7 +373,7 @@ def run_all(
 ) -> int:
     """Run every config not yet in ``results``; returns how many ran."""
     done = {record["key"] for record in read_results(results)}
-    todo = [c for c in configs_for(groups, seeds) if c.key(settings) not in done]
+    todo = [c for c in configs_for(groups, seeds, settings.length_inits) if c.key(settings) not in done]
     if limit is not None:
         todo = todo[:limit]
     logger.info("%d configs to run (%d already in %s)", len(todo), len(done), results)
@@ -677,7 +683,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-train-examples", type=int, dest="max_train_examples")
     parser.add_argument(
-        "--lr", type=float, help="prompt-tuning lr (default: softprompt's, AdamW 0.03)"
+        "--lr", type=float, help="prompt-tuning lr (default: softprompt's, AdamW 0.01)"
     )
     parser.add_argument("--lora-lr", type=float, default=Settings.lora_lr, dest="lora_lr")
     parser.add_argument(
@@ -685,6 +691,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         dest="eval_every",
         help="validate every N steps and test the best state (default: once, at the end)",
+    )
+    parser.add_argument(
+        "--length-inits",
+        default=",".join(INITS),
+        dest="length_inits",
+        help="comma-separated inits swept over the prompt lengths (default: all)",
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
@@ -728,7 +740,10 @@ def main(argv: list[str] | None = None) -> int:
         lora_lr=args.lora_lr,
         eval_every=args.eval_every,
         device=args.device,
+        length_inits=tuple(init.strip().upper() for init in args.length_inits.split(",")),
     )
+    if unknown := [init for init in settings.length_inits if init not in INITS]:
+        raise SystemExit(f"--length-inits: unknown init(s) {unknown}; choose from {', '.join(INITS)}")
     if args.dry_run:
         return dry_run(groups, settings)
     if args.report:

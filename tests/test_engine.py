@@ -112,10 +112,18 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _engine(
-    tiny, prompts, use_kv_cache: bool = True, tasks: tuple[str, ...] | None = None
+    tiny,
+    prompts,
+    use_kv_cache: bool = True,
+    tasks: tuple[str, ...] | None = None,
+    bucket_overhead_tokens: int | None = None,
 ) -> Engine:
     model, tokenizer, _ = tiny
-    engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=use_kv_cache)
+    engine = Engine(
+        model_and_tokenizer=(model, tokenizer),
+        use_kv_cache=use_kv_cache,
+        bucket_overhead_tokens=bucket_overhead_tokens,
+    )
     for name in tasks if tasks is not None else ("sentiment", "topic", "gen", "gen2"):
         engine.add_task(name, prompts[name])
     return engine
@@ -157,15 +165,37 @@ def test_single_task_matches_prompt_tuned_model(tiny, prompts, use_kv_cache):
             assert result.label == list(result.probabilities)[int(expected.argmax())]
 
 
+@pytest.mark.parametrize("overhead", [0, 10**9], ids=["bucket-per-length", "one-forward"])
 @pytest.mark.parametrize("use_kv_cache", [True, False])
-def test_mixed_batch_equals_separate_runs(tiny, prompts, use_kv_cache):
-    engine = _engine(tiny, prompts, use_kv_cache)
+def test_mixed_batch_equals_separate_runs(tiny, prompts, use_kv_cache, overhead):
+    engine = _engine(tiny, prompts, use_kv_cache, bucket_overhead_tokens=overhead)
     requests = _mixed_requests()  # prompt lengths 5 and 9; 2 labels and 3 (one multi-token)
     mixed = engine.classify(requests)
     for request, result in zip(requests, mixed, strict=True):
         _assert_same(result, engine.classify([request])[0])
     assert [r.task for r in mixed] == [task for task, _ in requests]
     assert set(mixed[1].probabilities) == {"sports", "politics", "film"}
+
+
+def test_length_buckets_do_not_change_results(tiny, prompts, monkeypatch):
+    """Texts of many lengths: one forward per distinct length == one padded forward."""
+    texts = ["good", *(" ".join(["the film was good"] * n) for n in (1, 2, 3, 4))]
+    requests = [(task, text) for text in texts for task in ("sentiment", "topic")]
+    split = _engine(tiny, prompts, bucket_overhead_tokens=0)
+    forwards = []
+    original = Engine._batch
+    monkeypatch.setattr(Engine, "_batch", lambda self, rows: forwards.append(rows) or original(self, rows))
+    bucketed = split.classify(requests)
+    row_lengths = [{len(row.token_ids) for row in rows} for rows in forwards]
+    assert all(len(lengths) == 1 for lengths in row_lengths)  # one length per forward
+    assert len(forwards) == len(set.union(*row_lengths)) > len(texts) // 2
+    forwards.clear()
+    whole = _engine(tiny, prompts, bucket_overhead_tokens=10**9).classify(requests)
+    assert len(forwards) == 1
+    for first, second in zip(bucketed, whole, strict=True):
+        _assert_same(first, second)
+    with pytest.raises(ValueError, match="bucket_overhead_tokens"):
+        _engine(tiny, prompts, bucket_overhead_tokens=-1)
 
 
 def test_kv_cached_equals_uncached(tiny, prompts):

@@ -2,8 +2,9 @@
 
 A task is a soft prompt (or several: an ensemble, Lester et al. 2021 sec. 7) with the template
 and verbalizer of its ``softprompt.json``. A batch may mix any tasks: each request becomes one
-row per prompt, all rows run in one forward pass (layout: :mod:`softprompt.inference.kv_cache`)
-and each row is read out with its own task's label words. Loading tasks and encoding (and
+row per prompt, rows of any tasks run together (layout: :mod:`softprompt.inference.kv_cache`),
+split only by length so that short texts are not padded to long ones
+(:mod:`softprompt.inference.buckets`), and each row is read out with its own task's label words. Loading tasks and encoding (and
 truncating) their inputs live in :mod:`softprompt.inference.tasks`.
 
 The task registry is a dict replaced wholesale (copy-on-write) under a lock; a batch reads it
@@ -20,6 +21,11 @@ from typing import Any
 
 import torch
 
+from softprompt.inference.buckets import (
+    ACCELERATOR_OVERHEAD_TOKENS,
+    CPU_OVERHEAD_TOKENS,
+    length_buckets,
+)
 from softprompt.inference.decoding import DecodeRequest, GenerateParams, GenerateResult, decode
 from softprompt.inference.kv_cache import (
     BatchInputs,
@@ -86,6 +92,9 @@ class Engine:
         dtype: dtype to load ``model`` in (unused with ``model_and_tokenizer``).
         use_kv_cache: compute each prompt's keys/values once and reuse them (falls back to the
             uncached path, with a warning, for models whose cache is not plain keys/values).
+        bucket_overhead_tokens: the cost of one more forward in padded tokens, which decides how
+            a classification batch is split by length (:func:`length_buckets`); default 64 on
+            CPU, 4096 on an accelerator; a huge value runs every batch as one forward.
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class Engine:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         use_kv_cache: bool = True,
+        bucket_overhead_tokens: int | None = None,
     ) -> None:
         if (model is None) == (model_and_tokenizer is None):
             raise ValueError("give exactly one of model (a name or path) and model_and_tokenizer")
@@ -120,6 +130,12 @@ class Engine:
         self._pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self._eos_ids = _eos_ids(self.model, self.tokenizer)
         self._use_kv_cache = use_kv_cache and self._cache_supported()
+        if bucket_overhead_tokens is None:
+            on_cpu = self._embeddings.weight.device.type == "cpu"
+            bucket_overhead_tokens = CPU_OVERHEAD_TOKENS if on_cpu else ACCELERATOR_OVERHEAD_TOKENS
+        if bucket_overhead_tokens < 0:
+            raise ValueError(f"bucket_overhead_tokens must be >= 0, got {bucket_overhead_tokens}")
+        self._bucket_overhead_tokens = bucket_overhead_tokens
         self._lock = threading.Lock()
         self._tasks: dict[str, Task] = {}
 
@@ -270,13 +286,12 @@ class Engine:
                 kv = member.kv if self._use_kv_cache else None
                 for ids, mask in zip(inputs.input_ids, inputs.attention_mask, strict=True):
                     rows.append(Row(member.prompt, kv, ids[: int(mask.sum())].tolist()))
-        batch = self._batch(rows)
-        hidden = run_body(self._body, batch)  # (R, L, H)
+        hidden = self._text_hidden(rows)  # (R, T, H), text token t at column t
         sums: dict[int, torch.Tensor] = {}
         for member, slots, inputs, start in groups:
             part = hidden[start : start + inputs.input_ids.shape[0]]
             scores = scores_from_hidden(
-                member.prompted, part, inputs.to(hidden.device), batch.text_offset
+                member.prompted, part, inputs.to(hidden.device), 0
             )  # (B, C) in the member's label order
             probabilities = scores.softmax(dim=-1)[:, member.label_order].cpu()
             for slot, row in zip(slots, probabilities, strict=True):
@@ -288,6 +303,23 @@ class Engine:
                 probabilities = {label: float(p) for label, p in zip(labels, mean, strict=True)}
                 label = labels[int(mean.argmax())]
                 results[slot] = ClassifyResult(task.info.name, label, probabilities)
+
+    def _text_hidden(self, rows: list[Row]) -> torch.Tensor:
+        """Final hidden states of the rows' text tokens, one forward per length bucket.
+
+        Returns:
+            ``(R, T, H)``: row i's text token t at ``[i, t]`` (T = the longest text; columns past
+            a row's length are zeros).
+        """
+        lengths = [len(row.token_ids) for row in rows]
+        hidden = None
+        for bucket in length_buckets(lengths, self._bucket_overhead_tokens):
+            batch = self._batch([rows[index] for index in bucket])
+            part = run_body(self._body, batch)[:, batch.text_offset :]  # (r, T_bucket, H)
+            if hidden is None:
+                hidden = part.new_zeros(len(rows), max(lengths), part.shape[-1])
+            hidden[torch.tensor(bucket, device=part.device), : part.shape[1]] = part
+        return hidden
 
     # ----------------------------------------------------------------- generation
     def generate(

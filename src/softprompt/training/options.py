@@ -23,14 +23,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "full": {
         "num_virtual_tokens": 50,
-        "steps": 1500,
+        "steps": 500,
         "batch_size": 16,
         "eval_every": 100,
-        "patience": 6,
         "max_eval_examples": None,
-        "max_validation_examples": None,
+        "max_validation_examples": 500,
         "schedule": "cosine",
-        "warmup_steps": 50,
+        "warmup_steps": 30,
     },
     "quick": {"steps": 6, "eval_every": 3, "max_eval_examples": 16, "batch_size": 4},
 }
