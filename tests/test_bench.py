@@ -56,6 +56,8 @@ INFER_FIELDS = (
     "softprompt_requests_per_second",
     "peft_requests_per_second",
     "ratio",
+    "softprompt_one_forward_requests_per_second",
+    "length_bucket_speedup",
     "predictions_identical",
     "max_probability_difference",
     "requests",

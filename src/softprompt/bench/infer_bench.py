@@ -4,16 +4,17 @@ Three or more tasks (random SAMPLE_VOCAB prompts of different lengths, each with
 template and verbalizer) are saved as checkpoints. The same frozen model (loaded once) serves:
 
 * softprompt: one :class:`~softprompt.inference.Engine` (prompt KV cache on); every batch mixes
-  the tasks and runs in one forward pass;
+  the tasks, split only by text length into a few forwards (``length_bucket_speedup`` compares it
+  with the same engine running each batch as one forward padded to its longest text);
 * PEFT: one ``PeftModel`` holding every task as an adapter (``from_pretrained`` + ``load_adapter``
   of the same checkpoints); a batch is split by task, and for each group ``set_adapter`` then a
   forward pass over the right-padded group, reading the label words' logits from the full
   LM-head output at the last real position (``n + length - 1``).
 
 Both sides start from the same texts (tokenization is timed on both sides), in the same batches.
-Repeats alternate Engine, PEFT, Engine, PEFT, ... after one warm-up batch each; the median is
-reported. Every request's label must be identical (``predictions_identical``) and the largest
-probability difference is reported.
+Repeats cycle Engine, PEFT, one-forward Engine after one warm-up batch each; the median is
+reported. Every request's label must be identical on all three (``predictions_identical``) and
+the largest probability difference is reported.
 """
 
 from __future__ import annotations
@@ -161,33 +162,46 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as directory:
         paths = save_task_prompts(model, tokenizer, Path(directory), specs)
         engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=True)
+        # The same engine without length buckets: every batch padded to its longest text.
+        one_forward = Engine(
+            model_and_tokenizer=(model, tokenizer), use_kv_cache=True, bucket_overhead_tokens=10**9
+        )
         for spec in specs:
             engine.add_task(spec.name, paths[spec.name])
+            one_forward.add_task(spec.name, paths[spec.name])
         peft_side = PeftClassifier(model, tokenizer, specs, paths)
 
-    def run_engine() -> list[dict[str, float]]:
-        return [result.probabilities for batch in batches for result in engine.classify(batch)]
+    def run_engine(runner: Engine = engine) -> list[dict[str, float]]:
+        return [result.probabilities for batch in batches for result in runner.classify(batch)]
+
+    def run_one_forward() -> list[dict[str, float]]:
+        return run_engine(one_forward)
 
     def run_peft() -> list[dict[str, float]]:
         return [probabilities for batch in batches for probabilities in peft_side.classify(batch)]
 
     engine.classify(batches[0])  # warm-up
     peft_side.classify(batches[0])
-    seconds: dict[str, list[float]] = {"softprompt": [], "peft": []}
+    seconds: dict[str, list[float]] = {"softprompt": [], "peft": [], "one_forward": []}
     outputs: dict[str, list[dict[str, float]]] = {}
+    runs = (("softprompt", run_engine), ("peft", run_peft), ("one_forward", run_one_forward))
     for index in range(options.repeats):
-        for name, run in (("softprompt", run_engine), ("peft", run_peft)):
+        for name, run in runs:
             outputs[name], took = timed(run, device)
             seconds[name].append(took)
             logger.info("repeat %d %-10s %.2f s", index + 1, name, took)
-    ours, theirs = outputs["softprompt"], outputs["peft"]
-    mismatches = [
+    ours = outputs["softprompt"]
+    others = list(zip(outputs["peft"], outputs["one_forward"], strict=True))
+    mismatches = [  # the label must agree with PEFT's and with the one-forward engine's
         slot
-        for slot, (a, b) in enumerate(zip(ours, theirs, strict=True))
-        if max(a, key=a.get) != max(b, key=b.get)
+        for slot, (a, pair) in enumerate(zip(ours, others, strict=True))
+        if any(max(a, key=a.get) != max(b, key=b.get) for b in pair)
     ]
     difference = max(
-        abs(a[label] - b[label]) for a, b in zip(ours, theirs, strict=True) for label in a
+        abs(a[label] - b[label])
+        for a, pair in zip(ours, others, strict=True)
+        for b in pair
+        for label in a
     )
     speed = {name: len(requests) / median(values) for name, values in seconds.items()}
     return {
@@ -201,12 +215,16 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
         "softprompt_requests_per_second": speed["softprompt"],
         "peft_requests_per_second": speed["peft"],
         "ratio": ratio(speed["softprompt"], speed["peft"]),
+        "softprompt_one_forward_requests_per_second": speed["one_forward"],
+        "length_bucket_speedup": ratio(speed["softprompt"], speed["one_forward"]),
         "softprompt_seconds": seconds["softprompt"],
         "peft_seconds": seconds["peft"],
         "predictions_identical": not mismatches,
         "mismatched_requests": mismatches,
         "max_probability_difference": difference,
-        "softprompt_method": "Engine.classify: one forward per mixed batch, prompt KV cache on",
+        "softprompt_method": (
+            "Engine.classify: mixed-task forwards split by text length, prompt KV cache on"
+        ),
         "peft_method": "PeftModel with one adapter per task; set_adapter + forward per task group",
     }
 
@@ -221,6 +239,9 @@ def format_infer(result: dict[str, Any]) -> list[str]:
         f"softprompt Engine  "
         f"{format_number(result['softprompt_requests_per_second']):>10} requests/s",
         f"PEFT adapters      {format_number(result['peft_requests_per_second']):>10} requests/s",
+        f"Engine, one forward per batch (no length buckets) "
+        f"{format_number(result['softprompt_one_forward_requests_per_second'])} requests/s; "
+        f"buckets x{format_number(result['length_bucket_speedup'])}",
         f"ratio {format_number(result['ratio'])}x; "
         f"predictions identical: {result['predictions_identical']} "
         f"(max probability difference {result['max_probability_difference']:.2e})",
