@@ -48,6 +48,10 @@ PLOTS = Path("benchmarks/results")
 
 logger = logging.getLogger("ablations")
 
+# Settings that do not change a zero-/few-shot result, and settings that change no result.
+_TRAINING_SETTINGS = ("budget_steps", "batch_size", "max_train_examples", "lr", "lora_lr", "eval_every")
+_NOT_IN_KEY = ("device", "length_inits")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -100,17 +104,10 @@ class Config:
             parts.append(f"r{self.rank}")
         values = asdict(settings)
         if self.kind in ("zero_shot", "few_shot"):  # no training: training settings do not matter
-            for name in (
-                "budget_steps",
-                "batch_size",
-                "max_train_examples",
-                "lr",
-                "lora_lr",
-                "eval_every",
-            ):
+            for name in _TRAINING_SETTINGS:
                 values.pop(name)
-        values.pop("device")
-        values.pop("length_inits")
+        for name in _NOT_IN_KEY:
+            values.pop(name)
         return "|".join(parts + [f"{name}={values[name]}" for name in sorted(values)])
 
 
@@ -371,13 +368,20 @@ def run_all(
     runs_dir: Path,
     limit: int | None = None,
 ) -> int:
-    """Run every config not yet in ``results``; returns how many ran."""
+    """Run every config not yet in ``results``; returns how many were due.
+
+    Several runs may share ``results`` (say ``--only lengths`` and ``--only lora`` on two cores):
+    a config that another run recorded meanwhile is skipped.
+    """
     done = {record["key"] for record in read_results(results)}
     todo = [c for c in configs_for(groups, seeds, settings.length_inits) if c.key(settings) not in done]
     if limit is not None:
         todo = todo[:limit]
     logger.info("%d configs to run (%d already in %s)", len(todo), len(done), results)
     for index, config in enumerate(todo, 1):
+        if config.key(settings) in {record["key"] for record in read_results(results)}:
+            logger.info("[%d/%d] %s: recorded meanwhile by another run", index, len(todo), config.label())
+            continue
         logger.info("[%d/%d] %s", index, len(todo), config.label())
         record = run_and_record(config, settings, seeds, results, runs_dir)
         logger.info("  test accuracy %.4f", record["test_accuracy"])
@@ -627,7 +631,7 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
 
 def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path) -> Path:
     """Render the report and plots from the records that match ``settings``."""
-    keep = {name: value for name, value in asdict(settings).items() if name not in ("device",)}
+    keep = {name: value for name, value in asdict(settings).items() if name not in _NOT_IN_KEY}
     records = [
         r
         for r in read_results(results)
@@ -648,15 +652,6 @@ def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path
     )
     return report_path
 
-
-_TRAINING_SETTINGS = (
-    "budget_steps",
-    "batch_size",
-    "max_train_examples",
-    "lr",
-    "lora_lr",
-    "eval_every",
-)
 
 
 # ----------------------------------------------------------------------------- CLI

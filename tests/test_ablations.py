@@ -1,0 +1,67 @@
+"""The ablation runner's bookkeeping: which configs run, their keys, resume and sharing a file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablations"] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_groups_share_configs(ablations):
+    every = ablations.configs_for(ablations.GROUPS, [0, 1])
+    text_only = ablations.configs_for(ablations.GROUPS, [0, 1], length_inits=("TEXT",))
+    # lengths x inits (40) + zero-shot (1) + few-shot 2 x 2 + LoRA 2; inits and the references overlap
+    assert len(every) == 40 + 1 + 4 + 2
+    # TEXT lengths (10) + the other inits at 20 (6) + baselines (5) + LoRA (2)
+    assert len(text_only) == 10 + 6 + 5 + 2
+    reference = next(c for c in text_only if c.label() == "prompt_tuning n=20 TEXT seed=0")
+    assert set(reference.groups) == {"lengths", "inits", "baselines", "lora"}
+
+
+def test_key_ignores_what_changes_no_result(ablations):
+    config = ablations.Config("prompt_tuning", 0, 20, "TEXT")
+    settings = ablations.Settings(budget_steps=60)
+    same = ablations.Settings(budget_steps=60, device="cuda", length_inits=("TEXT",))
+    assert config.key(settings) == config.key(same)
+    assert config.key(settings) != config.key(ablations.Settings(budget_steps=61))
+    few_shot = ablations.Config("few_shot", 0, shots=4)
+    assert few_shot.key(settings) == few_shot.key(ablations.Settings(budget_steps=61, lr=0.1))
+    command = ablations.command_line(["lengths"], same, [0, 1])
+    assert "--length-inits TEXT" in command and "--budget-steps 60" in command
+
+
+def test_run_all_resumes_and_skips_configs_recorded_by_another_run(ablations, tmp_path, monkeypatch):
+    results = tmp_path / "ablations.jsonl"
+    settings = ablations.Settings(budget_steps=3)
+    configs = ablations.configs_for(["inits"], [0])
+    ran = []
+
+    def fake_run(config, settings, runs_dir):  # the runner's bookkeeping only, no training
+        ran.append(config.label())
+        if len(ran) == 1:  # meanwhile another process records the last config
+            other = configs[-1]
+            ablations.append_result(results, {"key": other.key(settings), "kind": other.kind})
+        return {"test_accuracy": 0.5, "trainable_parameters": 1, "train_seconds": 0.0}
+
+    monkeypatch.setattr(ablations, "run_config", fake_run)
+    assert ablations.run_all(["inits"], settings, [0], results, tmp_path) == len(configs)
+    assert ran == [c.label() for c in configs[:-1]]
+    keys = [json.loads(line)["key"] for line in results.read_text().splitlines()]
+    assert sorted(keys) == sorted(c.key(settings) for c in configs)
+    ran.clear()
+    assert ablations.run_all(["inits"], settings, [0], results, tmp_path) == 0  # all done
+    assert ran == []
