@@ -259,7 +259,7 @@ class Engine:
     def classify_batch(
         self, requests: list[tuple[str, str]], truncate: bool = False
     ) -> list[ClassifyResult | Exception]:
-        """Classify ``(task, text)`` pairs in one forward pass; errors stay in their slots."""
+        """Classify ``(task, text)`` pairs, tasks mixed in each forward; errors stay in their slots."""
         results, valid = self._collect(requests, 2, "classification", True, truncate)
         if valid:
             try:
