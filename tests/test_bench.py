@@ -126,6 +126,11 @@ def test_infer_quick_tiny(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert len(result["tasks"]) >= 3
     saved = tmp_path / "infer-tiny-cpu-quick.json"
     assert json.loads(saved.read_text())["predictions_identical"] is True
+    other = _run(capsys, "infer", "--model", "tiny", "--save", "--results-dir", str(tmp_path),
+                 "--prompt-lengths", "3,5,7", "--repeats", "1")
+    variant = tmp_path / "infer-tiny-cpu-prompts-3-5-7-quick.json"  # its own file
+    assert json.loads(variant.read_text())["tasks"] == other["tasks"]
+    assert [task["num_virtual_tokens"] for task in other["tasks"]] == [3, 5, 7]
 
 
 def test_generate_quick_tiny(capsys: pytest.CaptureFixture[str]) -> None:

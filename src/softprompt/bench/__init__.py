@@ -167,8 +167,13 @@ def run_bench(args: argparse.Namespace) -> int:
     save_to = None
     if args.save:
         device = result["device"]
+        lengths = getattr(options, "prompt_lengths", None)
+        default_lengths = getattr(type(options).resolve(options.quick), "prompt_lengths", None)
+        variant = (  # non-default prompt lengths get their own file
+            "prompts-" + "-".join(map(str, lengths)) if lengths != default_lengths else ""
+        )
         save_to = result_path(
-            args.results_dir, args.bench_command, options.model, device, options.quick
+            args.results_dir, args.bench_command, options.model, device, options.quick, variant
         )
     emit(result, args.json, lines, save_to)
     if not checks_passed:

@@ -376,10 +376,17 @@ def benchmark_texts(count: int, split: str = "validation") -> list[str]:
 
 
 # ----------------------------------------------------------------------------- output
-def result_path(results_dir: str | Path, bench: str, model: str, device: str, quick: bool) -> Path:
-    """``<results_dir>/<bench>-<model>-<device>.json`` (``-quick`` added for quick runs)."""
+def result_path(
+    results_dir: str | Path,
+    bench: str,
+    model: str,
+    device: str,
+    quick: bool,
+    variant: str = "",
+) -> Path:
+    """``<results_dir>/<bench>-<model>-<device>[-<variant>][-quick].json``."""
     safe_model = model.replace("/", "_")
-    suffix = "-quick" if quick else ""
+    suffix = (f"-{variant}" if variant else "") + ("-quick" if quick else "")
     return Path(results_dir) / f"{bench}-{safe_model}-{device}{suffix}.json"
 
 
