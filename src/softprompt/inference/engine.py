@@ -93,7 +93,7 @@ class Engine:
         use_kv_cache: compute each prompt's keys/values once and reuse them (falls back to the
             uncached path, with a warning, for models whose cache is not plain keys/values).
         bucket_overhead_tokens: the cost of one more forward in padded tokens, which decides how
-            a classification batch is split by length (:func:`length_buckets`); default 64 on
+            a classification batch is split by length (:func:`length_buckets`); default 16 on
             CPU, 4096 on an accelerator; a huge value runs every batch as one forward.
     """
 

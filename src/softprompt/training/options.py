@@ -18,7 +18,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Named option sets. "demo" is the default run (fits 10 minutes on 2 CPU cores);
-# "full" trains to this model's best accuracy (see docs/results.md for what it reached).
+# "full" is the long run: 50 tokens, about 0.8 epoch with a cosine decay, every test example
+# (SmolLM2-135M: 86.2% test accuracy in 67 minutes on one CPU core; README, Results).
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "full": {
