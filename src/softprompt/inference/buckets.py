@@ -41,7 +41,7 @@ def length_buckets(lengths: Sequence[int], overhead_tokens: int) -> list[list[in
         raise ValueError(f"overhead_tokens must be >= 0, got {overhead_tokens}")
     order = sorted(range(len(lengths)), key=lambda index: lengths[index])
     sizes = [lengths[index] for index in order]
-    best = [0] + [0] * len(order)  # best[i]: cost of the first i sorted rows
+    best = [0] * (len(order) + 1)  # best[i]: cost of the first i sorted rows
     cut = [0] * (len(order) + 1)  # cut[i]: start of the last bucket in that best split
     for end in range(1, len(order) + 1):
         longest = sizes[end - 1]

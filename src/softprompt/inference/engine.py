@@ -4,8 +4,9 @@ A task is a soft prompt (or several: an ensemble, Lester et al. 2021 sec. 7) wit
 and verbalizer of its ``softprompt.json``. A batch may mix any tasks: each request becomes one
 row per prompt, rows of any tasks run together (layout: :mod:`softprompt.inference.kv_cache`),
 split only by length so that short texts are not padded to long ones
-(:mod:`softprompt.inference.buckets`), and each row is read out with its own task's label words. Loading tasks and encoding (and
-truncating) their inputs live in :mod:`softprompt.inference.tasks`.
+(:mod:`softprompt.inference.buckets`), and each row is read out with its own task's label
+words. Loading tasks and encoding (and truncating) their inputs live in
+:mod:`softprompt.inference.tasks`.
 
 The task registry is a dict replaced wholesale (copy-on-write) under a lock; a batch reads it
 once at its start, so adding, replacing or removing a task never disturbs a running batch.
