@@ -554,14 +554,7 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
             if (key := ("prompt_tuning", n, init, None, None)) in summary
         ]
         if points:
-            axes.errorbar(
-                [n for n, _ in points],
-                [100 * e["mean"] for _, e in points],
-                yerr=[100 * e["std"] for _, e in points],
-                marker="o",
-                capsize=3,
-                label=init,
-            )
+            _plot_points(axes, points, marker="o", label=init)
     axes.set(
         xscale="log",
         xlabel="prompt length (virtual tokens)",
@@ -569,12 +562,7 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         title="Prompt length and initialization",
     )
     axes.set_xticks(LENGTHS, [str(length) for length in LENGTHS])
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend()
-    figure.tight_layout()
-    written.append(plots_dir / "accuracy_vs_length.png")
-    figure.savefig(written[-1], dpi=120)
-    plt.close(figure)
+    written.append(_finish_plot(plt, figure, axes, plots_dir / "accuracy_vs_length.png"))
     figure, axes = plt.subplots(figsize=(6, 4))
     tuned = [
         (e["trainable_parameters"], e)
@@ -583,22 +571,13 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     ]
     tuned.sort(key=lambda item: item[0])
     if tuned:
-        axes.errorbar(
-            [p for p, _ in tuned],
-            [100 * e["mean"] for _, e in tuned],
-            yerr=[100 * e["std"] for _, e in tuned],
-            marker="o",
-            capsize=3,
-            label=f"prompt tuning ({DEFAULT_INIT} init)",
-        )
+        _plot_points(axes, tuned, marker="o", label=f"prompt tuning ({DEFAULT_INIT} init)")
     lora = summary.get(("lora", None, None, None, LORA_RANK))
     if lora:
-        axes.errorbar(
-            [lora["trainable_parameters"]],
-            [100 * lora["mean"]],
-            yerr=[100 * lora["std"]],
+        _plot_points(
+            axes,
+            [(lora["trainable_parameters"], lora)],
             marker="s",
-            capsize=3,
             linestyle="none",
             label=f"LoRA r={LORA_RANK}",
         )
@@ -620,13 +599,30 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         ylabel="test accuracy (%)",
         title="Accuracy against trainable parameters",
     )
+    path = plots_dir / "accuracy_vs_trainable_params.png"
+    written.append(_finish_plot(plt, figure, axes, path))
+    return written
+
+
+def _plot_points(axes: Any, points: list[tuple[float, dict[str, Any]]], **style: Any) -> None:
+    """Mean test accuracy (%) with a std error bar at each ``(x, aggregate entry)``."""
+    axes.errorbar(
+        [x for x, _ in points],
+        [100 * entry["mean"] for _, entry in points],
+        yerr=[100 * entry["std"] for _, entry in points],
+        capsize=3,
+        **style,
+    )
+
+
+def _finish_plot(plt: Any, figure: Any, axes: Any, path: Path) -> Path:
+    """Legend (when anything is labelled), layout, save as PNG, close; returns ``path``."""
     if axes.get_legend_handles_labels()[0]:
         axes.legend()
     figure.tight_layout()
-    written.append(plots_dir / "accuracy_vs_trainable_params.png")
-    figure.savefig(written[-1], dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
-    return written
+    return path
 
 
 def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path) -> Path:
