@@ -191,7 +191,7 @@ def run_prompt_tuning(config: Config, settings: Settings, runs_dir: Path) -> dic
 
 
 def run_baseline(config: Config, settings: Settings) -> dict[str, Any]:
-    from softprompt.evaluate_prompt import evaluate_prompt
+    from softprompt.evaluation.evaluate import evaluate_prompt
 
     device = "cpu" if settings.device == "auto" else settings.device
     result = evaluate_prompt(
@@ -218,11 +218,11 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    from softprompt.config import PromptTuningConfig
+    from softprompt.core.config import PromptTuningConfig
     from softprompt.data import Verbalizer, default_template, length_grouped_batches, load_dataset
-    from softprompt.modeling import PromptTunedModel
+    from softprompt.core.prompt_model import PromptTunedModel
     from softprompt.models import load_model
-    from softprompt.scoring import build_scoring_inputs, label_scores
+    from softprompt.fastpath.scoring import build_scoring_inputs, label_scores
     from softprompt.training.objectives import ClassificationObjective
     from softprompt.training.optim import make_optimizer, make_scheduler
     from softprompt.training.trainer import resolve_device

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import softprompt.checkpoint as checkpoint_module
-from softprompt.checkpoint import load_prompt, save_prompt
-from softprompt.config import PEFT_FIELDS, PromptTuningConfig, PromptTuningInit
-from softprompt.modeling import PromptTunedModel
+import softprompt.core.checkpoint as checkpoint_module
+from softprompt.core.checkpoint import load_prompt, save_prompt
+from softprompt.core.config import PEFT_FIELDS, PromptTuningConfig, PromptTuningInit
+from softprompt.core.prompt_model import PromptTunedModel
 from tests.helpers import (
     HIDDEN,
     one_torch_thread,

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 
-from softprompt.config import (
+from softprompt.core.config import (
     PEFT_FIELDS,
     InitFill,
     PeftType,
@@ -15,7 +15,7 @@ from softprompt.config import (
     PromptTuningInit,
     TaskType,
 )
-from softprompt.prompt import PromptEmbedding
+from softprompt.core.prompt import PromptEmbedding
 from tests.helpers import (
     HIDDEN,
     INIT_TEXT,

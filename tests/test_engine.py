@@ -16,8 +16,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from softprompt.checkpoint import load_prompt, save_prompt
-from softprompt.config import PromptTuningConfig
+from softprompt.core.checkpoint import load_prompt, save_prompt
+from softprompt.core.config import PromptTuningConfig
 from softprompt.data.templates import Template
 from softprompt.data.verbalizer import Verbalizer
 from softprompt.inference import (
@@ -29,8 +29,8 @@ from softprompt.inference import (
     TaskLoadError,
     TaskNotFoundError,
 )
-from softprompt.modeling import PromptTunedModel
-from softprompt.scoring import build_scoring_inputs, label_scores
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.fastpath.scoring import build_scoring_inputs, label_scores
 
 HIDDEN = 32
 MAX_POSITIONS = 64

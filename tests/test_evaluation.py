@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from softprompt.config import PromptTuningConfig
+from softprompt.core.config import PromptTuningConfig
 from softprompt.data import Template, load_dataset
-from softprompt.evaluate_prompt import evaluate_prompt, format_metrics
-from softprompt.evaluation import classification_metrics, few_shot_context
-from softprompt.modeling import PromptTunedModel
+from softprompt.evaluation.evaluate import evaluate_prompt, format_metrics
+from softprompt.evaluation.classification import classification_metrics, few_shot_context
+from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.models import load_model
 from tests.helpers import one_torch_thread
 from tests.test_training import TEMPLATE, build_tiny_setup

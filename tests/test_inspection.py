@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.checkpoint import load_prompt, save_prompt
-from softprompt.config import PromptTuningConfig
-from softprompt.inspection import format_inspection, inspect_prompt, nearest_tokens
-from softprompt.modeling import PromptTunedModel
+from softprompt.core.checkpoint import load_prompt, save_prompt
+from softprompt.core.config import PromptTuningConfig
+from softprompt.evaluation.inspection import format_inspection, inspect_prompt, nearest_tokens
+from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.models import load_model
 from tests.helpers import HIDDEN, one_torch_thread
 from tests.test_training import save_tiny_model

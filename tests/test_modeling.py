@@ -10,8 +10,8 @@ import peft
 import pytest
 import torch
 
-from softprompt.config import PromptTuningConfig
-from softprompt.modeling import PromptTunedModel, get_prompt_model
+from softprompt.core.config import PromptTuningConfig
+from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
 from tests.helpers import (
     PAD_ID,
     left_pad,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.config import PromptTuningConfig
-from softprompt.modeling import PromptTunedModel
-from softprompt.prefix import _cache_keyword, build_cache, prompt_key_values, shared_prefix_hidden
+from softprompt.core.config import PromptTuningConfig
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.fastpath.prefix import _cache_keyword, build_cache, prompt_key_values, shared_prefix_hidden
 from tests.helpers import HIDDEN, one_torch_thread, random_ids, right_pad, tiny_gpt2, tiny_llama
 
 N = 5

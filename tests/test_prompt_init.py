@@ -8,9 +8,9 @@ import peft
 import pytest
 import torch
 
-from softprompt.config import PromptTuningConfig
-from softprompt.modeling import PromptTunedModel
-from softprompt.prompt import PromptEmbedding
+from softprompt.core.config import PromptTuningConfig
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.core.prompt import PromptEmbedding
 from tests.helpers import (
     EOS_ID,
     HIDDEN,
@@ -236,7 +236,7 @@ def test_class_label_more_labels_than_tokens(t5, tokenizer, caplog):
         prompt_tuning_init_labels=["positive", "negative", "neutral"],
         tokenizer_name_or_path=str(tokenizer_dir()),
     )
-    with caplog.at_level(logging.WARNING, logger="softprompt.prompt"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.core.prompt"):
         weight = _weight(PromptEmbedding(config, t5.shared))
     assert "3 labels for 2 virtual tokens" in caplog.text
     ids = [_text_ids(tokenizer, word)[0] for word in ("positive", "negative")]

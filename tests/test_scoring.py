@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.config import PromptTuningConfig
+from softprompt.core.config import PromptTuningConfig
 from softprompt.data import TokenizedVerbalizer
-from softprompt.modeling import PromptTunedModel
-from softprompt.prefix import shared_prefix_hidden
-from softprompt.scoring import build_scoring_inputs, label_scores, scores_from_hidden
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.fastpath.prefix import shared_prefix_hidden
+from softprompt.fastpath.scoring import build_scoring_inputs, label_scores, scores_from_hidden
 from tests.helpers import HIDDEN, PAD_ID, one_torch_thread, random_ids, tiny_llama
 
 N = 4

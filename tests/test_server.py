@@ -30,8 +30,8 @@ torch = pytest.importorskip("torch")
 
 import uvicorn  # noqa: E402
 
-from softprompt.checkpoint import save_prompt  # noqa: E402
-from softprompt.config import PromptTuningConfig  # noqa: E402
+from softprompt.core.checkpoint import save_prompt  # noqa: E402
+from softprompt.core.config import PromptTuningConfig  # noqa: E402
 from softprompt.inference import Engine, GenerateParams  # noqa: E402
 from softprompt.server.app import ServerSettings, create_app  # noqa: E402
 from softprompt.server.batcher import MicroBatcher  # noqa: E402

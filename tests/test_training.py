@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 import softprompt.models
 import softprompt.training.trainer as trainer_module
-from softprompt.checkpoint import load_prompt
+from softprompt.core.checkpoint import load_prompt
 from softprompt.data import Template, load_dataset
-from softprompt.inspection import inspect_prompt
-from softprompt.modeling import PromptTunedModel
+from softprompt.evaluation.inspection import inspect_prompt
+from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective
 from tests.helpers import (

@@ -75,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
 
 @command("eval")
 def _eval(args: argparse.Namespace) -> int:
-    from softprompt.evaluate_prompt import evaluate_prompt, format_metrics
+    from softprompt.evaluation.evaluate import evaluate_prompt, format_metrics
 
     options = {key: value for key, value in vars(args).items() if key not in ("command", "verbose", "json")}
     result = evaluate_prompt(**options)
@@ -85,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 @command("inspect")
 def _inspect(args: argparse.Namespace) -> int:
-    from softprompt.inspection import format_inspection, inspect_prompt
+    from softprompt.evaluation.inspection import format_inspection, inspect_prompt
 
     result = inspect_prompt(args.prompt_dir, model=args.model, top_k=args.top_k)
     print(json.dumps(result, indent=2) if args.json else format_inspection(result))
@@ -98,7 +98,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     engine = Engine(args.model, device=args.device) if args.model else None
     if engine is None:
-        from softprompt.checkpoint import load_prompt
+        from softprompt.core.checkpoint import load_prompt
 
         base_model = load_prompt(args.prompt).metadata.get("base_model") or "smollm2-135m"
         engine = Engine(base_model, device=args.device)

@@ -346,9 +346,9 @@ def save_task_prompts(
     Returns:
         task name -> checkpoint directory.
     """
-    from softprompt.checkpoint import save_prompt
-    from softprompt.config import PromptTuningConfig
-    from softprompt.prompt import initial_prompt
+    from softprompt.core.checkpoint import save_prompt
+    from softprompt.core.config import PromptTuningConfig
+    from softprompt.core.prompt import initial_prompt
 
     paths = {}
     for spec in specs:
@@ -393,7 +393,7 @@ def result_path(
 def emit(result: dict[str, Any], as_json: bool, lines: list[str], save_to: Path | None) -> None:
     """Print the result (one JSON object, or ``lines``) and save it as JSON when asked."""
     if save_to is not None:
-        from softprompt.checkpoint import atomic_write_json
+        from softprompt.core.checkpoint import atomic_write_json
 
         atomic_write_json(save_to, result)
         result["saved_to"] = str(save_to)

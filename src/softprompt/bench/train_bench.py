@@ -182,8 +182,8 @@ class TrainSetup:
         self.peft_model: Any = None
 
     def _softprompt_model(self) -> Any:
-        from softprompt.config import PromptTuningConfig
-        from softprompt.modeling import PromptTunedModel
+        from softprompt.core.config import PromptTuningConfig
+        from softprompt.core.prompt_model import PromptTunedModel
         from softprompt.training.options import DEFAULT_INIT_TEXT
 
         options = self.options
@@ -352,8 +352,8 @@ class TrainSetup:
 
     def same_function_difference(self) -> float:
         """Max |label-word logit difference| between softprompt and PEFT at the initial prompt."""
-        from softprompt.prefix import shared_prefix_hidden
-        from softprompt.scoring import build_scoring_inputs, scores_from_hidden
+        from softprompt.fastpath.prefix import shared_prefix_hidden
+        from softprompt.fastpath.scoring import build_scoring_inputs, scores_from_hidden
 
         batch = self.plans[True][0]
         n = self.options.num_virtual_tokens
@@ -376,7 +376,7 @@ class TrainSetup:
 
     def validate(self, prompt: torch.Tensor) -> dict[str, Any]:
         """Validation metrics of ``prompt`` with softprompt's scoring code."""
-        from softprompt.modeling import PromptTunedModel
+        from softprompt.core.prompt_model import PromptTunedModel
 
         config = dataclasses.replace(
             self.prompted.peft_config, prompt_tuning_init="RANDOM", inference_mode=True

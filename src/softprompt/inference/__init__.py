@@ -1,7 +1,7 @@
 """Serving prompt-tuned tasks: mixed-task batches, prompt KV caches, ensembles, generation.
 
 See :class:`Engine`. The prompt KV cache and batch layout live in
-:mod:`softprompt.inference.kv_cache`, the decoding loop in :mod:`softprompt.inference.decoding`.
+:mod:`softprompt.fastpath.prompt_kv`, the decoding loop in :mod:`softprompt.inference.decoding`.
 """
 
 from softprompt.inference.decoding import GenerateParams, GenerateResult

@@ -1,7 +1,7 @@
 """Batched text generation over a prompt KV cache: greedy, temperature and nucleus sampling.
 
 One loop serves a whole mixed-task batch. The prefill runs every row's text after its prompt
-(the prompt coming from the cache, see :mod:`softprompt.inference.kv_cache`); then each step
+(the prompt coming from the cache, see :mod:`softprompt.fastpath.prompt_kv`); then each step
 feeds one token per unfinished row. Finished rows are dropped from the cache, so they stop
 costing compute. A request of an ensemble task owns one row per prompt; its next-token
 distribution is the mean of its rows' distributions, and the chosen token is fed to all of them.
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from softprompt.inference.kv_cache import BatchInputs, cache_argument, new_cache, run_body
+from softprompt.fastpath.prompt_kv import BatchInputs, cache_argument, new_cache, run_body
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A task is a soft prompt (or several: an ensemble, Lester et al. 2021 sec. 7) with the template
 and verbalizer of its ``softprompt.json``. A batch may mix any tasks: each request becomes one
-row per prompt, rows of any tasks run together (layout: :mod:`softprompt.inference.kv_cache`),
+row per prompt, rows of any tasks run together (layout: :mod:`softprompt.fastpath.prompt_kv`),
 split only by length so that short texts are not padded to long ones
 (:mod:`softprompt.inference.buckets`), and each row is read out with its own task's label
 words. Loading tasks and encoding (and truncating) their inputs live in
@@ -28,7 +28,7 @@ from softprompt.inference.buckets import (
     length_buckets,
 )
 from softprompt.inference.decoding import DecodeRequest, GenerateParams, GenerateResult, decode
-from softprompt.inference.kv_cache import (
+from softprompt.fastpath.prompt_kv import (
     BatchInputs,
     PromptCacheUnsupportedError,
     Row,
@@ -46,7 +46,7 @@ from softprompt.inference.tasks import (
     load_member,
     make_task,
 )
-from softprompt.scoring import build_scoring_inputs, scores_from_hidden
+from softprompt.fastpath.scoring import build_scoring_inputs, scores_from_hidden
 
 __all__ = [
     "ClassifyResult",

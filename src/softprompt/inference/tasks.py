@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 import torch
 
-from softprompt.checkpoint import load_prompt
-from softprompt.config import TaskType
+from softprompt.core.checkpoint import load_prompt
+from softprompt.core.config import TaskType
 from softprompt.data.templates import Template
 from softprompt.data.verbalizer import TokenizedVerbalizer, Verbalizer
-from softprompt.inference.kv_cache import PromptKV, compute_prompt_kv
-from softprompt.modeling import PromptTunedModel
+from softprompt.fastpath.prompt_kv import PromptKV, compute_prompt_kv
+from softprompt.core.prompt_model import PromptTunedModel
 
 DEFAULT_TEMPLATE = "{text}"
 

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from softprompt.config import TaskType
+from softprompt.core.config import TaskType
 from softprompt.models import cache
 from softprompt.models.registry import (
     ModelNotInstalledError,

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.data import Record, Template, TokenizedVerbalizer, pad_batch
-from softprompt.evaluation import (
+from softprompt.evaluation.classification import (
     EncodedSplit,
     classification_metrics,
     encode_classification,
     encode_texts,
     score_encoded,
 )
-from softprompt.modeling import PromptTunedModel
-from softprompt.prefix import shared_prefix_hidden
-from softprompt.scoring import build_scoring_inputs, label_scores, scores_from_hidden
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.fastpath.prefix import shared_prefix_hidden
+from softprompt.fastpath.scoring import build_scoring_inputs, label_scores, scores_from_hidden
 from softprompt.training.distributed import DistContext, gather_rows
 
 SINGLE = DistContext()

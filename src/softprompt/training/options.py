@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softprompt.config import PromptTuningInit
+from softprompt.core.config import PromptTuningInit
 
 DEFAULT_INIT_TEXT = "Classify if the movie review is positive or negative:"
 TASK_KINDS = ("classification", "generation")

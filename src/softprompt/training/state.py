@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from softprompt.checkpoint import replace_directory
+from softprompt.core.checkpoint import replace_directory
 
 STATE_DIR = "state"
 

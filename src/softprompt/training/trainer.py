@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from softprompt.checkpoint import atomic_write_json, load_prompt
-from softprompt.config import PromptTuningConfig, TaskType
+from softprompt.core.checkpoint import atomic_write_json, load_prompt
+from softprompt.core.config import PromptTuningConfig, TaskType
 from softprompt.data import (
     DatasetSplits,
     Template,
@@ -32,7 +32,7 @@ from softprompt.data import (
     padding_fraction,
     parse_verbalizer,
 )
-from softprompt.modeling import PromptTunedModel, get_prompt_model
+from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
 from softprompt.training import distributed
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective
 from softprompt.training.optim import make_optimizer, make_scheduler

@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from softprompt.data import Record, Template
-from softprompt.modeling import PromptTunedModel
-from softprompt.prefix import shared_prefix_hidden
-from softprompt.scoring import build_scoring_inputs, label_scores, scores_from_hidden
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.fastpath.prefix import shared_prefix_hidden
+from softprompt.fastpath.scoring import build_scoring_inputs, label_scores, scores_from_hidden
 
 
 @dataclass

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from softprompt.checkpoint import atomic_write_json, load_prompt
-from softprompt.config import PromptTuningConfig
+from softprompt.core.checkpoint import atomic_write_json, load_prompt
+from softprompt.core.config import PromptTuningConfig
 from softprompt.data import (
     SPLITS,
     Template,
@@ -21,13 +21,13 @@ from softprompt.data import (
     load_dataset,
     parse_verbalizer,
 )
-from softprompt.evaluation import (
+from softprompt.evaluation.classification import (
     classification_metrics,
     encode_classification,
     few_shot_context,
     score_encoded,
 )
-from softprompt.modeling import PromptTunedModel
+from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.training.options import DEFAULT_INIT_TEXT
 
 logger = logging.getLogger(__name__)

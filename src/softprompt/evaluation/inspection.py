@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from softprompt.checkpoint import load_prompt
-from softprompt.prompt import initial_prompt
+from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prompt import initial_prompt
 
 
 def nearest_tokens(

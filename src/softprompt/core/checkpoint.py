@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.config import ADAPTER_CONFIG_NAME, PromptTuningConfig
+from softprompt.core.config import ADAPTER_CONFIG_NAME, PromptTuningConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_NAME = "softprompt.json"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from softprompt.modeling import PromptTunedModel
+from softprompt.core.prompt_model import PromptTunedModel
 
 
 @dataclass

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from softprompt.checkpoint import load_prompt, save_prompt
-from softprompt.combine import CombinedInputs, insert_prompt
-from softprompt.config import PromptTuningConfig, TaskType
-from softprompt.prompt import PromptEmbedding
+from softprompt.core.checkpoint import load_prompt, save_prompt
+from softprompt.core.combine import CombinedInputs, insert_prompt
+from softprompt.core.config import PromptTuningConfig, TaskType
+from softprompt.core.prompt import PromptEmbedding
 
 logger = logging.getLogger(__name__)
 

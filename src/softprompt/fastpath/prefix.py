@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from softprompt.modeling import PromptTunedModel
+from softprompt.core.prompt_model import PromptTunedModel
 
 
 def _cache_keyword(body: torch.nn.Module) -> str:

@@ -1,7 +1,7 @@
 """`PromptEmbedding`: the trainable ``(total_virtual_tokens, token_dim)`` matrix and its inits.
 
 How the prompt is *made* lives here; how it is *combined* with the input lives in
-:mod:`softprompt.combine`. Every init is deterministic under ``config.seed`` and the parameter
+:mod:`softprompt.core.combine`. Every init is deterministic under ``config.seed`` and the parameter
 is fp32 whatever the base model's dtype (small updates to a bf16 prompt would round away).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from softprompt.config import InitFill, PromptTuningConfig, PromptTuningInit
+from softprompt.core.config import InitFill, PromptTuningConfig, PromptTuningInit
 
 logger = logging.getLogger(__name__)
 
