@@ -213,19 +213,60 @@ def run_baseline(config: Config, settings: Settings) -> dict[str, Any]:
 
 
 def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
-    """LoRA through PEFT, trained and scored exactly like a prompt, minus the prompt."""
+    """LoRA through PEFT, trained and scored exactly like a prompt, minus the prompt.
+
+    The same objective (verbalizer cross-entropy, here with no prompt), batch order and training
+    loop (`softprompt.training.loop.train_loop`) as ``softprompt train``; the adapters live in
+    the model.
+    """
     import torch
-    import torch.nn.functional as F
+
+    from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
+    from softprompt.training.optim import make_optimizer, make_scheduler
+
+    frozen, parameters = _lora_model(config, settings)
+    objective, (train_data, validation, test) = _lora_data(frozen.tokenizer, settings)
+    steps = settings.budget_steps
+    optimizer = make_optimizer(parameters, "adamw", settings.lora_lr)
+    scheduler = make_scheduler(optimizer, steps, min(10, steps - 1), "constant")
+    best: list[torch.Tensor] = []  # LoRA's matrices at the best validation
+
+    def keep_best(_: Any) -> None:
+        best[:] = [parameter.detach().clone() for parameter in parameters]
+
+    trainable = Trainable(
+        parameters,
+        loss_sum=lambda batch: objective.loss_sum(frozen, None, train_data, batch),
+        count=lambda batch: objective.count(train_data, batch),
+    )
+    hooks = LoopHooks(
+        validate=lambda: objective.evaluate(frozen, None, validation), keep_best=keep_best
+    )
+    order = BatchOrder(objective.lengths(train_data), settings.batch_size, config.seed)
+    started = time.perf_counter()
+    loop_settings = LoopSettings(steps, eval_every=settings.eval_every or steps)
+    result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks)
+    train_seconds = time.perf_counter() - started
+    with torch.no_grad():
+        for parameter, value in zip(parameters, best, strict=True):
+            parameter.copy_(value)
+    return {
+        "test_accuracy": objective.evaluate(frozen, None, test)["accuracy"],
+        "validation_accuracy": result.state.best_validation_accuracy,
+        "trainable_parameters": sum(p.numel() for p in parameters),
+        "train_seconds": train_seconds,
+        "effective_lr": settings.lora_lr,
+    }
+
+
+def _lora_model(config: Config, settings: Settings) -> tuple[Any, list[Any]]:
+    """The frozen model with LoRA r=``config.rank`` on q/v projections, and LoRA's matrices."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
-    from softprompt.core.config import PromptTuningConfig
-    from softprompt.data import Verbalizer, default_template, length_grouped_batches, load_dataset
-    from softprompt.core.prompt_model import PromptTunedModel
+    from softprompt.fastpath.frozen import FrozenModel
     from softprompt.models import load_model
-    from softprompt.fastpath.scoring import build_scoring_inputs, label_scores
-    from softprompt.training.objectives import ClassificationObjective
-    from softprompt.training.optim import make_optimizer, make_scheduler
-    from softprompt.training.trainer import resolve_device
+    from softprompt.training.setup import resolve_device
 
     device = resolve_device(settings.device)
     base, tokenizer = load_model(settings.model, dtype="float32", device=str(device))
@@ -238,66 +279,31 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
         target_modules=list(LORA_TARGETS),
     )
     get_peft_model(base, lora_config)  # injects the LoRA layers into `base` itself
-    scorer = PromptTunedModel(base, PromptTuningConfig(num_virtual_tokens=1)).eval()  # freezes all
+    frozen = FrozenModel(base.eval(), tokenizer)  # freezes every weight, LoRA's included ...
     parameters = [p for name, p in base.named_parameters() if "lora_" in name]
-    for parameter in parameters:
+    for parameter in parameters:  # ... and LoRA's matrices are what trains
         parameter.requires_grad_(True)
+    return frozen, parameters
+
+
+def _lora_data(tokenizer: Any, settings: Settings) -> tuple[Any, tuple[Any, Any, Any]]:
+    """The prompt runs' objective (default template and verbalizer) and encoded splits."""
+    from softprompt.data import Verbalizer, default_template, load_dataset
+    from softprompt.training.objectives import ClassificationObjective
+    from softprompt.training.options import TrainOptions
+
     splits = load_dataset(settings.dataset)
     verbalizer = Verbalizer.default_for(splits.labels).tokenize(tokenizer)
     objective = ClassificationObjective(
-        tokenizer, default_template(settings.dataset), verbalizer, "label", 256
+        tokenizer, default_template(settings.dataset), verbalizer, "label", TrainOptions.max_length
     )
     cap = settings.max_eval_examples
-    train_records = (
-        splits.train[: settings.max_train_examples] if settings.max_train_examples else splits.train
-    )
-    train_data = objective.encode(train_records)
-    validation, test = (
+    train = splits.train[: settings.max_train_examples or None]
+    return objective, (
+        objective.encode(train),
         objective.encode(splits.validation[:cap]),
         objective.encode(splits.test[:cap]),
     )
-    lengths = objective.lengths(train_data)
-    optimizer = make_optimizer(parameters, "adamw", settings.lora_lr)
-    scheduler = make_scheduler(
-        optimizer, settings.budget_steps, min(10, settings.budget_steps - 1), "constant"
-    )
-    eval_every = settings.eval_every or settings.budget_steps
-    best: tuple[float, list[torch.Tensor]] = (-1.0, [])
-    epoch, batches, started = 0, [], time.perf_counter()
-    for step in range(1, settings.budget_steps + 1):
-        if not batches:  # the trainer's batch plan: seed * 1000 + epoch
-            batches = length_grouped_batches(
-                lengths, settings.batch_size, seed=config.seed * 1000 + epoch
-            )
-            epoch += 1
-        batch = batches.pop(0)
-        inputs = build_scoring_inputs(
-            [train_data.sequences[i] for i in batch], verbalizer, tokenizer.pad_token_id
-        ).to(device)
-        empty = torch.zeros(len(batch), 0, scorer.peft_config.token_dim, device=device)
-        scores = label_scores(scorer, inputs, prompt=empty)
-        targets = torch.tensor([train_data.targets[i] for i in batch], device=device)
-        loss = F.cross_entropy(scores.float(), targets)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % eval_every == 0 or step == settings.budget_steps:
-            accuracy = objective.evaluate(scorer, validation, use_prompt=False)["accuracy"]
-            if accuracy > best[0]:
-                best = (accuracy, [p.detach().clone() for p in parameters])
-    train_seconds = time.perf_counter() - started
-    with torch.no_grad():
-        for parameter, value in zip(parameters, best[1], strict=True):
-            parameter.copy_(value)
-    result = objective.evaluate(scorer, test, use_prompt=False)
-    return {
-        "test_accuracy": result["accuracy"],
-        "validation_accuracy": best[0],
-        "trainable_parameters": sum(p.numel() for p in parameters),
-        "train_seconds": train_seconds,
-        "effective_lr": settings.lora_lr,
-    }
 
 
 def run_config(config: Config, settings: Settings, runs_dir: Path) -> dict[str, Any]:

@@ -231,9 +231,9 @@ def free_port() -> int:
 
 def spawn_server(model: str, tasks: list[str], *, extra: list[str] | None = None,
                  startup_timeout_s: float = 600.0) -> tuple[subprocess.Popen, str]:
-    """Starts ``python -m softprompt.server.run`` on a free loopback port; waits for /health."""
+    """Starts ``python -m softprompt serve`` on a free loopback port; waits for /health."""
     port = free_port()
-    command = [sys.executable, "-m", "softprompt.server.run", "--model", model,
+    command = [sys.executable, "-m", "softprompt", "serve", "--model", model,
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     for task in tasks:
         command += ["--task", task]
@@ -299,12 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", action="append", default=[], metavar="NAME=DIR",
                         help="task for the spawned server (repeat)")
     parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra argument for the spawned server (e.g. --server-arg=--max-wait-ms=10)")
+                        help="extra argument for the spawned server "
+                             "(e.g. --server-arg=--max-wait-ms=10)")
     args = parser.parse_args(argv)
     if (args.url is None) == (args.spawn_model is None):
         parser.error("give exactly one of --url and --spawn-model")
     if args.concurrency < 1 or args.requests < 1 or args.duration_limit <= 0 or args.timeout <= 0:
-        parser.error("--concurrency and --requests must be >= 1, --duration-limit and --timeout > 0")
+        parser.error("--concurrency and --requests must be >= 1, "
+                     "--duration-limit and --timeout > 0")
     if args.url:
         try:
             check_loopback(args.url)
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_report(summary, tasks, args.concurrency)
-    failed = result.sent == 0 or result.lost > 0 or summary["errors"] > 0 or result.ok != result.sent
+    failed = (result.sent == 0 or result.lost > 0 or summary["errors"] > 0
+              or result.ok != result.sent)
     if failed:
         print("FAILED: errors or unanswered requests", file=sys.stderr)
     return 1 if failed else 0

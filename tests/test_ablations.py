@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+import softprompt.training.loop as loop_module
+import softprompt.training.trainer as trainer_module
+from softprompt.training import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
 
@@ -65,3 +70,35 @@ def test_run_all_resumes_and_skips_configs_recorded_by_another_run(ablations, tm
     ran.clear()
     assert ablations.run_all(["inits"], settings, [0], results, tmp_path) == 0  # all done
     assert ran == []
+
+
+def test_lora_baseline_and_prompt_training_share_the_loop(ablations, tiny, tmp_path, monkeypatch):
+    """LoRA and prompt tuning both run `train_loop`, on the same batch order for a seed."""
+    runs = []
+    original = loop_module.train_loop
+
+    def recording_loop(trainable, order, *args, **kwargs):
+        batches = []
+
+        def loss_sum(batch):
+            batches.append(list(batch))
+            return trainable.loss_sum(batch)
+
+        runs.append((order, batches))
+        return original(dataclasses.replace(trainable, loss_sum=loss_sum), order, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_loop", recording_loop)
+    monkeypatch.setattr(trainer_module, "train_loop", recording_loop)
+    settings = ablations.Settings(
+        model=str(tiny.model), dataset=str(tiny.data), budget_steps=3, batch_size=4,
+        max_eval_examples=8, device="cpu",
+    )
+    lora = ablations.run_lora(ablations.Config("lora", seed=1, rank=2), settings)
+    # The LoRA baseline's data setting: the dataset's default template and verbalizer.
+    train(**tiny.options(tmp_path / "prompt", template=None, verbalizer=None, steps=3,
+                         batch_size=4, seed=1, baselines=False, max_eval_examples=8))
+    (lora_order, lora_batches), (prompt_order, prompt_batches) = runs
+    assert lora_order == prompt_order and lora_order.seed == 1
+    assert lora_batches == prompt_batches == lora_order.epoch(0)[:3]
+    assert lora_batches != dataclasses.replace(lora_order, seed=0).epoch(0)[:3]  # the seed matters
+    assert lora["trainable_parameters"] > 0 and 0.0 <= lora["test_accuracy"] <= 1.0

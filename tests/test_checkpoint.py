@@ -15,30 +15,24 @@ import softprompt.core.checkpoint as checkpoint_module
 from softprompt.core.checkpoint import load_prompt, save_prompt
 from softprompt.core.config import PEFT_FIELDS, PromptTuningConfig, PromptTuningInit
 from softprompt.core.prompt_model import PromptTunedModel
-from tests.helpers import (
+from softprompt.data import pad_batch
+from softprompt.models.tiny import (
     HIDDEN,
-    one_torch_thread,
+    PAD_ID,
     random_ids,
-    right_pad,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
     tiny_t5,
-    tokenizer_dir,
 )
 
 N = 4
 FILES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
 def _inputs():
-    ids, mask = right_pad([random_ids(1, 6, seed=1)[0], random_ids(1, 3, seed=2)[0]])
+    rows = [random_ids(1, 6, seed=1)[0].tolist(), random_ids(1, 3, seed=2)[0].tolist()]
+    ids, mask = pad_batch(rows, PAD_ID)
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -153,8 +147,8 @@ def test_saved_by_peft_loaded_by_softprompt(tmp_path, builder, task, inputs, sub
     assert torch.equal(_logits(ours, inputs()), _logits(theirs, inputs()))
 
 
-def test_peft_text_init_checkpoint_loads_without_the_tokenizer(tmp_path):
-    tokenizer_copy = shutil.copytree(tokenizer_dir(), tmp_path / "tok")
+def test_peft_text_init_checkpoint_loads_without_the_tokenizer(tmp_path, tokenizer_dir):
+    tokenizer_copy = shutil.copytree(tokenizer_dir, tmp_path / "tok")
     config = peft.PromptTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=N,
@@ -171,9 +165,8 @@ def test_peft_text_init_checkpoint_loads_without_the_tokenizer(tmp_path):
     assert torch.equal(ours.get_prompt_embedding_to_save(), theirs.get_prompt_embedding_to_save("default"))
 
 
-def test_peft_sequence_classification_checkpoint(tmp_path):
-    ids, mask = right_pad([random_ids(1, 6, seed=1)[0], random_ids(1, 3, seed=2)[0]])
-    inputs = {"input_ids": ids, "attention_mask": mask}
+def test_peft_sequence_classification_checkpoint(tmp_path, bert):
+    inputs = _inputs()
     theirs = peft.get_peft_model(tiny_bert(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
     theirs.eval()
     theirs.save_pretrained(str(tmp_path / "peft"))
@@ -190,12 +183,11 @@ def test_peft_sequence_classification_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: besides the prompt it holds base_model"):
         PromptTunedModel.from_pretrained(tiny_bert(), tmp_path / "peft")
     # With the trained head copied into the model, the logits are PEFT's.
-    model = tiny_bert()
     saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     with torch.no_grad():
-        model.classifier.weight.copy_(saved["base_model.classifier.weight"])
-        model.classifier.bias.copy_(saved["base_model.classifier.bias"])
-    ours = PromptTunedModel.from_pretrained(model, tmp_path / "peft")
+        bert.classifier.weight.copy_(saved["base_model.classifier.weight"])
+        bert.classifier.bias.copy_(saved["base_model.classifier.bias"])
+    ours = PromptTunedModel.from_pretrained(bert, tmp_path / "peft")
     assert torch.equal(_logits(ours, inputs), _logits(theirs, inputs))
 
 
@@ -222,12 +214,12 @@ def test_sequence_classification_prompt_needs_its_head(tmp_path):
         PromptTunedModel.from_pretrained(tiny_bert(seed=1), tmp_path / "prompt")  # another random head
 
 
-def test_softprompt_round_trip_keeps_softprompt_fields(tmp_path):
+def test_softprompt_round_trip_keeps_softprompt_fields(tmp_path, tokenizer_dir):
     config = PromptTuningConfig(
         num_virtual_tokens=N,
         prompt_tuning_init="CLASS_LABEL",
         prompt_tuning_init_labels=["very positive", "negative"],
-        tokenizer_name_or_path=str(tokenizer_dir()),
+        tokenizer_name_or_path=str(tokenizer_dir),
         seed=9,
     )
     model = PromptTunedModel(tiny_llama(), config)
@@ -247,9 +239,9 @@ def test_softprompt_round_trip_keeps_softprompt_fields(tmp_path):
 # ----------------------------------------------------------------------------- trainable flag
 
 
-def test_is_trainable(tmp_path):
+def test_is_trainable(tmp_path, gpt2):
     _ours(tiny_gpt2, "CAUSAL_LM").save_pretrained(tmp_path / "prompt")
-    frozen = PromptTunedModel.from_pretrained(tiny_gpt2().train(), tmp_path / "prompt")
+    frozen = PromptTunedModel.from_pretrained(gpt2.train(), tmp_path / "prompt")
     assert not any(parameter.requires_grad for parameter in frozen.parameters())
     assert frozen.peft_config.inference_mode is True
     # Loaded for inference: eval mode, so GPT-2's dropout is off and outputs are repeatable.
@@ -270,7 +262,7 @@ def test_is_trainable(tmp_path):
 def test_other_embedding_size_fails_clearly(tmp_path):
     _ours(tiny_llama, "CAUSAL_LM").save_pretrained(tmp_path / "prompt")
     with pytest.raises(ValueError, match=r"prompt has width 32 but the model's embedding size is 48"):
-        PromptTunedModel.from_pretrained(tiny_llama(hidden=48), tmp_path / "prompt")
+        PromptTunedModel.from_pretrained(tiny_llama(hidden_size=48), tmp_path / "prompt")
 
 
 @pytest.fixture

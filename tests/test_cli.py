@@ -7,26 +7,20 @@ import dataclasses
 import importlib.metadata
 import json
 import runpy
+import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
 import softprompt.models
 from softprompt.cli import build_parser, main
-from softprompt.training import TrainOptions
-from tests.helpers import one_torch_thread
-from tests.test_training import INIT_TEXT, TEMPLATE, VERBALIZER, build_tiny_setup
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_setup(tmp_path_factory.mktemp("tiny"))
+from softprompt.evaluation.options import EvalOptions, InspectOptions
+from softprompt.inference.options import PredictOptions
+from softprompt.options import add_flags, choice_problems, given_options
+from softprompt.server.options import ServeOptions
+from softprompt.training import PRESETS, TrainOptions
 
 
 def _command_paths(parser: argparse.ArgumentParser, prefix=()) -> list[tuple[str, ...]]:
@@ -44,7 +38,16 @@ COMMANDS = _command_paths(build_parser())
 
 
 def test_the_parser_has_every_command():
-    assert {path[0] for path in COMMANDS} == {"train", "eval", "inspect", "predict", "serve", "models", "data", "bench"}
+    assert {path[0] for path in COMMANDS} == {
+        "train",
+        "eval",
+        "inspect",
+        "predict",
+        "serve",
+        "models",
+        "data",
+        "bench",
+    }
     assert ("data", "preview") in COMMANDS
     assert {("bench", name) for name in ("train", "infer", "generate")} <= set(COMMANDS)
 
@@ -82,10 +85,19 @@ def test_train_with_bad_data_options_exits_2_before_loading(tiny, monkeypatch, c
         raise AssertionError("the model must not load when the options are bad")
 
     monkeypatch.setattr(softprompt.models, "load_model", no_loading)
-    status = main([
-        "train", "--model", "no-such-model", "--dataset", str(tiny.data),
-        "--template", "Review: {review}\nSentiment:", "--verbalizer", '{"positive": " positive"}',
-    ])
+    status = main(
+        [
+            "train",
+            "--model",
+            "no-such-model",
+            "--dataset",
+            str(tiny.data),
+            "--template",
+            "Review: {review}\nSentiment:",
+            "--verbalizer",
+            '{"positive": " positive"}',
+        ]
+    )
     assert status == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -117,13 +129,36 @@ def test_diverged_training_exits_1_with_the_message(tiny, tmp_path, monkeypatch,
 
     name = "loss_sum" if hasattr(ClassificationObjective, "loss_sum") else "loss"
     original = getattr(ClassificationObjective, name)
-    monkeypatch.setattr(ClassificationObjective, name, lambda *args, **kwargs: original(*args, **kwargs) * float("inf"))
+    monkeypatch.setattr(
+        ClassificationObjective,
+        name,
+        lambda *args, **kwargs: original(*args, **kwargs) * float("inf"),
+    )
     out = tmp_path / "run"
-    status = main([
-        "train", "--model", str(tiny.model), "--dataset", str(tiny.data), "--template", TEMPLATE,
-        "--verbalizer", VERBALIZER, "--init-text", INIT_TEXT, "--num-virtual-tokens", "2", "--steps", "2",
-        "--no-baselines", "--device", "cpu", "--output-dir", str(out),
-    ])
+    status = main(
+        [
+            "train",
+            "--model",
+            str(tiny.model),
+            "--dataset",
+            str(tiny.data),
+            "--template",
+            tiny.template,
+            "--verbalizer",
+            tiny.verbalizer,
+            "--init-text",
+            tiny.init_text,
+            "--num-virtual-tokens",
+            "2",
+            "--steps",
+            "2",
+            "--no-baselines",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert status == 1
     error = capsys.readouterr().err
     assert "softprompt train: error: loss is inf at step 1; stopped." in error.splitlines()[-1]
@@ -149,30 +184,69 @@ def test_eval_and_inspect_errors_exit_2(tmp_path, capsys):
 
 def test_train_eval_inspect_predict_on_the_tiny_setup(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    status = main([
-        "train", "--model", str(tiny.model), "--dataset", str(tiny.data), "--template", TEMPLATE,
-        "--verbalizer", VERBALIZER, "--init-text", INIT_TEXT, "--num-virtual-tokens", "3", "--steps", "2",
-        "--eval-every", "2", "--batch-size", "4", "--device", "cpu", "--no-baselines", "--output-dir", str(out),
-    ])
+    status = main(
+        [
+            "train",
+            "--model",
+            str(tiny.model),
+            "--dataset",
+            str(tiny.data),
+            "--template",
+            tiny.template,
+            "--verbalizer",
+            tiny.verbalizer,
+            "--init-text",
+            tiny.init_text,
+            "--num-virtual-tokens",
+            "3",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--no-baselines",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert f"run directory: {out}" in printed
     assert f"test_accuracy              {report['test_accuracy']:.4f}" in printed
-    assert "zero_shot_accuracy" not in printed and "zero_shot_accuracy" not in report  # --no-baselines
+    assert (
+        "zero_shot_accuracy" not in printed and "zero_shot_accuracy" not in report
+    )  # --no-baselines
     assert report["steps"] == 2 and report["num_virtual_tokens"] == 3
 
     assert main(["eval", "--prompt", str(out / "prompt"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["accuracy"] == pytest.approx(report["test_accuracy"])  # same prompt, same test split
+    assert evaluated["accuracy"] == pytest.approx(
+        report["test_accuracy"]
+    )  # same prompt, same test split
     assert (out / "eval-test.json").is_file()
 
     assert main(["inspect", str(out / "prompt"), "--top-k", "2"]) == 0
     inspected = capsys.readouterr().out
-    assert f"init: TEXT  text={INIT_TEXT!r}" in inspected
+    assert f"init: TEXT  text={tiny.init_text!r}" in inspected
     assert f"drift: |trained - initial| = {report['prompt_drift_norm']:.4f}" in inspected
 
-    assert main(["predict", "--prompt", str(out / "prompt"), "--json", "the movie was great", "a bad plot"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--prompt",
+                str(out / "prompt"),
+                "--json",
+                "the movie was great",
+                "a bad plot",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == ["the movie was great", "a bad plot"]
     for line in lines:
@@ -181,6 +255,316 @@ def test_train_eval_inspect_predict_on_the_tiny_setup(tiny, tmp_path, capsys):
 
 
 def test_data_preview(tiny, capsys):
-    assert main(["data", "preview", str(tiny.data), "--template", TEMPLATE, "--examples", "1"]) == 0
+    assert (
+        main(["data", "preview", str(tiny.data), "--template", tiny.template, "--examples", "1"])
+        == 0
+    )
     output = capsys.readouterr().out
     assert "positive" in output and "negative" in output
+
+
+# ----------------------------------------------------------------------------- the flag generator
+@dataclasses.dataclass
+class _Example:
+    """Every kind of field the generator handles."""
+
+    name: str = dataclasses.field(metadata={"help": "a positional", "positional": True})
+    words: list[str] = dataclasses.field(default_factory=list, metadata={"help": "repeatable"})
+    sizes: list[int] = dataclasses.field(
+        default_factory=lambda: [1, 2], metadata={"help": "numbers"}
+    )
+    flag: bool = dataclasses.field(default=True, metadata={"help": "on or off"})
+    mode: str = dataclasses.field(
+        default="fast", metadata={"help": "how", "choices": ("fast", "slow")}
+    )
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "a cap"})
+    rate: float = dataclasses.field(default=0.5, metadata={"help": "a float"})
+
+
+def _example_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="example")
+    add_flags(parser, _Example, notes={"rate": "quick: 0.1"})
+    return parser
+
+
+def test_generated_flags_parse_each_kind_of_field():
+    args = _example_parser().parse_args(
+        [
+            "x",
+            "--words",
+            "a",
+            "--words",
+            "b c",
+            "--sizes",
+            "3,4",
+            "--sizes",
+            "5",
+            "--no-flag",
+            "--mode",
+            "slow",
+            "--limit",
+            "7",
+            "--rate",
+            "0.25",
+        ]
+    )
+    assert given_options(args, _Example) == {
+        "name": "x",
+        "words": ["a", "b c"],
+        "sizes": [3, 4, 5],
+        "flag": False,
+        "mode": "slow",
+        "limit": 7,
+        "rate": 0.25,
+    }
+    assert given_options(_example_parser().parse_args(["y", "--flag"]), _Example) == {
+        "name": "y",
+        "flag": True,
+    }
+
+
+def test_only_the_given_flags_reach_the_options():
+    given = given_options(_example_parser().parse_args(["x"]), _Example)
+    assert given == {"name": "x"}  # every other field keeps its dataclass default
+    assert _Example(**given) == _Example(name="x")
+
+
+def test_generated_help_shows_defaults_choices_and_notes(capsys):
+    with pytest.raises(SystemExit):
+        _example_parser().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "usage: example" in help_text and "NAME" in help_text
+    assert "--flag, --no-flag on or off (default: True)" in help_text
+    assert "--mode {fast,slow} how (default: fast)" in help_text
+    assert "numbers (default: 1,2)" in help_text
+    assert "a float (default: 0.5; quick: 0.1)" in help_text
+    assert "a cap (default" not in help_text  # None is no default worth showing
+
+
+def test_generated_flags_reject_bad_values(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _example_parser().parse_args(["x", "--sizes", "3,many"])
+    assert exit_info.value.code == 2
+    assert "--sizes: invalid int value: '3,many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _example_parser().parse_args([])  # the positional is required
+    assert "the following arguments are required: NAME" in capsys.readouterr().err
+
+
+def test_choices_are_checked_by_the_dataclass():
+    assert choice_problems(_Example(name="x", mode="slow")) == []
+    assert choice_problems(_Example(name="x", mode="warp")) == [
+        "mode='warp' is not valid; allowed: fast, slow"
+    ]
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [TrainOptions, EvalOptions, InspectOptions, PredictOptions, ServeOptions],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_command_has_a_flag_for_every_option(cls):
+    command_name = {
+        "TrainOptions": "train",
+        "EvalOptions": "eval",
+        "InspectOptions": "inspect",
+        "PredictOptions": "predict",
+        "ServeOptions": "serve",
+    }[cls.__name__]
+    (subparsers,) = (
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    parser = subparsers.choices[command_name]
+    destinations = {action.dest for action in parser._actions}
+    assert {item.name for item in dataclasses.fields(cls)} <= destinations
+
+
+def test_eval_has_every_dataset_flag_of_train():
+    (subparsers,) = (
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    train_flags, eval_flags = (
+        {action.dest for action in subparsers.choices[name]._actions} for name in ("train", "eval")
+    )
+    dataset_flags = {
+        "dataset",
+        "text_column",
+        "label_column",
+        "target_column",
+        "task_type",
+        "template",
+        "verbalizer",
+        "max_length",
+    }
+    assert dataset_flags <= train_flags and dataset_flags <= eval_flags
+    assert all(
+        getattr(EvalOptions(), name) is None for name in dataset_flags
+    )  # None: the checkpoint's
+
+
+# ----------------------------------------------------------------------------- commands -> options
+def test_eval_passes_eval_options_with_only_the_given_flags(tmp_path, monkeypatch, capsys):
+    import softprompt.evaluation.evaluate as evaluate
+
+    received = []
+
+    def fake_evaluate(options, **overrides):
+        received.append((options, overrides))
+        return {"accuracy": 1.0}
+
+    monkeypatch.setattr(evaluate, "evaluate_prompt", fake_evaluate)
+    status = main(
+        [
+            "eval",
+            "--prompt",
+            str(tmp_path),
+            "--text-column",
+            "speech",
+            "--label-column",
+            "party",
+            "--max-length",
+            "64",
+            "--json",
+        ]
+    )
+    assert status == 0
+    ((options, overrides),) = received
+    assert overrides == {}
+    assert options == EvalOptions(
+        prompt=str(tmp_path), text_column="speech", label_column="party", max_length=64, json=True
+    )
+    assert options.dataset is None and options.template is None  # from the checkpoint
+    assert json.loads(capsys.readouterr().out) == {"accuracy": 1.0}
+
+
+def test_bad_eval_options_exit_2_listing_each(capsys):
+    assert main(["eval", "--baseline", "one-shot", "--batch-size", "0", "--dtype", "int8"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("softprompt eval: error: invalid eval options:")
+    assert "baseline='one-shot' is not valid; allowed: zero-shot, few-shot" in error
+    assert "batch_size must be a positive integer, got 0" in error
+    assert "dtype='int8' is not valid" in error
+
+
+def test_serve_repeated_task_makes_an_ensemble(tmp_path, monkeypatch):
+    import softprompt.server.run as run
+
+    for name in ("a1", "a2", "b"):
+        (tmp_path / name).mkdir()
+    received = []
+    monkeypatch.setattr(run, "serve", received.append)
+    status = main(
+        [
+            "serve",
+            "--model",
+            "tiny-model",
+            "--task",
+            f"a={tmp_path / 'a1'}",
+            "--task",
+            f"b={tmp_path / 'b'}",
+            "--task",
+            f"a={tmp_path / 'a2'}",
+            "--port",
+            "0",
+            "--max-batch-size",
+            "4",
+        ]
+    )
+    assert status == 0
+    (options,) = received
+    assert isinstance(options, ServeOptions)
+    assert options.tasks == {
+        "a": [str(tmp_path / "a1"), str(tmp_path / "a2")],
+        "b": str(tmp_path / "b"),
+    }
+    assert (options.model, options.port, options.max_batch_size, options.host) == (
+        "tiny-model",
+        0,
+        4,
+        "127.0.0.1",
+    )
+
+
+def test_serve_bad_task_exits_2(tmp_path, capsys):
+    assert main(["serve", "--task", "no-separator"]) == 2
+    assert "--task 'no-separator': expected NAME=PROMPT_DIR" in capsys.readouterr().err
+
+
+def _capture_train(monkeypatch):
+    """Replace the trainer: record the options `train` would run with, return a tiny result."""
+    import softprompt.training.trainer as trainer
+
+    built = []
+
+    def fake_train(options=None, *, preset=None, **overrides):
+        built.append(TrainOptions.from_preset(preset, **overrides))
+        report = {"train_examples_per_second": 1.0, "wall_seconds": 1.0}
+        return types.SimpleNamespace(output_dir=Path("runs/x"), report=report)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    return built
+
+
+def test_explicit_flag_equal_to_the_default_beats_the_preset(monkeypatch, capsys):
+    built = _capture_train(monkeypatch)
+    default_batch = TrainOptions().batch_size
+    assert PRESETS["quick"]["batch_size"] != default_batch  # else this test could not fail
+    assert (
+        main(["train", "--preset", "quick", "--batch-size", str(default_batch), "--steps", "3"])
+        == 0
+    )
+    (options,) = built
+    assert options.batch_size == default_batch  # given, though equal to the default
+    assert options.steps == 3
+    assert options.eval_every == PRESETS["quick"]["eval_every"]  # not given: the preset's
+    assert main(["train", "--preset", "huge"]) == 2
+    assert "preset='huge' is not valid; allowed: demo, full, quick" in capsys.readouterr().err
+
+
+def test_predict_options_take_texts_as_positionals():
+    args = build_parser().parse_args(["predict", "--prompt", "p", "one text", "two", "--truncate"])
+    assert PredictOptions(**given_options(args, PredictOptions)) == PredictOptions(
+        prompt="p", texts=["one text", "two"], truncate=True
+    )
+
+
+# ----------------------------------------------------------------------------- light imports
+LIGHT_COMMANDS = [["--help"], ["models"], *([*path, "--help"] for path in COMMANDS)]
+
+
+def test_help_and_models_do_not_import_torch_transformers_or_peft():
+    """Each command line runs in a fresh interpreter; none may load the heavy libraries."""
+    script = (
+        "import sys, json, contextlib, io\n"
+        "from softprompt.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "heavy = ('torch', 'transformers', 'peft', 'fastapi')\n"
+        "print(json.dumps([name for name in heavy if name in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(LIGHT_COMMANDS)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+def test_bench_without_peft_names_the_package_and_the_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails as if not installed
+    for bench in ("train", "infer"):
+        assert main(["bench", bench, "--model", "tiny", "--quick"]) == 2
+        error = capsys.readouterr().err
+        assert (
+            f"softprompt bench: error: softprompt bench {bench} compares with PEFT, "
+            "which is not installed" in error
+        )
+        assert "pip install 'softprompt[dev]'" in error and "peft==0.21.*" in error

@@ -16,16 +16,7 @@ from softprompt.core.config import (
     TaskType,
 )
 from softprompt.core.prompt import PromptEmbedding
-from tests.helpers import (
-    HIDDEN,
-    INIT_TEXT,
-    one_torch_thread,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-    tokenizer_dir,
-)
+from softprompt.models.tiny import HIDDEN, INIT_TEXT, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 # The PEFT PromptEmbedding docstring example, field by field.
 PEFT_EXAMPLE = {
@@ -42,20 +33,19 @@ PEFT_EXAMPLE = {
 }
 
 
-def _text_config(**overrides):
-    values = {
-        "prompt_tuning_init": "TEXT",
-        "prompt_tuning_init_text": INIT_TEXT,
-        "tokenizer_name_or_path": str(tokenizer_dir()),
-    }
-    values.update(overrides)
-    return PromptTuningConfig(**values)
+@pytest.fixture
+def text_config(tokenizer_dir):
+    """``text_config(**overrides)``: a TEXT-init config over the tiny tokenizer."""
 
+    def build(**overrides):
+        values = {
+            "prompt_tuning_init": "TEXT",
+            "prompt_tuning_init_text": INIT_TEXT,
+            "tokenizer_name_or_path": str(tokenizer_dir),
+        }
+        return PromptTuningConfig(**{**values, **overrides})
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+    return build
 
 
 # ----------------------------------------------------------------------------- accepted values
@@ -105,8 +95,8 @@ def test_choice_fields_are_case_insensitive():
     assert config.prompt_tuning_init is PromptTuningInit.SAMPLE_VOCAB
 
 
-def test_other_peft_fields_accepted():
-    config = _text_config(
+def test_other_peft_fields_accepted(text_config):
+    config = text_config(
         tokenizer_kwargs={"use_fast": True},
         inference_mode=True,
         base_model_name_or_path="some/model",
@@ -208,23 +198,22 @@ def test_tokenizer_kwargs_only_with_a_tokenizer_init():
         peft.PromptTuningConfig(prompt_tuning_init="RANDOM", tokenizer_kwargs={"use_fast": True})
 
 
-def test_token_dim_mismatch_fill_from_model():
+def test_token_dim_mismatch_fill_from_model(llama):
     config = PromptTuningConfig(token_dim=768)
     with pytest.raises(ValueError, match=rf"token_dim=768 .*embedding size {HIDDEN}"):
-        config.fill_from_model(tiny_llama())
+        config.fill_from_model(llama)
 
 
-def test_token_dim_mismatch_prompt_embedding():
-    model = tiny_t5()
-    config = PromptTuningConfig(**{**PEFT_EXAMPLE, "tokenizer_name_or_path": str(tokenizer_dir())})
+def test_token_dim_mismatch_prompt_embedding(t5, tokenizer_dir):
+    config = PromptTuningConfig(**{**PEFT_EXAMPLE, "tokenizer_name_or_path": str(tokenizer_dir)})
     with pytest.raises(ValueError, match=rf"token_dim=768 .*embedding size {HIDDEN}"):
-        PromptEmbedding(config, model.shared)
+        PromptEmbedding(config, t5.shared)
 
 
-def test_init_text_that_tokenizes_to_nothing():
-    config = _text_config(prompt_tuning_init_text="   ", token_dim=HIDDEN)
+def test_init_text_that_tokenizes_to_nothing(text_config, llama):
+    config = text_config(prompt_tuning_init_text="   ", token_dim=HIDDEN)
     with pytest.raises(ValueError, match="prompt_tuning_init_text='   ' tokenizes to no tokens"):
-        PromptEmbedding(config, tiny_llama().get_input_embeddings())
+        PromptEmbedding(config, llama.get_input_embeddings())
 
 
 # ----------------------------------------------------------------------------- from the model
@@ -251,19 +240,18 @@ def test_fields_read_from_the_model_as_peft(builder, task, submodules):
         assert getattr(config, name) == getattr(filled, name), name
 
 
-def test_explicit_fields_are_kept_by_fill_from_model():
+def test_explicit_fields_are_kept_by_fill_from_model(t5):
     config = PromptTuningConfig(
         task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1, num_layers=7, num_attention_heads=5
-    ).fill_from_model(tiny_t5())
+    ).fill_from_model(t5)
     assert (config.num_transformer_submodules, config.num_layers, config.num_attention_heads) == (1, 7, 5)
     assert config.token_dim == HIDDEN
 
 
-def test_base_model_name_from_the_model():
-    model = tiny_llama()
-    model.config.name_or_path = "org/tiny-llama"
-    assert PromptTuningConfig().fill_from_model(model).base_model_name_or_path == "org/tiny-llama"
-    kept = PromptTuningConfig(base_model_name_or_path="mine").fill_from_model(model)
+def test_base_model_name_from_the_model(llama):
+    llama.config.name_or_path = "org/tiny-llama"
+    assert PromptTuningConfig().fill_from_model(llama).base_model_name_or_path == "org/tiny-llama"
+    kept = PromptTuningConfig(base_model_name_or_path="mine").fill_from_model(llama)
     assert kept.base_model_name_or_path == "mine"
 
 
@@ -328,8 +316,8 @@ def test_from_json_file_errors_name_the_file(tmp_path):
         PromptTuningConfig.from_json_file(missing)
 
 
-def test_to_peft_dict_has_exactly_peft_keys():
-    ours = _text_config(num_virtual_tokens=5, tokenizer_kwargs={"use_fast": True}).to_peft_dict()
+def test_to_peft_dict_has_exactly_peft_keys(text_config):
+    ours = text_config(num_virtual_tokens=5, tokenizer_kwargs={"use_fast": True}).to_peft_dict()
     theirs = peft.PromptTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=5,

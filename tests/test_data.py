@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bz2
 import importlib.metadata
-import json
 import logging
 import random
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from softprompt.data import (
@@ -34,6 +32,7 @@ from softprompt.data import (
     sequential_batches,
     text_bucket,
 )
+from softprompt.models.tiny import word_level_tokenizer
 
 RT_SIZES = {"train": 10170, "validation": 1292, "test": 1290}
 RT_COUNTS = {
@@ -53,20 +52,13 @@ def rt() -> DatasetSplits:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer (whitespace split, unknown words -> [UNK]) saved and reloaded."""
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
+    """One id per word of WORDS (in order; unknown words -> [UNK]), saved and reloaded."""
+    specials = {"unk_token": "[UNK]", "pad_token": "[PAD]"}
     directory = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]"
-    ).save_pretrained(directory)
+    words = WORDS[len(specials):]  # WORDS starts with the special tokens
+    word_level_tokenizer(words, special_tokens=specials, by_frequency=False).save_pretrained(directory)
     return PreTrainedTokenizerFast.from_pretrained(directory)
-
-
-def write_jsonl(path: Path, rows: list[object]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def sample_rows(n: int = 60) -> list[dict[str, object]]:
@@ -166,7 +158,7 @@ def test_rotten_tomatoes_wrong_column(rt: DatasetSplits) -> None:
 # ---------------------------------------------------------------- local files
 
 
-def test_jsonl_single_file_split(tmp_path: Path) -> None:
+def test_jsonl_single_file_split(tmp_path: Path, write_jsonl) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [*sample_rows(), {"text": "x y", "label": 1}])
     data = load_dataset(path)
     assert sum(data.sizes().values()) == 61
@@ -194,7 +186,7 @@ def test_csv_and_tsv(tmp_path: Path) -> None:
     assert {r["extra"] for s in SPLITS for r in csv_data.split(s)} == {"1", "2"}
 
 
-def test_directory_splits_used_as_given(tmp_path: Path) -> None:
+def test_directory_splits_used_as_given(tmp_path: Path, write_jsonl) -> None:
     write_jsonl(tmp_path / "train.jsonl", sample_rows(5))
     (tmp_path / "dev.csv").write_text("text,label\nvalid one,pos\n", encoding="utf-8")
     (tmp_path / "test.tsv").write_text("text\tlabel\ntest one\tneg\n", encoding="utf-8")
@@ -203,7 +195,7 @@ def test_directory_splits_used_as_given(tmp_path: Path) -> None:
     assert data.validation == [{"text": "valid one", "label": "pos"}]
 
 
-def test_directory_carves_missing_split(tmp_path: Path) -> None:
+def test_directory_carves_missing_split(tmp_path: Path, write_jsonl) -> None:
     write_jsonl(tmp_path / "train.jsonl", sample_rows(200))
     write_jsonl(tmp_path / "test.jsonl", sample_rows(3))
     data = load_dataset(tmp_path)
@@ -212,13 +204,13 @@ def test_directory_carves_missing_split(tmp_path: Path) -> None:
     assert data.sizes()["train"] + data.sizes()["validation"] == 200
 
 
-def test_directory_without_train(tmp_path: Path) -> None:
+def test_directory_without_train(tmp_path: Path, write_jsonl) -> None:
     write_jsonl(tmp_path / "other.jsonl", sample_rows(2))
     with pytest.raises(FileNotFoundError, match="no train.jsonl/train.csv/train.tsv.*other.jsonl"):
         load_dataset(tmp_path)
 
 
-def test_target_column_makes_label_optional(tmp_path: Path) -> None:
+def test_target_column_makes_label_optional(tmp_path: Path, write_jsonl) -> None:
     rows = [{"text": f"q{i}", "answer": f"a{i}"} for i in range(20)]
     data = load_dataset(write_jsonl(tmp_path / "gen.jsonl", rows), target_column="answer")
     assert data.label_column is None and data.labels is None
@@ -235,7 +227,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load_dataset(tmp_path / "nope.jsonl")
 
 
-def test_missing_column_lists_columns(tmp_path: Path) -> None:
+def test_missing_column_lists_columns(tmp_path: Path, write_jsonl) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"review": "good", "label": "pos"}])
     with pytest.raises(
         ValueError,
@@ -253,7 +245,7 @@ def test_missing_column_lists_columns(tmp_path: Path) -> None:
         load_dataset(csv_path)
 
 
-def test_jsonl_line_missing_field(tmp_path: Path) -> None:
+def test_jsonl_line_missing_field(tmp_path: Path, write_jsonl) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b"}])
     with pytest.raises(ValueError, match=r"d\.jsonl:2: field 'label' \(label_column\) is missing"):
         load_dataset(path)
@@ -273,7 +265,7 @@ def test_header_only_csv(tmp_path: Path) -> None:
 
 
 def test_rows_without_text_skipped_and_counted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, write_jsonl
 ) -> None:
     rows = [*sample_rows(4), {"text": "  ", "label": "pos"}, {"text": None, "label": "neg"}]
     with caplog.at_level(logging.WARNING, logger="softprompt.data"):
@@ -283,7 +275,7 @@ def test_rows_without_text_skipped_and_counted(
     assert "d.jsonl:5" in caplog.text
 
 
-def test_all_rows_without_text(tmp_path: Path) -> None:
+def test_all_rows_without_text(tmp_path: Path, write_jsonl) -> None:
     path = write_jsonl(
         tmp_path / "d.jsonl", [{"text": "", "label": "a"}, {"text": " ", "label": "b"}]
     )
@@ -307,7 +299,7 @@ def test_malformed_json_line(tmp_path: Path) -> None:
         load_dataset(path)
 
 
-def test_json_line_not_object(tmp_path: Path) -> None:
+def test_json_line_not_object(tmp_path: Path, write_jsonl) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, ["b", "y"]])
     with pytest.raises(ValueError, match=r"d\.jsonl:2: expected a JSON object"):
         load_dataset(path)
@@ -425,36 +417,36 @@ def test_verbalizer_parsing_and_space_policy() -> None:
             parse_verbalizer(bad)
 
 
-def test_verbalizer_single_token(tokenizer: PreTrainedTokenizerFast) -> None:
-    tokenized = Verbalizer.default_for(["negative", "positive"]).tokenize(tokenizer)
+def test_verbalizer_single_token(word_tokenizer: PreTrainedTokenizerFast) -> None:
+    tokenized = Verbalizer.default_for(["negative", "positive"]).tokenize(word_tokenizer)
     assert tokenized.labels == ["negative", "positive"]
     assert tokenized.label_token_ids == [[WORDS.index("negative")], [WORDS.index("positive")]]
     assert tokenized.is_single_token
     assert tokenized.first_token_ids == [WORDS.index("negative"), WORDS.index("positive")]
 
 
-def test_verbalizer_multi_token(tokenizer: PreTrainedTokenizerFast) -> None:
-    tokenized = Verbalizer({"pos": " very good", "neg": " negative"}).tokenize(tokenizer)
+def test_verbalizer_multi_token(word_tokenizer: PreTrainedTokenizerFast) -> None:
+    tokenized = Verbalizer({"pos": " very good", "neg": " negative"}).tokenize(word_tokenizer)
     assert tokenized.label_token_ids == [[WORDS.index("very"), WORDS.index("good")], [5]]
     assert not tokenized.is_single_token
     assert tokenized.first_token_ids == [WORDS.index("very"), 5]
 
 
-def test_verbalizer_collision(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_verbalizer_collision(word_tokenizer: PreTrainedTokenizerFast) -> None:
     # Both unknown words become [UNK]: identical single tokens.
     with pytest.raises(
         ValueError,
         match=r"labels 'a' \(word ' zzz'\) and 'b' \(word ' qqq'\) "
         r"both tokenize to \[0\] \['\[UNK\]'\]",
     ):
-        Verbalizer({"a": " zzz", "b": " qqq"}).tokenize(tokenizer)
+        Verbalizer({"a": " zzz", "b": " qqq"}).tokenize(word_tokenizer)
     with pytest.raises(ValueError, match="both tokenize to"):
-        Verbalizer({"a": " very good", "b": "very  good"}).tokenize(tokenizer)
+        Verbalizer({"a": " very good", "b": "very  good"}).tokenize(word_tokenizer)
 
 
-def test_verbalizer_empty_tokenization(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_verbalizer_empty_tokenization(word_tokenizer: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ValueError, match=r"word ' ' for label 'a' tokenizes to no tokens"):
-        Verbalizer({"a": " ", "b": " good"}).tokenize(tokenizer)
+        Verbalizer({"a": " ", "b": " good"}).tokenize(word_tokenizer)
 
 
 def test_verbalizer_check_labels(rt: DatasetSplits) -> None:
@@ -524,11 +516,11 @@ def test_pad_batch() -> None:
 
 
 def test_preview_with_and_without_tokenizer(
-    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+    tmp_path: Path, word_tokenizer: PreTrainedTokenizerFast, write_jsonl
 ) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", sample_rows())
     text = preview_dataset(
-        str(path), tokenizer=tokenizer, template="Review: {text}\nSentiment:", n=2
+        str(path), tokenizer=word_tokenizer, template="Review: {text}\nSentiment:", n=2
     )
     assert "sizes: train" in text and "labels: neg, pos" in text
     assert text.count("--- train[") == 2 and "tokens)" in text

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from softprompt.models.tiny import SENTENCES, tiny_llama, tiny_tokenizer
 from softprompt.training import TrainOptions, train
 from softprompt.training.distributed import DistContext, check_batch_divisible
-from tests.helpers import SENTENCES, build_tokenizer_dir, tiny_llama
 
 TRAIN_ARGS = {
     "template": "{text} answer",
@@ -36,7 +36,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dist")
     model_dir = root / "model"
     tiny_llama(seed=3).save_pretrained(model_dir)
-    build_tokenizer_dir(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
     words = " ".join(SENTENCES).split()
     generator = random.Random(0)
     rows = []

@@ -8,13 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from softprompt.core.checkpoint import load_prompt, save_prompt
 from softprompt.core.config import PromptTuningConfig
@@ -30,9 +24,12 @@ from softprompt.inference import (
     TaskNotFoundError,
 )
 from softprompt.core.prompt_model import PromptTunedModel
-from softprompt.fastpath.scoring import build_scoring_inputs, label_scores
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.scoring import label_scores
+from softprompt.inference import classify as classify_module
+from softprompt.inference.tasks import encode_input
+from softprompt.models.tiny import HIDDEN, tiny_gemma3, tiny_llama
 
-HIDDEN = 32
 MAX_POSITIONS = 64
 SENTIMENT = {
     "template": "Review: {text}\nSentiment:",
@@ -72,20 +69,7 @@ def tiny(
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, Path]:
     """A tiny random Llama and its tokenizer, also saved so that `load_model(folder)` works."""
     tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS, bos_token_id=1)
     folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -140,15 +124,14 @@ def _assert_same(first: ClassifyResult, second: ClassifyResult, atol: float = 1e
 
 
 def _reference(tiny, prompt_dir: Path, text: str) -> torch.Tensor:
-    """Label probabilities from PromptTunedModel + scoring, the library's own path."""
+    """Label probabilities from the checkpoint scored alone, the prompt run in the input."""
     model, tokenizer, _ = tiny
     checkpoint = load_prompt(prompt_dir)
-    prompted = PromptTunedModel(model, checkpoint.config, prompt_weights=checkpoint.weights)
     verbalizer = Verbalizer(checkpoint.metadata["verbalizer"]).tokenize(tokenizer)
     ids = tokenizer(Template(checkpoint.metadata["template"]).render({"text": text}))["input_ids"]
-    inputs = build_scoring_inputs([ids], verbalizer, tokenizer.pad_token_id)
     with torch.no_grad():
-        return label_scores(prompted, inputs).softmax(dim=-1)[0]
+        scores = label_scores(FrozenModel(model, tokenizer), [ids], verbalizer, prompts=[checkpoint.weights])
+    return scores.softmax(dim=-1)[0]
 
 
 # ----------------------------------------------------------------------------- classification
@@ -183,8 +166,11 @@ def test_length_buckets_do_not_change_results(tiny, prompts, monkeypatch):
     requests = [(task, text) for text in texts for task in ("sentiment", "topic")]
     split = _engine(tiny, prompts, bucket_overhead_tokens=0)
     forwards = []
-    original = Engine._batch
-    monkeypatch.setattr(Engine, "_batch", lambda self, rows: forwards.append(rows) or original(self, rows))
+    original = classify_module.bucket_scores
+    monkeypatch.setattr(
+        classify_module, "bucket_scores",
+        lambda frozen, rows, cached: forwards.append(rows) or original(frozen, rows, cached),
+    )
     bucketed = split.classify(requests)
     row_lengths = [{len(row.token_ids) for row in rows} for rows in forwards]
     assert all(len(lengths) == 1 for lengths in row_lengths)  # one length per forward
@@ -208,23 +194,7 @@ def test_kv_cached_equals_uncached(tiny, prompts):
 def test_sliding_window_model_cached_equals_uncached(tiny, prompts):
     """Gemma 3 mixes sliding-window and full layers; a window shorter than the rows tests it."""
     _, tokenizer, _ = tiny
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=MAX_POSITIONS,
-        sliding_window=4,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = Gemma3ForCausalLM(config).eval()
+    model = tiny_gemma3(vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS, bos_token_id=1)
     engines = [
         Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=flag) for flag in (True, False)
     ]
@@ -296,8 +266,11 @@ def test_truncate_keeps_the_template_suffix(tiny, prompts):
     (result,) = engine.classify([("sentiment", long_text)], truncate=True)
     assert set(result.probabilities) == {"positive", "negative"}
     tokenizer = tiny[1]
-    member = engine._tasks["sentiment"].members[0]
-    ids = engine._encode(engine._tasks["sentiment"], member, long_text, True, keep_start=True)
+    tasks = engine._registry.snapshot()
+    ids = encode_input(
+        engine.frozen, tasks["sentiment"], tasks["sentiment"].members[0], long_text,
+        kind="classification", truncate=True,
+    )
     suffix = tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
     assert len(ids) <= MAX_POSITIONS - 5 and ids[-len(suffix) :] == suffix
     assert tokenizer.decode(ids).startswith("Review: the movie was great")
@@ -305,8 +278,9 @@ def test_truncate_keeps_the_template_suffix(tiny, prompts):
         [("gen", long_text + "END", GenerateParams(max_new_tokens=3))], truncate=True
     )
     assert generated.finish_reason == "length"
-    kept = engine._encode(
-        engine._tasks["gen"], engine._tasks["gen"].members[0], long_text + "END", True, False
+    kept = encode_input(
+        engine.frozen, tasks["gen"], tasks["gen"].members[0], long_text + "END",
+        kind="generation", truncate=True,
     )
     assert tokenizer.decode(kept).endswith("END")
 

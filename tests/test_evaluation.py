@@ -9,27 +9,15 @@ import pytest
 import torch
 
 from softprompt.core.config import PromptTuningConfig
-from softprompt.data import Template, load_dataset
-from softprompt.evaluation.evaluate import evaluate_prompt, format_metrics
-from softprompt.evaluation.classification import classification_metrics, few_shot_context
 from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.data import Template, load_dataset
+from softprompt.evaluation.classification import classification_metrics, few_shot_context
+from softprompt.evaluation.evaluate import evaluate_prompt, format_metrics
 from softprompt.models import load_model
-from tests.helpers import one_torch_thread
-from tests.test_training import TEMPLATE, build_tiny_setup
 
 LABELS = ["positive", "negative"]
 WORDS = {"positive": " positive", "negative": " negative"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_setup(tmp_path_factory.mktemp("tiny"))
+TEMPLATE = "Review: {text}\nSentiment:"
 
 
 # ------------------------------------------------------------------ metrics
@@ -128,7 +116,7 @@ def _expected_metrics(tiny, prompt_dir=None, context=""):
 
 def test_evaluate_prompt_directory_uses_its_metadata_and_writes_json(tiny, tmp_path):
     prompt_dir = _save_prompt(tiny, tmp_path / "run" / "prompt")
-    result = evaluate_prompt(prompt_dir, batch_size=3)
+    result = evaluate_prompt(prompt=prompt_dir, batch_size=3)
     confusion, count = _expected_metrics(tiny, prompt_dir)
     assert all(sum(column) for column in zip(*confusion, strict=True))  # both labels predicted: a telling case
     assert result["confusion_matrix"] == {"labels": LABELS, "rows_gold_columns_predicted": confusion}
@@ -172,3 +160,64 @@ def test_evaluate_prompt_rejects_bad_requests(tiny):
         evaluate_prompt(baseline="one-shot", model=str(tiny.model), dataset=str(tiny.data))
     with pytest.raises(ValueError, match="split='dev' is not valid"):
         evaluate_prompt(baseline="zero-shot", split="dev", model=str(tiny.model), dataset=str(tiny.data))
+
+
+# ------------------------------------------------------------------ a checkpoint remembers
+def _renamed_rows(tiny) -> list[dict[str, str]]:
+    return [
+        {"review": row["text"], "sentiment": row["label"]}
+        for row in map(json.loads, tiny.data.read_text().splitlines())
+    ]
+
+
+def test_prompt_trained_with_a_column_mapping_evaluates_with_prompt_alone(tiny, tmp_path, write_jsonl):
+    from softprompt.training import train
+
+    data = write_jsonl(tmp_path / "renamed.jsonl", _renamed_rows(tiny))
+    options = tiny.options(
+        tmp_path / "run", dataset=str(data), text_column="review", label_column="sentiment",
+        template="Review: {review}\nSentiment:", steps=2, eval_every=2, max_eval_examples=None,
+        baselines=False,
+    )
+    report = train(**options).report
+    result = evaluate_prompt(prompt=tmp_path / "run" / "prompt")
+    assert result["dataset"] == str(data) and result["examples"] == report["test_examples"]
+    assert result["accuracy"] == pytest.approx(report["test_accuracy"])
+
+
+def test_long_texts_eval_engine_and_server_agree(tiny, tmp_path, write_jsonl):
+    """Texts of 1,000+ tokens, cut to the trained limit the same way by eval, Engine and server."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.inference import Engine
+    from softprompt.server.app import create_app
+    from softprompt.training import train
+
+    rows = []
+    for index, row in enumerate(map(json.loads, tiny.data.read_text().splitlines())):
+        filler = " ".join(["the plot and the acting"] * (200 + index))  # 1,000+ words (tokens)
+        rows.append({"text": f"{row['text']} . {filler}" if index % 2 else f"{filler} {row['text']}",
+                     "label": row["label"]})
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    train(**tiny.options(tmp_path / "run", dataset=str(data), max_length=48, steps=2, eval_every=2,
+                         baselines=False))
+    prompt_dir = tmp_path / "run" / "prompt"
+    predictions = tmp_path / "predictions.jsonl"
+    evaluate_prompt(prompt=prompt_dir, predictions=str(predictions), batch_size=5)
+    expected = [json.loads(line) for line in predictions.read_text().splitlines()]
+    texts = [item["record"]["text"] for item in expected]
+    assert min(len(text.split()) for text in texts) > 1000
+    engine = Engine(str(tiny.model))
+    engine.add_task("long", prompt_dir)
+    served = engine.classify([("long", text) for text in texts], truncate=True)
+    with TestClient(create_app(engine)) as client:
+        response = client.post("/v1/classify", json={"task": "long", "inputs": texts, "truncate": True})
+    assert response.status_code == 200, response.text
+    over_http = response.json()["results"]
+    for item, local, remote in zip(expected, served, over_http, strict=True):
+        assert item["label"] == local.label == remote["label"]
+        for label, probability in item["probabilities"].items():
+            assert local.probabilities[label] == pytest.approx(probability, abs=1e-5)
+            assert remote["probabilities"][label] == pytest.approx(probability, abs=1e-5)
+    # A telling case: the inputs differ after the cut, and so do their probabilities.
+    assert len({round(item["probabilities"]["positive"], 6) for item in expected}) > 2

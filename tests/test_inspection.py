@@ -7,25 +7,19 @@ import torch
 
 from softprompt.core.checkpoint import load_prompt, save_prompt
 from softprompt.core.config import PromptTuningConfig
-from softprompt.evaluation.inspection import format_inspection, inspect_prompt, nearest_tokens
 from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.evaluation.inspection import format_inspection, inspect_prompt, nearest_tokens
 from softprompt.models import load_model
-from tests.helpers import HIDDEN, one_torch_thread
-from tests.test_training import save_tiny_model
+from softprompt.models.tiny import HIDDEN
 
 WORDS = ["movie", "great", "terrible", "sports", "review"]
 INIT_TEXT = "the movie was great"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+@pytest.fixture
+def model_dir(tiny):
+    """The tiny setup's saved model (only read)."""
+    return tiny.model
 
 
 def _text_init_model(model_dir, num_virtual_tokens=6):

@@ -12,13 +12,12 @@ import torch
 
 from softprompt.core.config import PromptTuningConfig
 from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
-from tests.helpers import (
+from softprompt.data import pad_batch
+from softprompt.models.tiny import (
     PAD_ID,
-    left_pad,
-    one_torch_thread,
     random_ids,
-    right_pad,
     tiny_bert,
+    tiny_gemma3,
     tiny_gpt2,
     tiny_llama,
     tiny_t5,
@@ -29,6 +28,11 @@ N = 5  # virtual tokens
 
 def _rows(lengths, seed=0):
     return [random_ids(1, length, seed=seed + index)[0] for index, length in enumerate(lengths)]
+
+
+def _pad(rows, side="right"):
+    """``(ids, attention_mask)`` of 1-D id tensors padded with PAD_ID on ``side``."""
+    return pad_batch([row.tolist() for row in rows], PAD_ID, side)
 
 
 def _pair(builder, task, submodules=None, seed=11):
@@ -61,18 +65,12 @@ def _assert_same_output(ours, theirs, **inputs):
     return mine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
 # ----------------------------------------------------------------------------- PEFT equivalence
 
 
-@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2, tiny_gemma3])
 def test_causal_lm_matches_peft(builder):
-    ids, mask = right_pad(_rows([7, 4, 6]))
+    ids, mask = _pad(_rows([7, 4, 6]))
     labels = ids.masked_fill(mask == 0, -100)
     ours, theirs = _pair(builder, "CAUSAL_LM")
     output = _assert_same_output(ours, theirs, input_ids=ids, attention_mask=mask, labels=labels)
@@ -86,8 +84,8 @@ def test_causal_lm_matches_peft(builder):
 
 @pytest.mark.parametrize("submodules", [1, 2])
 def test_seq2seq_matches_peft(submodules):
-    ids, mask = right_pad(_rows([7, 4]))
-    labels, label_mask = right_pad(_rows([3, 5], seed=20))
+    ids, mask = _pad(_rows([7, 4]))
+    labels, label_mask = _pad(_rows([3, 5], seed=20))
     labels = labels.masked_fill(label_mask == 0, -100)
     ours, theirs = _pair(tiny_t5, "SEQ_2_SEQ_LM", submodules)
     assert ours.prompt_encoder.embedding.weight.shape[0] == N * submodules
@@ -97,10 +95,10 @@ def test_seq2seq_matches_peft(submodules):
     _assert_same_output(ours, theirs, input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
 
 
-def test_seq2seq_decoder_rows_are_unused():
-    ids, mask = right_pad(_rows([6, 3]))
+def test_seq2seq_decoder_rows_are_unused(t5):
+    ids, mask = _pad(_rows([6, 3]))
     labels = random_ids(2, 4, seed=3)
-    model = PromptTunedModel(tiny_t5(), PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
+    model = PromptTunedModel(t5, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask, labels=labels).logits
         model.prompt_encoder.embedding.weight[N:] += 1.0
@@ -112,7 +110,7 @@ def test_seq2seq_decoder_rows_are_unused():
 
 
 def test_sequence_classification_matches_peft():
-    ids, mask = right_pad(_rows([8, 5, 3]))
+    ids, mask = _pad(_rows([8, 5, 3]))
     token_type_ids = torch.zeros_like(ids)
     token_type_ids[:, 3:] = 1
     token_type_ids = token_type_ids * mask
@@ -129,9 +127,9 @@ def test_sequence_classification_matches_peft():
     assert not torch.allclose(other, output.logits, atol=1e-2)
 
 
-def test_inputs_embeds_equal_input_ids():
-    ids, mask = right_pad(_rows([6, 4]))
-    model = PromptTunedModel(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N))
+def test_inputs_embeds_equal_input_ids(llama):
+    ids, mask = _pad(_rows([6, 4]))
+    model = PromptTunedModel(llama, PromptTuningConfig(num_virtual_tokens=N))
     with torch.no_grad():
         by_ids = model(input_ids=ids, attention_mask=mask).logits
         embeds = model.word_embeddings(ids)
@@ -144,12 +142,12 @@ def test_inputs_embeds_equal_input_ids():
 # ----------------------------------------------------------------------------- padding
 
 
-@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2, tiny_gemma3])
 def test_left_padding_equals_no_padding(builder):
     rows = _rows([7, 3, 5])
     model = PromptTunedModel(builder(), PromptTuningConfig(num_virtual_tokens=N, seed=4))
-    ids, mask = left_pad(rows)
-    right_ids, right_mask = right_pad(rows)
+    ids, mask = _pad(rows, "left")
+    right_ids, right_mask = _pad(rows)
     with torch.no_grad():
         left = model(input_ids=ids, attention_mask=mask).logits
         right = model(input_ids=right_ids, attention_mask=right_mask).logits
@@ -162,10 +160,10 @@ def test_left_padding_equals_no_padding(builder):
             assert torch.allclose(right[index, : N + len(row)], alone, atol=1e-5)
 
 
-def test_left_padding_labels_follow_their_tokens():
+def test_left_padding_labels_follow_their_tokens(llama):
     rows = _rows([6, 3])
-    model = PromptTunedModel(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N))
-    ids, mask = left_pad(rows)
+    model = PromptTunedModel(llama, PromptTuningConfig(num_virtual_tokens=N))
+    ids, mask = _pad(rows, "left")
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
         batch_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -199,7 +197,7 @@ def _manual_greedy(model, row, steps):
     return tokens
 
 
-@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2, tiny_gemma3])
 def test_greedy_generate_equals_manual_loop(builder):
     model = _greedy_model(builder)
     row = _rows([6])[0]
@@ -212,7 +210,7 @@ def test_greedy_generate_equals_manual_loop(builder):
 def test_left_padded_batch_generate_equals_per_row():
     model = _greedy_model(tiny_llama)
     rows = _rows([7, 3, 5], seed=30)
-    ids, mask = left_pad(rows)
+    ids, mask = _pad(rows, "left")
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert batch.shape == (3, 7 + 6)
     assert torch.equal(batch[:, :7], ids)
@@ -221,8 +219,8 @@ def test_left_padded_batch_generate_equals_per_row():
         assert torch.equal(batch[index, -6:], alone[0, -6:])
 
 
-def test_seq2seq_generate_uses_the_prompt():
-    model = PromptTunedModel(tiny_t5(), PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
+def test_seq2seq_generate_uses_the_prompt(t5):
+    model = PromptTunedModel(t5, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N))
     model.base_model.generation_config.eos_token_id = None
     ids = _rows([6])[0].unsqueeze(0)
     output = model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -238,8 +236,8 @@ def test_seq2seq_generate_uses_the_prompt():
 # ----------------------------------------------------------------------------- frozen base
 
 
-def test_training_changes_only_the_prompt():
-    model = PromptTunedModel(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N, seed=2))
+def test_training_changes_only_the_prompt(llama):
+    model = PromptTunedModel(llama, PromptTuningConfig(num_virtual_tokens=N, seed=2))
     model.train()
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     assert trainable == ["prompt_encoder.embedding.weight"]
@@ -247,7 +245,7 @@ def test_training_changes_only_the_prompt():
     prompt_before = model.prompt_encoder.embedding.weight.detach().clone()
     # Every parameter goes to the optimizer: the frozen ones must stay put by themselves.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ids, mask = right_pad(_rows([6, 4]))
+    ids, mask = _pad(_rows([6, 4]))
     labels = ids.masked_fill(mask == 0, -100)
     losses = []
     for _ in range(3):
@@ -263,8 +261,8 @@ def test_training_changes_only_the_prompt():
         assert parameter.grad is None, name
 
 
-def test_inference_mode_freezes_the_prompt():
-    model = PromptTunedModel(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N, inference_mode=True))
+def test_inference_mode_freezes_the_prompt(llama):
+    model = PromptTunedModel(llama, PromptTuningConfig(num_virtual_tokens=N, inference_mode=True))
     assert not any(parameter.requires_grad for parameter in model.parameters())
     model = get_prompt_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N))
     assert model.prompt_encoder.embedding.weight.requires_grad

@@ -35,6 +35,7 @@ from softprompt.models import (
     resolve_model_source,
 )
 from softprompt.models.loading import ModelUnavailableError, TaskNotSupportedError
+from softprompt.models.tiny import gemma3_shaped, smollm2_shaped, tiny_llama, word_level_tokenizer
 
 # The chat prompt "What is the capital of France?" as the GGUF tokenizer of SmolLM2 encodes it.
 SMOLLM2_CHAT_IDS = [
@@ -45,42 +46,22 @@ SMOLLM2_CHAT_IDS = [
 WORDS = ["what", "is", "the", "capital", "of", "france", "paris", "?", "answer"]
 
 
-def _build_tiny_checkpoint(folder: Path) -> Path:
-    """A tiny random Llama (tied embeddings) and a WordLevel tokenizer without a pad token."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>"
-    )
-    config = LlamaConfig(
-        vocab_size=16,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        bos_token_id=2,
-        eos_token_id=1,
-        pad_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A session-wide tiny checkpoint folder; copy it before modifying."""
-    return _build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+    """A 1-layer random Llama (tied embeddings) and a tokenizer without a pad token, saved once.
+
+    Copy it before modifying.
+    """
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    specials = {"unk_token": "<unk>", "eos_token": "<eos>", "bos_token": "<bos>"}
+    word_level_tokenizer(WORDS, special_tokens=specials, by_frequency=False).save_pretrained(folder)
+    model = tiny_llama(
+        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=None,
+    )
+    model.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture
@@ -409,6 +390,19 @@ def test_entry_of_other_source_is_not_used(tmp_path: Path, tiny_folder: Path) ->
     assert not check.ok and "source-a" in check.reason
 
 
+def test_count_parameters_reads_the_safetensors_headers(tmp_path: Path, tiny_folder: Path) -> None:
+    entry = shutil.copytree(tiny_folder, tmp_path / "entry")
+    model, _ = load_model(str(entry))
+    count = model.num_parameters()  # the tied LM head is stored (and counted) once
+    assert cache.count_parameters(entry) == count
+    shutil.copy(entry / "model.safetensors", entry / "model-2.safetensors")
+    assert cache.count_parameters(entry) == 2 * count  # every shard is counted
+
+    (entry / "model-2.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    assert cache.count_parameters(entry) is None
+    assert cache.count_parameters(tmp_path) is None  # no weights at all
+
+
 def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "x"))
     assert cache_dir() == tmp_path / "x"
@@ -508,6 +502,36 @@ def test_list_and_format_bundled_models(isolated_cache: Path) -> None:
     assert ".org" not in table and ".co" not in table
 
 
+# --- random models shaped like the bundled ones -----------------------------------------------
+
+SHAPED = [("smollm2-135m", smollm2_shaped), ("gemma3-270m", gemma3_shaped)]
+
+
+@pytest.mark.parametrize(("name", "builder"), SHAPED, ids=[name for name, _ in SHAPED])
+def test_shaped_models_have_the_bundled_sizes(name: str, builder) -> None:
+    model = builder(device="meta")  # shapes only: no memory is allocated
+    bundled = BUNDLED_MODELS[name]
+    assert model.num_parameters() == bundled.parameters
+    sizes = (model.config.hidden_size, model.config.vocab_size)
+    assert sizes == (bundled.hidden_size, bundled.vocab_size)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied, as the real ones
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("name", "builder"), SHAPED, ids=[name for name, _ in SHAPED])
+def test_shaped_models_run_on_cuda_in_bfloat16(name: str, builder) -> None:
+    model = builder(dtype=torch.bfloat16, device="cuda")
+    assert model.device.type == "cuda" and model.dtype == torch.bfloat16
+    generator = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(4, 1000, (2, 16), device="cuda", generator=generator)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (2, 16, BUNDLED_MODELS[name].vocab_size)
+    assert torch.isfinite(logits).all()
+    again = builder(dtype=torch.bfloat16, device="cuda")  # seeded: the same weights
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+
+
 # --- the real bundled model -------------------------------------------------------------------
 
 
@@ -569,9 +593,8 @@ def test_smollm2_cached_load_is_fast_tied_and_identical_to_gguf(smollm2: tuple) 
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_gemma3_loads_when_installed(request: pytest.FixtureRequest) -> None:
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("opt in with -m slow (converts ~1 GB once, minutes on CPU)")
+def test_gemma3_loads_when_installed() -> None:
+    """Converts ~1 GB once (minutes on CPU), hence ``slow``."""
     if not registry.is_installed(BUNDLED_MODELS["gemma3-270m"]):
         pytest.skip("gemma3-270m is not installed (make models-all)")
     model, tokenizer = load_model("gemma3-270m")

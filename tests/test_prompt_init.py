@@ -9,28 +9,9 @@ import pytest
 import torch
 
 from softprompt.core.config import PromptTuningConfig
-from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.core.prompt import PromptEmbedding
-from tests.helpers import (
-    EOS_ID,
-    HIDDEN,
-    INIT_TEXT,
-    load_test_tokenizer,
-    one_torch_thread,
-    tiny_llama,
-    tiny_t5,
-    tokenizer_dir,
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_test_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def t5():
-    return tiny_t5()
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.models.tiny import EOS_ID, HIDDEN, INIT_TEXT, tiny_llama
 
 
 def _text_ids(tokenizer, text=INIT_TEXT, special=False):
@@ -55,33 +36,32 @@ def _ordinary_ids(tokenizer) -> set[int]:
     }
 
 
-def _text(n, submodules=1, **overrides):
-    values = {
-        "task_type": "SEQ_2_SEQ_LM",
-        "num_virtual_tokens": n,
-        "num_transformer_submodules": submodules,
-        "prompt_tuning_init": "TEXT",
-        "prompt_tuning_init_text": INIT_TEXT,
-        "tokenizer_name_or_path": str(tokenizer_dir()),
-    }
-    values.update(overrides)
-    return PromptTuningConfig(**values)
+@pytest.fixture
+def text_config(tokenizer_dir):
+    """``text_config(n, submodules=1, **overrides)``: a TEXT-init T5 config over the tiny tokenizer."""
+
+    def build(n, submodules=1, **overrides):
+        values = {
+            "task_type": "SEQ_2_SEQ_LM",
+            "num_virtual_tokens": n,
+            "num_transformer_submodules": submodules,
+            "prompt_tuning_init": "TEXT",
+            "prompt_tuning_init_text": INIT_TEXT,
+            "tokenizer_name_or_path": str(tokenizer_dir),
+        }
+        return PromptTuningConfig(**{**values, **overrides})
+
+    return build
 
 
 def _weight(embedding: PromptEmbedding) -> torch.Tensor:
     return embedding.embedding.weight.detach()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
 # ----------------------------------------------------------------------------- PEFT's example
 
 
-def test_peft_docstring_example_with_a_local_tokenizer(t5, tokenizer):
+def test_peft_docstring_example_with_a_local_tokenizer(t5, tokenizer, tokenizer_dir):
     config = PromptTuningConfig(
         peft_type="PROMPT_TUNING",
         task_type="SEQ_2_SEQ_LM",
@@ -92,7 +72,7 @@ def test_peft_docstring_example_with_a_local_tokenizer(t5, tokenizer):
         num_layers=t5.config.num_layers,
         prompt_tuning_init="TEXT",
         prompt_tuning_init_text=INIT_TEXT,
-        tokenizer_name_or_path=str(tokenizer_dir()),
+        tokenizer_name_or_path=str(tokenizer_dir),
     )
     prompt_embedding = PromptEmbedding(config, t5.shared)
     indices = torch.arange(config.total_virtual_tokens).unsqueeze(0).expand(3, -1)
@@ -111,8 +91,8 @@ def test_peft_docstring_example_with_a_local_tokenizer(t5, tokenizer):
 # ----------------------------------------------------------------------------- TEXT
 
 
-def test_text_truncation_keeps_first_tokens(t5, tokenizer):
-    embedding = PromptEmbedding(_text(5), t5.shared)
+def test_text_truncation_keeps_first_tokens(t5, tokenizer, text_config):
+    embedding = PromptEmbedding(text_config(5), t5.shared)
     text_ids = _text_ids(tokenizer)
     assert torch.equal(_weight(embedding), t5.shared.weight[text_ids[:5]].detach())
     report = embedding.init_report
@@ -122,12 +102,12 @@ def test_text_truncation_keeps_first_tokens(t5, tokenizer):
     assert [source.split(":")[0] for source in report.sources] == ["text"] * 5
 
 
-def test_text_fill_sample_vocab(t5, tokenizer):
+def test_text_fill_sample_vocab(t5, tokenizer, text_config):
     table = t5.shared.weight.detach()
     text_ids = _text_ids(tokenizer)
-    first = _weight(PromptEmbedding(_text(30, seed=1), t5.shared, tokenizer=tokenizer))
-    again = _weight(PromptEmbedding(_text(30, seed=1), t5.shared, tokenizer=tokenizer))
-    other = _weight(PromptEmbedding(_text(30, seed=2), t5.shared, tokenizer=tokenizer))
+    first = _weight(PromptEmbedding(text_config(30, seed=1), t5.shared, tokenizer=tokenizer))
+    again = _weight(PromptEmbedding(text_config(30, seed=1), t5.shared, tokenizer=tokenizer))
+    other = _weight(PromptEmbedding(text_config(30, seed=2), t5.shared, tokenizer=tokenizer))
     assert torch.equal(first[: len(text_ids)], table[text_ids])
     assert torch.equal(other[: len(text_ids)], table[text_ids])
     fill_ids = _row_ids(first[len(text_ids) :], table)
@@ -137,22 +117,22 @@ def test_text_fill_sample_vocab(t5, tokenizer):
     assert not torch.equal(first[len(text_ids) :], other[len(text_ids) :])  # another seed, another fill
 
 
-def test_text_fill_repeat_equals_peft_text_init(t5, tokenizer):
+def test_text_fill_repeat_equals_peft_text_init(t5, tokenizer, text_config, tokenizer_dir):
     # PEFT tokenizes the init text with tokenizer(text), i.e. add_special_tokens=True: our
     # tokenizer (like T5's) then appends </s>, so PEFT's prompt contains <eos> rows.
     assert _text_ids(tokenizer, special=True)[-1] == EOS_ID
     for n, submodules in [(20, 1), (5, 1), (12, 2), (13, 1)]:
         ours = PromptEmbedding(
-            _text(n, submodules, prompt_tuning_init_fill="REPEAT", init_add_special_tokens=True), t5.shared
+            text_config(n, submodules, prompt_tuning_init_fill="REPEAT", init_add_special_tokens=True), t5.shared
         )
-        theirs = _peft_text_prompt(n, submodules, t5)
+        theirs = _peft_text_prompt(n, submodules, t5, tokenizer_dir)
         assert torch.equal(_weight(ours), theirs), (n, submodules)
     # Without the special tokens (our default) the prompt is not PEFT's: its <eos> rows are missing.
-    plain = PromptEmbedding(_text(20, prompt_tuning_init_fill="REPEAT"), t5.shared)
-    assert not torch.equal(_weight(plain), _peft_text_prompt(20, 1, t5))
+    plain = PromptEmbedding(text_config(20, prompt_tuning_init_fill="REPEAT"), t5.shared)
+    assert not torch.equal(_weight(plain), _peft_text_prompt(20, 1, t5, tokenizer_dir))
 
 
-def _peft_text_prompt(n, submodules, t5):
+def _peft_text_prompt(n, submodules, t5, tokenizer_dir):
     config = peft.PromptTuningConfig(
         task_type="SEQ_2_SEQ_LM",
         num_virtual_tokens=n,
@@ -160,31 +140,31 @@ def _peft_text_prompt(n, submodules, t5):
         num_transformer_submodules=submodules,
         prompt_tuning_init="TEXT",
         prompt_tuning_init_text=INIT_TEXT,
-        tokenizer_name_or_path=str(tokenizer_dir()),
+        tokenizer_name_or_path=str(tokenizer_dir),
     )
     return peft.PromptEmbedding(config, t5.shared).embedding.weight.detach()
 
 
-def test_text_repeat_golden(t5, tokenizer):
-    embedding = PromptEmbedding(_text(30, prompt_tuning_init_fill="REPEAT"), t5.shared)
+def test_text_repeat_golden(t5, tokenizer, text_config):
+    embedding = PromptEmbedding(text_config(30, prompt_tuning_init_fill="REPEAT"), t5.shared)
     text_ids = _text_ids(tokenizer)  # 12 ids, no special tokens by default
     expected_ids = (text_ids * 3)[:30]
     assert torch.equal(_weight(embedding), t5.shared.weight[expected_ids].detach())
     assert EOS_ID not in _row_ids(_weight(embedding), t5.shared.weight.detach())
 
 
-def test_text_init_uses_the_embedding_module_output(tokenizer):
+def test_text_init_uses_the_embedding_module_output(tokenizer, text_config):
     class Scaled(torch.nn.Embedding):  # Gemma-style embedding that scales inside forward
         def forward(self, ids):
             return super().forward(ids) * 3.0
 
     torch.manual_seed(0)
     scaled = Scaled(64, HIDDEN)
-    embedding = PromptEmbedding(_text(4, task_type="CAUSAL_LM"), scaled)
+    embedding = PromptEmbedding(text_config(4, task_type="CAUSAL_LM"), scaled)
     assert torch.allclose(_weight(embedding), scaled.weight[_text_ids(tokenizer)[:4]].detach() * 3.0)
 
 
-def test_tokenizer_kwargs_reach_auto_tokenizer(monkeypatch, t5):
+def test_tokenizer_kwargs_reach_auto_tokenizer(monkeypatch, t5, text_config, tokenizer_dir):
     import transformers
 
     seen = {}
@@ -195,12 +175,12 @@ def test_tokenizer_kwargs_reach_auto_tokenizer(monkeypatch, t5):
         return original(name, **kwargs)
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
-    PromptEmbedding(_text(4, tokenizer_kwargs={"padding_side": "left"}), t5.shared)
-    assert seen == {"name": str(tokenizer_dir()), "kwargs": {"padding_side": "left"}}
+    PromptEmbedding(text_config(4, tokenizer_kwargs={"padding_side": "left"}), t5.shared)
+    assert seen == {"name": str(tokenizer_dir), "kwargs": {"padding_side": "left"}}
 
 
-def test_unloadable_tokenizer_names_the_field(t5, tmp_path):
-    config = _text(4, tokenizer_name_or_path=str(tmp_path / "no-tokenizer-here"))
+def test_unloadable_tokenizer_names_the_field(t5, tmp_path, text_config):
+    config = text_config(4, tokenizer_name_or_path=str(tmp_path / "no-tokenizer-here"))
     with pytest.raises(ValueError, match="tokenizer_name_or_path=.*no-tokenizer-here.*could not be loaded"):
         PromptEmbedding(config, t5.shared)
 
@@ -208,13 +188,13 @@ def test_unloadable_tokenizer_names_the_field(t5, tmp_path):
 # ----------------------------------------------------------------------------- CLASS_LABEL
 
 
-def test_class_label_averages_multi_token_labels(t5, tokenizer):
+def test_class_label_averages_multi_token_labels(t5, tokenizer, tokenizer_dir):
     labels = ["very positive", "negative", "totally neutral"]
     config = PromptTuningConfig(
         num_virtual_tokens=6,
         prompt_tuning_init="CLASS_LABEL",
         prompt_tuning_init_labels=labels,
-        tokenizer_name_or_path=str(tokenizer_dir()),
+        tokenizer_name_or_path=str(tokenizer_dir),
         seed=3,
     )
     weight = _weight(PromptEmbedding(config, t5.shared))
@@ -229,12 +209,12 @@ def test_class_label_averages_multi_token_labels(t5, tokenizer):
     assert set(_row_ids(weight[3:], table)) <= _ordinary_ids(tokenizer)
 
 
-def test_class_label_more_labels_than_tokens(t5, tokenizer, caplog):
+def test_class_label_more_labels_than_tokens(t5, tokenizer, caplog, tokenizer_dir):
     config = PromptTuningConfig(
         num_virtual_tokens=2,
         prompt_tuning_init="CLASS_LABEL",
         prompt_tuning_init_labels=["positive", "negative", "neutral"],
-        tokenizer_name_or_path=str(tokenizer_dir()),
+        tokenizer_name_or_path=str(tokenizer_dir),
     )
     with caplog.at_level(logging.WARNING, logger="softprompt.core.prompt"):
         weight = _weight(PromptEmbedding(config, t5.shared))
@@ -246,7 +226,7 @@ def test_class_label_more_labels_than_tokens(t5, tokenizer, caplog):
 # ----------------------------------------------------------------------------- SAMPLE_VOCAB / RANDOM
 
 
-def test_sample_vocab_excludes_special_tokens(t5, tokenizer):
+def test_sample_vocab_excludes_special_tokens(t5, tokenizer, tokenizer_dir):
     table = t5.shared.weight.detach()
     config = PromptTuningConfig(num_virtual_tokens=300, prompt_tuning_init="SAMPLE_VOCAB", seed=5)
     ids = _row_ids(_weight(PromptEmbedding(config, t5.shared, tokenizer=tokenizer)), table)
@@ -256,7 +236,7 @@ def test_sample_vocab_excludes_special_tokens(t5, tokenizer):
     assert len(set(ids)) > len(ordinary) // 2  # 300 draws cover most of the ~50 ordinary tokens
     # The same when the tokenizer is loaded from tokenizer_name_or_path.
     by_path = PromptTuningConfig(
-        num_virtual_tokens=300, prompt_tuning_init="SAMPLE_VOCAB", seed=5, tokenizer_name_or_path=str(tokenizer_dir())
+        num_virtual_tokens=300, prompt_tuning_init="SAMPLE_VOCAB", seed=5, tokenizer_name_or_path=str(tokenizer_dir)
     )
     assert _row_ids(_weight(PromptEmbedding(by_path, t5.shared)), table) == ids
 
@@ -271,8 +251,8 @@ def test_sample_vocab_deterministic_and_seeded(t5):
     _row_ids(build(0), t5.shared.weight.detach())  # every row is a real embedding row
 
 
-def test_random_matches_embedding_statistics_and_is_deterministic():
-    embeddings = tiny_llama().get_input_embeddings()
+def test_random_matches_embedding_statistics_and_is_deterministic(llama):
+    embeddings = llama.get_input_embeddings()
     table = embeddings.weight.detach()
 
     def build(seed):
@@ -294,14 +274,14 @@ def test_random_matches_embedding_statistics_and_is_deterministic():
 # ----------------------------------------------------------------------------- dtype, weights
 
 
-def test_prompt_is_fp32_for_a_bf16_model(tokenizer):
+def test_prompt_is_fp32_for_a_bf16_model(tokenizer, tokenizer_dir):
     model = tiny_llama(dtype=torch.bfloat16)
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     config = PromptTuningConfig(
         num_virtual_tokens=4,
         prompt_tuning_init="TEXT",
         prompt_tuning_init_text=INIT_TEXT,
-        tokenizer_name_or_path=str(tokenizer_dir()),
+        tokenizer_name_or_path=str(tokenizer_dir),
     )
     prompt_model = PromptTunedModel(model, config)
     weight = prompt_model.prompt_encoder.embedding.weight

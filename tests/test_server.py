@@ -33,16 +33,17 @@ import uvicorn  # noqa: E402
 from softprompt.core.checkpoint import save_prompt  # noqa: E402
 from softprompt.core.config import PromptTuningConfig  # noqa: E402
 from softprompt.inference import Engine, GenerateParams  # noqa: E402
-from softprompt.server.app import ServerSettings, create_app  # noqa: E402
+from softprompt.models.tiny import HIDDEN, tiny_llama, word_level_tokenizer  # noqa: E402
+from softprompt.server.app import create_app  # noqa: E402
 from softprompt.server.batcher import MicroBatcher  # noqa: E402
-from softprompt.server.metrics import Counter, Histogram, Registry  # noqa: E402
+from softprompt.server.metrics import ServerMetrics  # noqa: E402
+from softprompt.server.options import ServeOptions  # noqa: E402
+from softprompt.server.run import build_app  # noqa: E402
 from softprompt.server.schemas import ApiError  # noqa: E402
 from softprompt.server.security import check_admin, resolve_prompt_path  # noqa: E402
 
-HIDDEN = 32
 MAX_POSITIONS = 64
 ADMIN_KEY = "test-admin-key"
-SPECIALS = ["<pad>", "<unk>", "<eos>", "<bos>"]
 WORDS = [
     "review", "sentiment", "topic", "of", "text", "answer", "q", "a", "the", "movie", "was",
     "great", "good", "bad", "terrible", "film", "plot", "acting", "boring", "loved", "it", "and",
@@ -70,24 +71,10 @@ TASKS = {"sentiment": (4, SENTIMENT_META), "topic": (6, TOPIC_META), "echo": (5,
 
 
 def build_tiny_model(directory: Path) -> Path:
-    """Saves a seeded random Llama and a WordLevel tokenizer as a local transformers folder."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {token: index for index, token in enumerate([*SPECIALS, *WORDS])}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=HIDDEN, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=MAX_POSITIONS, pad_token_id=0, eos_token_id=2,
-                         bos_token_id=3)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).eval().save_pretrained(str(directory))
-    fast.save_pretrained(str(directory))
+    """Saves a seeded random Llama and a word-level tokenizer (WORDS, in order) as a local folder."""
+    tokenizer = word_level_tokenizer(WORDS, by_frequency=False)
+    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
 
 
@@ -202,11 +189,10 @@ def server(model_dir: Path, prompts_dir: Path) -> Iterator[MainServer]:
         gate.wait(30)
         return Engine(str(model_dir))
 
-    settings = ServerSettings(
-        prompts_dir=prompts_dir, admin_key=ADMIN_KEY, max_batch_size=32, max_wait_ms=50,
-        max_queue=256, request_timeout_s=30,
-        tasks={name: str(prompts_dir / name) for name in TASKS})
-    with running_server(create_app(build_engine, settings)) as running:
+    options = ServeOptions(
+        prompts_dir=str(prompts_dir), admin_key=ADMIN_KEY, max_batch_size=32, max_wait_ms=50,
+        max_queue=256, request_timeout=30, task=[f"{name}={prompts_dir / name}" for name in TASKS])
+    with running_server(create_app(build_engine, options)) as running:
         with running.client() as client:
             before = client.get("/health")
         gate.set()
@@ -238,9 +224,9 @@ def gated(model_dir: Path, prompts_dir: Path) -> Iterator[RunningServer]:
     """A server with a tiny queue, one input per batch and no admin key."""
     engine = GatedEngine(str(model_dir))
     engine.add_task("sentiment", prompts_dir / "sentiment")
-    settings = ServerSettings(prompts_dir=prompts_dir, max_batch_size=1, max_wait_ms=0,
-                              max_queue=2, request_timeout_s=30)
-    with running_server(create_app(engine, settings)) as running:
+    options = ServeOptions(prompts_dir=str(prompts_dir), max_batch_size=1, max_wait_ms=0,
+                           max_queue=2, request_timeout=30)
+    with running_server(create_app(engine, options)) as running:
         running.wait_ready()
         yield running
 
@@ -330,11 +316,11 @@ def test_concurrent_clients_are_batched_across_tasks(server: MainServer) -> None
         after, tasks_after = batch_histogram(client), batch_histogram(
             client, "softprompt_batch_tasks")
     batches = after["count"] - before["count"]
-    single = after['{le="1"}'] - before['{le="1"}']
+    single = after['{le="1.0"}'] - before['{le="1.0"}']
     assert 0 < batches < len(jobs)
     assert single < batches, "no batch held more than one request"
     mixed = (tasks_after["count"] - tasks_before["count"]) - (
-        tasks_after['{le="1"}'] - tasks_before['{le="1"}'])
+        tasks_after['{le="1.0"}'] - tasks_before['{le="1.0"}'])
     assert mixed >= 1, "no batch mixed tasks"
 
 
@@ -407,7 +393,8 @@ def test_models_lists_tasks(server: MainServer) -> None:
     assert body["object"] == "list"
     cards = {card["id"]: card for card in body["data"]}
     assert set(cards) >= set(TASKS)
-    assert cards["sentiment"]["object"] == "model" and cards["sentiment"]["owned_by"] == "softprompt"
+    assert cards["sentiment"]["object"] == "model"
+    assert cards["sentiment"]["owned_by"] == "softprompt"
     assert cards["sentiment"]["kind"] == "classification"
     assert cards["sentiment"]["labels"] == ["positive", "negative"]
     assert cards["topic"]["num_virtual_tokens"] == [6]
@@ -604,14 +591,14 @@ def test_queue_full_is_429_and_nothing_is_lost(gated: RunningServer) -> None:
 
 
 def test_request_timeout_is_504(gated: RunningServer) -> None:
-    engine, settings = gated.state.engine, gated.state.settings
+    engine, options = gated.state.engine, gated.state.options
     engine.gate.clear()
-    settings.request_timeout_s = 0.5
+    options.request_timeout = 0.5
     try:
         with gated.client() as client:
             response = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["x"]})
     finally:
-        settings.request_timeout_s = 30
+        options.request_timeout = 30
         engine.gate.set()
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
     with gated.client() as client:  # the worker is still serving
@@ -662,7 +649,7 @@ def test_health_503_when_the_model_fails_to_load() -> None:
     def broken() -> Engine:
         raise FileNotFoundError("no such model")
 
-    app = create_app(broken, ServerSettings())
+    app = create_app(broken, ServeOptions())
     with running_server(app) as running, running.client() as client:
         _wait_for(lambda: client.get("/health").json()["status"] != "loading")
         health = client.get("/health")
@@ -698,19 +685,73 @@ def test_metrics_exposition(server: MainServer) -> None:
         text, "softprompt_request_latency_seconds_count")['{endpoint="/v1/classify"}']
 
 
-def test_metric_types_render_the_text_format() -> None:
-    registry = Registry()
-    counter = registry.register(Counter("c_total", "A counter.", ("path",)))
-    histogram = registry.register(Histogram("h", "A histogram.", (1, 5)))
-    counter.inc(path='a"b\\c\n')
-    for value in (0.5, 3, 7):
-        histogram.observe(value)
-    lines = registry.render().splitlines()
-    assert 'c_total{path="a\\"b\\\\c\\n"} 1' in lines
-    assert lines[-5:] == ['h_bucket{le="1"} 1', 'h_bucket{le="5"} 2', 'h_bucket{le="+Inf"} 3',
-                          "h_sum 10.5", "h_count 3"]
+def test_server_metrics_render_the_text_format() -> None:
+    """Escaped label values, cumulative buckets with sum and count, one registry per instance."""
+    metrics, other = ServerMetrics(), ServerMetrics()
+    metrics.requests.labels(endpoint='a"b\\c\n', status="200").inc()
+    for value in (1, 3, 7):
+        metrics.batch_size.observe(value)
+    depth = [5]
+    metrics.watch_queue(lambda: depth[0])
+    text = metrics.render().decode()
+    lines = text.splitlines()
+    assert 'softprompt_requests_total{endpoint="a\\"b\\\\c\\n",status="200"} 1.0' in lines
+    buckets = metric_lines(text, "softprompt_batch_size_bucket")
+    assert [buckets[f'{{le="{bound}"}}'] for bound in ("1.0", "2.0", "4.0", "8.0", "+Inf")] == [
+        1, 1, 2, 3, 3]
+    assert metric_lines(text, "softprompt_batch_size_sum")[""] == 11
+    assert metric_lines(text, "softprompt_batch_size_count")[""] == 3
+    assert metric_lines(text, "softprompt_queue_depth")[""] == 5
+    depth[0] = 0  # read at every scrape, never a stale copy
+    assert metric_lines(metrics.render().decode(), "softprompt_queue_depth")[""] == 0
+    assert "softprompt_requests_total{" not in other.render().decode()
     with pytest.raises(ValueError):
-        counter.inc(-1, path="x")
+        metrics.requests.labels(endpoint="x", status="200").inc(-1)
+
+
+# --- options and build_app ---------------------------------------------------------------------
+
+
+def test_serve_options_task_map_and_errors(prompts_dir: Path) -> None:
+    sentiment, extra = prompts_dir / "sentiment", prompts_dir / "extra"
+    options = ServeOptions(task=[f"pair={sentiment}", f"topic={prompts_dir / 'topic'}",
+                                 f"pair={extra}"])
+    assert options.tasks == {"pair": [str(sentiment), str(extra)],
+                             "topic": str(prompts_dir / "topic")}
+    with pytest.raises(ValueError) as bad:
+        ServeOptions(task=["x", "a b=" + str(sentiment), f"c={prompts_dir / 'nope'}"],
+                     max_queue=0, request_timeout=0, log_level="loud")
+    message = str(bad.value)
+    for expected in ("--task 'x': expected NAME=PROMPT_DIR", "invalid task name 'a b'",
+                     f"prompt directory '{prompts_dir / 'nope'}' not found",
+                     "max_queue must be a positive integer, got 0",
+                     "request_timeout must be > 0", "log_level='loud' is not valid"):
+        assert expected in message
+    with pytest.raises(ValueError, match="prompts_dir '/no/such/dir' is not a directory"):
+        ServeOptions(prompts_dir="/no/such/dir")
+
+
+def test_serve_options_import_nothing_heavy() -> None:
+    import subprocess
+
+    code = ("import sys, softprompt.server.options; "
+            "print(sorted({'torch', 'transformers', 'fastapi'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_build_app_serves_a_repeated_task_as_an_ensemble(model_dir: Path,
+                                                         prompts_dir: Path) -> None:
+    options = ServeOptions(model=str(model_dir), task=[f"pair={prompts_dir / 'sentiment'}",
+                                                       f"pair={prompts_dir / 'extra'}"])
+    with running_server(build_app(options)) as running, running.client() as client:
+        running.wait_ready()
+        card = client.get("/v1/models/pair").json()
+        classify = client.post("/v1/classify", json={"task": "pair", "inputs": ["good"]})
+    assert card["num_virtual_tokens"] == [4, 3] and card["base_model"] == str(model_dir)
+    assert classify.status_code == 200
+    assert set(classify.json()["results"][0]["probabilities"]) == {"positive", "negative"}
 
 
 # --- security helpers --------------------------------------------------------------------------
@@ -783,7 +824,7 @@ def test_loadtest_refuses_non_loopback_hosts() -> None:
 @pytest.mark.slow
 def test_loadtest_spawns_a_server(model_dir: Path, prompts_dir: Path,
                                   capsys: pytest.CaptureFixture) -> None:
-    """``--spawn-model`` starts ``python -m softprompt.server.run``, loads, and stops it."""
+    """``--spawn-model`` starts ``python -m softprompt serve``, loads, and stops it."""
     loadtest = _loadtest_module()
     code = loadtest.main(["--spawn-model", str(model_dir),
                           "--task", f"sentiment={prompts_dir / 'sentiment'}",

@@ -1,8 +1,7 @@
 """Training: outputs, best-prompt saving, resume, divergence, option checks, generation.
 
-The tiny end-to-end setup (a random 2-layer Llama and a word-level tokenizer saved as a local
-transformers folder, plus an 80-row sentiment JSONL) is built here and shared with the other
-test modules through :func:`build_tiny_setup`.
+Runs use the tiny setup of ``conftest.py`` (``tiny``: a random 2-layer Llama with a word-level
+tokenizer saved as a local folder, and an 80-review sentiment JSONL).
 """
 
 from __future__ import annotations
@@ -17,106 +16,17 @@ import torch
 from safetensors.torch import load_file
 
 import softprompt.models
+import softprompt.training.checkpoints as checkpoints_module
 import softprompt.training.trainer as trainer_module
 from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, load_dataset
 from softprompt.evaluation.inspection import inspect_prompt
-from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.models.tiny import HIDDEN
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective
-from tests.helpers import (
-    BOS_ID,
-    EOS_ID,
-    HIDDEN,
-    PAD_ID,
-    VOCAB_SIZE,
-    load_test_tokenizer,
-    one_torch_thread,
-)
-
-TEMPLATE = "Review: {text}\nSentiment:"
-VERBALIZER = '{"positive": " positive", "negative": " negative"}'
-INIT_TEXT = "classify if this review is positive or negative :"  # every word is one known token
-POSITIVE_WORDS = ["great", "good", "wonderful", "fantastic", "loved"]
-NEGATIVE_WORDS = ["terrible", "boring", "bad", "slow", "okay"]
-NOUNS = ["movie", "film", "book", "food", "acting", "plot", "service", "experience", "music",
-         "topic", "science", "sports"]
-
-
-def sentiment_rows(count: int = 80) -> list[dict[str, str]]:
-    """``count`` distinct reviews, alternating positive and negative."""
-    rows = []
-    for index in range(count):
-        k = index // 2  # (k mod 12, k mod 5) never repeats for k < 60
-        positive = index % 2 == 0
-        adjective = (POSITIVE_WORDS if positive else NEGATIVE_WORDS)[k % 5]
-        rows.append({"text": f"the {NOUNS[k % 12]} was very {adjective}",
-                     "label": "positive" if positive else "negative"})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def tiny_sentiment_llama(seed: int = 0):
-    """The helpers' tiny Llama shape with larger random weights (initializer_range 0.1).
-
-    With the default 0.02 the last token alone decides the output, so every review gets the same
-    label; here the predictions depend on the review (44 of the 80 reviews come out positive),
-    which lets the evaluation tests see wrong bookkeeping.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, initializer_range=0.1,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-def save_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """A tiny random Llama and the helpers' tokenizer, saved for ``load_model(folder)``."""
-    tiny_sentiment_llama(seed).save_pretrained(directory)
-    load_test_tokenizer().save_pretrained(directory)
-    return directory
-
-
-@dataclass(frozen=True)
-class TinySetup:
-    model: Path
-    data: Path
-
-    def options(self, output_dir: Path, **overrides) -> dict:
-        """Options of a fast run on the tiny setup (a few seconds on one core)."""
-        return {
-            "model": str(self.model),
-            "dataset": str(self.data),
-            "template": TEMPLATE,
-            "verbalizer": VERBALIZER,
-            "init": "TEXT",
-            "init_text": INIT_TEXT,
-            "num_virtual_tokens": 4,
-            "steps": 6,
-            "eval_every": 2,
-            "batch_size": 4,
-            "warmup_steps": 2,
-            "lr": 0.3,
-            "device": "cpu",
-            "output_dir": str(output_dir),
-            **overrides,
-        }
-
-
-def build_tiny_setup(root: Path) -> TinySetup:
-    root.mkdir(parents=True, exist_ok=True)
-    model = save_tiny_model(root / "model")
-    data = write_jsonl(root / "reviews.jsonl", sentiment_rows())
-    return TinySetup(model, data)
-
+from softprompt.training.optim import make_optimizer, make_scheduler
 
 # ====================================================================== fixtures and recorders
 REPORT_FIELDS = (
@@ -126,17 +36,6 @@ REPORT_FIELDS = (
 )
 PROMPT_FILES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySetup:
-    return build_tiny_setup(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -155,7 +54,7 @@ def sizes(tiny) -> dict[str, int]:
 @dataclass
 class Evaluation:
     examples: int
-    prompt: torch.Tensor
+    prompt: torch.Tensor | None  # None: evaluated without a prompt
     accuracy: float
 
 
@@ -169,11 +68,12 @@ def record_evaluations(monkeypatch, scripted: dict[int, list[float]] | None = No
     queues = {size: list(values) for size, values in (scripted or {}).items()}
     original = ClassificationObjective.evaluate
 
-    def evaluate(self, model, encoded, *args, **kwargs):
-        result = original(self, model, encoded, *args, **kwargs)
+    def evaluate(self, frozen, prompt, encoded, *args, **kwargs):
+        result = original(self, frozen, prompt, encoded, *args, **kwargs)
         if queues.get(len(encoded)):
             result = {**result, "accuracy": queues[len(encoded)].pop(0)}
-        calls.append(Evaluation(len(encoded), model.get_prompt_embedding_to_save().cpu(), result["accuracy"]))
+        evaluated = None if prompt is None else prompt.detach().cpu().clone()
+        calls.append(Evaluation(len(encoded), evaluated, result["accuracy"]))
         return result
 
     monkeypatch.setattr(ClassificationObjective, "evaluate", evaluate)
@@ -282,9 +182,13 @@ def test_run_writes_every_output(main_run, tiny, sizes):
     assert [record["step"] for record in records if "loss" in record] == [10, 12]
     assert [record["step"] for record in records if "validation_accuracy" in record] == [4, 8, 12]
     meta = load_prompt(out / "prompt").metadata
-    assert meta["template"] == TEMPLATE
-    assert meta["verbalizer"] == json.loads(VERBALIZER)
+    assert meta["template"] == tiny.template
+    assert meta["verbalizer"] == json.loads(tiny.verbalizer)
     assert (meta["base_model"], meta["dataset"]) == (str(tiny.model), str(tiny.data))
+    # Everything `softprompt eval --prompt DIR` needs to reproduce the training setting.
+    assert (meta["task"], meta["text_column"], meta["label_column"]) == ("classification", "text", "label")
+    assert meta["target_column"] is None and meta["max_length"] == 256
+    assert meta["initial_prompt_norm"] > 0 and meta["training"]["test_accuracy"] == report["test_accuracy"]
     # The drift in the report is the one `softprompt inspect` recomputes from the saved config.
     assert inspect_prompt(out / "prompt")["drift"]["total_norm"] == pytest.approx(report["prompt_drift_norm"], rel=1e-5)
     assert json.loads((out / "options.json").read_text())["steps"] == 12
@@ -360,15 +264,15 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path,
     saved_optimizer = _optimizer_tensors(tmp_path / "resumed")
 
     restored = []
-    original_load_state = trainer_module.load_state
+    original_load_state = checkpoints_module.load_state
 
-    def load_state(run_dir, optimizer, scheduler):
-        loaded = original_load_state(run_dir, optimizer, scheduler)
+    def load_state(run_dir, optimizer):
+        loaded = original_load_state(run_dir, optimizer)
         restored.append({key: value.clone() for key, value in optimizer.state_dict()["state"][0].items()
                          if isinstance(value, torch.Tensor)})
         return loaded
 
-    monkeypatch.setattr(trainer_module, "load_state", load_state)
+    monkeypatch.setattr(checkpoints_module, "load_state", load_state)
     resumed = train(resume=str(tmp_path / "resumed")).report
 
     # The optimizer state was restored as saved (AdamW's moments, Adafactor's factored statistics).
@@ -405,14 +309,14 @@ def test_resume_without_the_optimizer_state_would_differ(tiny, tmp_path, monkeyp
         patch_training_loss(patch, at_call=5, replace=_interrupt)
         with pytest.raises(KeyboardInterrupt):
             train(**tiny.options(tmp_path / "resumed", **options))
-    original_load_state = trainer_module.load_state
+    original_load_state = checkpoints_module.load_state
 
-    def forgetful_load_state(run_dir, optimizer, scheduler):
-        loaded = original_load_state(run_dir, optimizer, scheduler)
+    def forgetful_load_state(run_dir, optimizer):
+        loaded = original_load_state(run_dir, optimizer)
         optimizer.state.clear()
         return loaded
 
-    monkeypatch.setattr(trainer_module, "load_state", forgetful_load_state)
+    monkeypatch.setattr(checkpoints_module, "load_state", forgetful_load_state)
     train(resume=str(tmp_path / "resumed"))
     final = [load_file(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"] for name in ("straight", "resumed")]
     assert not torch.allclose(final[0], final[1], atol=1e-3)
@@ -481,6 +385,45 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_best_prompt(tiny, sizes
     assert not (out / "report.json").exists()
 
 
+# ====================================================================== learning-rate schedules
+def _closed_form(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The schedules' definition: (s + 1) / warmup, then constant, linear or cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+
+
+def _learning_rates(optimizer, scheduler, steps: int) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_schedules_follow_their_definition_and_resume_at_a_step(schedule, warmup):
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    parameter.grad = torch.ones(2)
+    optimizer = make_optimizer([parameter], "adamw", 0.5)
+    rates = _learning_rates(optimizer, make_scheduler(optimizer, 9, warmup, schedule), 9)
+    assert rates == pytest.approx([0.5 * _closed_form(step, 9, warmup, schedule) for step in range(9)], abs=1e-12)
+    # Rebuilt at step 4 on a resumed optimizer (its lr decayed): the same rates, bit for bit ...
+    resumed = make_optimizer([parameter], "adamw", 0.5)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert _learning_rates(resumed, make_scheduler(resumed, 9, warmup, schedule, start_step=4), 5) == rates[4:]
+    # ... and with more steps, the decay stretches to the new end instead of stopping at 0.
+    longer = make_optimizer([parameter], "adamw", 0.5)
+    longer.load_state_dict(optimizer.state_dict())
+    extended = _learning_rates(longer, make_scheduler(longer, 14, warmup, schedule, start_step=9), 5)
+    assert extended == pytest.approx([0.5 * _closed_form(step, 14, warmup, schedule) for step in range(9, 14)], abs=1e-12)
+    with pytest.raises(ValueError, match="schedule='step' is not valid; allowed: constant, linear, cosine"):
+        make_scheduler(optimizer, 9, warmup, "step")
+
+
 # ====================================================================== options
 def test_bad_data_options_fail_together_before_the_model_loads(tiny, tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
@@ -541,7 +484,7 @@ def test_train_options_single_problems_and_learning_rate():
     with pytest.raises(ValueError, match="task_type='ranking' is not valid"):
         TrainOptions(task_type="ranking")
     assert TrainOptions(steps=None, epochs=0.5).epochs == 0.5
-    assert TrainOptions(init="random").init == "random"  # case-insensitive
+    assert TrainOptions(init="random").init == "RANDOM"  # any case, stored as the enum value
     assert TrainOptions().learning_rate == 0.01
     assert TrainOptions(optimizer="adafactor").learning_rate == 0.3
     assert TrainOptions(optimizer="adafactor", lr=0.01).learning_rate == 0.01
@@ -550,36 +493,42 @@ def test_train_options_single_problems_and_learning_rate():
 
 
 def test_presets_apply_and_explicit_options_win():
-    quick = TrainOptions(preset="quick")
+    quick = TrainOptions.from_preset(preset="quick")
     for name, value in PRESETS["quick"].items():
         assert getattr(quick, name) == value, name
-    mixed = TrainOptions(preset="quick", steps=9, batch_size=2)
+    mixed = TrainOptions.from_preset(preset="quick", steps=9, batch_size=2)
     assert (mixed.steps, mixed.batch_size) == (9, 2)
     assert (mixed.eval_every, mixed.max_eval_examples) == (PRESETS["quick"]["eval_every"], PRESETS["quick"]["max_eval_examples"])
-    full = TrainOptions(preset="full", lr=0.1, num_virtual_tokens=10)
+    full = TrainOptions.from_preset(preset="full", lr=0.1, num_virtual_tokens=10)
     assert (full.lr, full.num_virtual_tokens, full.steps) == (0.1, 10, PRESETS["full"]["steps"])
     assert full.max_eval_examples is None
     # An explicit option wins even when it equals the default the preset would replace.
-    assert TrainOptions(preset="quick", batch_size=8).batch_size == 8
-    assert TrainOptions(preset="full", max_eval_examples=400).max_eval_examples == 400
+    assert TrainOptions.from_preset(preset="quick", batch_size=8).batch_size == 8
+    assert TrainOptions.from_preset(preset="full", max_eval_examples=400).max_eval_examples == 400
     default_steps = TrainOptions.__dataclass_fields__["steps"].default
-    assert TrainOptions(preset="demo") == TrainOptions(preset="demo", steps=default_steps)
+    assert TrainOptions.from_preset(preset="demo") == TrainOptions.from_preset(preset="demo", steps=default_steps)
     with pytest.raises(ValueError, match="preset='huge' is not valid; allowed: demo, full, quick"):
-        TrainOptions(preset="huge")
+        TrainOptions.from_preset(preset="huge")
 
 
 # ====================================================================== generation
+NOUNS = ("movie", "film", "book", "food", "acting", "plot", "service", "experience", "music",
+         "topic", "science", "sports")
+ADJECTIVES = ("great", "good", "wonderful", "fantastic", "loved", "terrible", "boring", "bad",
+              "slow", "okay")
+
+
 def _generation_rows(count: int = 40) -> list[dict[str, str]]:
     targets = ["{noun}", "the {noun}", "very good {noun}"]  # 1, 2 and 3 target words
     rows = []
     for index in range(count):
-        noun, adjective = NOUNS[index % 12], (POSITIVE_WORDS + NEGATIVE_WORDS)[index % 10]
+        noun, adjective = NOUNS[index % 12], ADJECTIVES[index % 10]
         text = f"the {noun} was {adjective}" + (" and good" if index % 4 == 0 else "")
         rows.append({"text": text, "target": targets[index % 3].format(noun=noun)})
     return rows
 
 
-def test_generation_run_trains_on_target_tokens_only(tiny, tmp_path, no_plots):
+def test_generation_run_trains_on_target_tokens_only(tiny, tmp_path, no_plots, write_jsonl):
     rows = _generation_rows()
     data = write_jsonl(tmp_path / "copy.jsonl", rows)
     out = tmp_path / "run"
@@ -595,12 +544,16 @@ def test_generation_run_trains_on_target_tokens_only(tiny, tmp_path, no_plots):
     assert 0.0 <= report["test_accuracy"] <= 1.0 and report["test_examples"] == min(4, test_size)
     assert report["prompt_drift_norm"] > 0
     assert any("validation_accuracy" in record for record in _metrics(out / "metrics.jsonl"))
-    assert load_prompt(out / "prompt").metadata["task"] == "generation"
+    meta = load_prompt(out / "prompt").metadata
+    assert (meta["task"], meta["template"], meta["max_length"]) == ("generation", template, 256)
+    assert (meta["text_column"], meta["target_column"]) == ("text", "target")
+    assert meta["label_column"] is None and meta["verbalizer"] is None
 
     # The objective's loss on one batch, against cross-entropy over the target positions of
     # full forwards of [prompt, input, target].
     base, tokenizer = softprompt.models.load_model(str(tiny.model))
     model = PromptTunedModel.from_pretrained(base, out / "prompt")
+    frozen = FrozenModel(base, tokenizer)
     objective = GenerationObjective(tokenizer, Template(template), "target", max_length=256)
     encoded = objective.encode(rows[:4])
     assert [len(target) for target in encoded.targets[:3]] == [2, 3, 4]  # words + <eos>
@@ -617,7 +570,7 @@ def test_generation_run_trains_on_target_tokens_only(tiny, tmp_path, no_plots):
             all_position_losses += [-log_probs[p, sequence[0, p + 1]] for p in range(sequence.shape[1] - 1)]
         expected = torch.stack(token_losses).mean()
         for shared_prefix in (True, False):
-            loss = objective.loss(model, encoded, batch, shared_prefix)
+            loss = objective.loss(frozen, model.prompt, encoded, batch, shared_prefix)
             assert torch.allclose(loss, expected, atol=1e-5), shared_prefix
     assert not torch.allclose(expected, torch.stack(all_position_losses).mean(), atol=1e-3)
 

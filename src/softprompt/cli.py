@@ -1,65 +1,49 @@
 """The ``softprompt`` command: thin wrappers over the same functions as the Python API.
 
-``softprompt train``'s flags are generated from :class:`TrainOptions`, so the CLI, the Python
-API and the saved ``options.json`` cannot drift apart.
+Every command's flags are generated from its options dataclass
+(:func:`softprompt.options.add_flags`): ``train`` from :class:`TrainOptions`, ``eval`` and
+``inspect`` from :class:`EvalOptions` and :class:`InspectOptions`, ``predict`` from
+:class:`PredictOptions`, ``serve`` from :class:`ServeOptions`, ``bench`` from
+:mod:`softprompt.bench.options`; so the CLI, the Python API and the saved ``options.json`` cannot
+drift apart. Each command passes on only the flags the user gave. Building the parser imports
+none of torch, transformers or PEFT: the commands import them when they run.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-import types
-import typing
 from collections.abc import Callable
-from typing import Any
 
-from softprompt.training.options import TrainOptions
+from softprompt.bench import add_bench_parser
+from softprompt.evaluation.options import EvalOptions, InspectOptions
+from softprompt.inference.options import PredictOptions
+from softprompt.options import add_flags, given_options
+from softprompt.server.options import ServeOptions
+from softprompt.training.options import PRESETS, TrainOptions
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Handler] = {}
 
 
-def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    def register(function: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def command(name: str) -> Callable[[Handler], Handler]:
+    """Register ``function`` as the handler of ``softprompt NAME``."""
+
+    def register(function: Handler) -> Handler:
         COMMANDS[name] = function
         return function
 
     return register
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    for item in dataclasses.fields(cls):
-        hint = hints[item.name]
-        help_text = item.metadata.get("help", "")
-        if item.default is not dataclasses.MISSING:
-            help_text += f" (default: {item.default})"
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
-        base = next(arg for arg in args if arg is not type(None))
-        if base is bool:
-            parser.add_argument(_flag(item.name), dest=item.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(_flag(item.name), dest=item.name, type=base, default=argparse.SUPPRESS, help=help_text)
-
-
-def _options_from(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    names = {item.name for item in dataclasses.fields(cls)}
-    return {key: value for key, value in vars(args).items() if key in names}
-
-
 @command("train")
 def _train(args: argparse.Namespace) -> int:
     from softprompt.training import train
 
-    result = train(**_options_from(args, TrainOptions))
+    result = train(preset=getattr(args, "preset", None), **given_options(args, TrainOptions))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports
         return 0
     report = result.report
@@ -77,9 +61,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from softprompt.evaluation.evaluate import evaluate_prompt, format_metrics
 
-    options = {key: value for key, value in vars(args).items() if key not in ("command", "verbose", "json")}
-    result = evaluate_prompt(**options)
-    print(json.dumps(result, indent=2) if args.json else format_metrics(result))
+    options = EvalOptions(**given_options(args, EvalOptions))
+    result = evaluate_prompt(options)
+    print(json.dumps(result, indent=2) if options.json else format_metrics(result))
     return 0
 
 
@@ -87,8 +71,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from softprompt.evaluation.inspection import format_inspection, inspect_prompt
 
-    result = inspect_prompt(args.prompt_dir, model=args.model, top_k=args.top_k)
-    print(json.dumps(result, indent=2) if args.json else format_inspection(result))
+    options = InspectOptions(**given_options(args, InspectOptions))
+    result = inspect_prompt(options.prompt_dir, model=options.model, top_k=options.top_k)
+    print(json.dumps(result, indent=2) if options.json else format_inspection(result))
     return 0
 
 
@@ -96,17 +81,24 @@ def _inspect(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from softprompt.inference import Engine
 
-    engine = Engine(args.model, device=args.device) if args.model else None
-    if engine is None:
+    options = PredictOptions(**given_options(args, PredictOptions))
+    model = options.model
+    if model is None:
         from softprompt.core.checkpoint import load_prompt
 
-        base_model = load_prompt(args.prompt).metadata.get("base_model") or "smollm2-135m"
-        engine = Engine(base_model, device=args.device)
-    engine.add_task("task", args.prompt)
-    for text, result in zip(args.texts, engine.classify([("task", text) for text in args.texts]), strict=True):
-        probabilities = ", ".join(f"{label} {value:.3f}" for label, value in result.probabilities.items())
-        print(json.dumps({"text": text, "label": result.label, "probabilities": result.probabilities})
-              if args.json else f"{result.label:<12} ({probabilities})  {text}")
+        model = load_prompt(options.prompt).metadata.get("base_model") or "smollm2-135m"
+    engine = Engine(model, device=options.device, dtype=options.dtype)
+    engine.add_task("task", options.prompt)
+    results = engine.classify([("task", text) for text in options.texts], truncate=options.truncate)
+    for text, result in zip(options.texts, results, strict=True):
+        if options.json:
+            row = {"text": text, "label": result.label, "probabilities": result.probabilities}
+            print(json.dumps(row))
+        else:
+            shown = ", ".join(
+                f"{label} {value:.3f}" for label, value in result.probabilities.items()
+            )
+            print(f"{result.label:<12} ({shown})  {text}")
     return 0
 
 
@@ -114,17 +106,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from softprompt.server.run import serve
 
-    tasks = {}
-    for item in args.task or []:
-        name, separator, path = item.partition("=")
-        if not separator or not name or not path:
-            raise ValueError(f"--task {item!r}: expected NAME=PROMPT_DIR")
-        tasks[name] = path
-    serve(
-        args.model, tasks, prompts_dir=args.prompts_dir, host=args.host, port=args.port,
-        admin_key=args.admin_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, request_timeout_s=args.request_timeout, device=args.device,
-    )
+    serve(ServeOptions(**given_options(args, ServeOptions)))
     return 0
 
 
@@ -146,63 +128,45 @@ def _data(args: argparse.Namespace) -> int:
         from softprompt.models import load_model
 
         _, tokenizer = load_model(args.model)
-    print(preview_dataset(
-        args.name_or_path, tokenizer=tokenizer, template=Template(args.template) if args.template else None,
-        n=args.examples, text_column=args.text_column, label_column=args.label_column,
-    ))
+    template = Template(args.template) if args.template else None
+    print(
+        preview_dataset(
+            args.name_or_path,
+            tokenizer=tokenizer,
+            template=template,
+            n=args.examples,
+            text_column=args.text_column,
+            label_column=args.label_column,
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by the tests that check every ``--help``)."""
-    parser = argparse.ArgumentParser(prog="softprompt", description="Soft prompt tuning for frozen transformers.")
+    parser = argparse.ArgumentParser(
+        prog="softprompt", description="Soft prompt tuning for frozen transformers."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="tune a soft prompt (defaults: SmolLM2-135M on Rotten Tomatoes)")
-    _add_dataclass_flags(train, TrainOptions)
-
-    evaluate = sub.add_parser("eval", help="evaluate a prompt or a zero-/few-shot baseline")
-    evaluate.add_argument("--prompt", help="prompt checkpoint directory")
-    evaluate.add_argument("--model", help="base model (default: from the checkpoint)")
-    evaluate.add_argument("--dataset", help="dataset (default: from the checkpoint)")
-    evaluate.add_argument("--split", default="test", help="train, validation or test (default: test)")
-    evaluate.add_argument("--baseline", choices=["zero-shot", "few-shot"], help="evaluate without a soft prompt")
-    evaluate.add_argument("--shots", type=int, default=4, help="few-shot examples in context (default: 4)")
-    evaluate.add_argument("--template", help="template (default: from the checkpoint or dataset)")
-    evaluate.add_argument("--verbalizer", help="verbalizer (default: from the checkpoint or labels)")
-    evaluate.add_argument("--max-examples", type=int, dest="max_examples", help="cap on examples")
-    evaluate.add_argument("--batch-size", type=int, default=16, dest="batch_size")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--output", help="JSON result path")
-    evaluate.add_argument("--json", action="store_true", help="print JSON")
-
-    inspect = sub.add_parser("inspect", help="show a prompt's init, drift and nearest tokens")
-    inspect.add_argument("prompt_dir")
-    inspect.add_argument("--model", help="base model (default: from the checkpoint)")
-    inspect.add_argument("--top-k", type=int, default=5, dest="top_k")
-    inspect.add_argument("--json", action="store_true")
-
-    predict = sub.add_parser("predict", help="classify texts with a prompt")
-    predict.add_argument("--prompt", required=True, help="prompt checkpoint directory")
-    predict.add_argument("--model", help="base model (default: from the checkpoint)")
-    predict.add_argument("--device", default="cpu")
-    predict.add_argument("--json", action="store_true")
-    predict.add_argument("texts", nargs="+")
-
-    serve = sub.add_parser("serve", help="serve many task prompts over HTTP on one frozen model")
-    serve.add_argument("--model", default="smollm2-135m")
-    serve.add_argument("--task", action="append", help="NAME=PROMPT_DIR (repeatable)")
-    serve.add_argument("--prompts-dir", dest="prompts_dir", help="directory runtime task loads may read from")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--admin-key", dest="admin_key", help="key for POST/DELETE /v1/tasks (or SOFTPROMPT_ADMIN_KEY)")
-    serve.add_argument("--max-batch-size", type=int, default=32, dest="max_batch_size")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, dest="max_wait_ms")
-    serve.add_argument("--max-queue", type=int, default=256, dest="max_queue")
-    serve.add_argument("--request-timeout", type=float, default=30.0, dest="request_timeout")
-    serve.add_argument("--device", default="cpu")
+    train = sub.add_parser(
+        "train", help="tune a soft prompt (default: SmolLM2-135M, Rotten Tomatoes)"
+    )
+    add_flags(train, TrainOptions)
+    train.add_argument(  # not an option itself: TrainOptions.from_preset checks and applies it
+        "--preset",
+        default=argparse.SUPPRESS,
+        metavar="{" + ",".join(PRESETS) + "}",
+        help="named option set; the flags given win over it (demo is the default run)",
+    )
+    for name, options, help_text in (
+        ("eval", EvalOptions, "evaluate a prompt or a zero-/few-shot baseline"),
+        ("inspect", InspectOptions, "show a prompt's init, drift and nearest tokens"),
+        ("predict", PredictOptions, "classify texts with a prompt"),
+        ("serve", ServeOptions, "serve many task prompts over HTTP on one frozen model"),
+    ):
+        add_flags(sub.add_parser(name, help=help_text), options)
 
     models = sub.add_parser("models", help="list the bundled models")
     models.add_argument("--json", action="store_true")
@@ -217,14 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--text-column", default="text", dest="text_column")
     preview.add_argument("--label-column", default="label", dest="label_column")
 
-    from softprompt.bench import add_bench_parser
-
     add_bench_parser(sub, command)
-
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``softprompt ARGV``; the exit status: 0, 1 (a failed run), 2 (bad input), 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -239,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as error:
+        if isinstance(error, ImportError) and (error.name or "").startswith("softprompt"):
+            raise  # a broken import of our own is a bug, not a missing optional package
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"softprompt {args.command}: error: {message}", file=sys.stderr)
         return 2

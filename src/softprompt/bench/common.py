@@ -31,11 +31,6 @@ TINY_MODEL = "tiny"
 
 
 # ----------------------------------------------------------------------------- devices
-def merged_settings(quick_settings: dict[str, Any], quick: bool, given: dict[str, Any]) -> dict[str, Any]:
-    """A bench's settings: defaults, then ``quick_settings`` (when ``quick``), then every non-None ``given``."""
-    return {**(quick_settings if quick else {}), **{key: value for key, value in given.items() if value is not None}}
-
-
 def resolve_device(name: str) -> torch.device:
     """``cpu`` or ``cuda`` (``cuda:N``); an unavailable CUDA device is a clear error."""
     device = torch.device(name)
@@ -239,12 +234,8 @@ def tiny_model(seed: int = 0) -> tuple[Any, Any]:
     For smoke tests only (``--model tiny``): it is built in-process, bit-identical for a seed,
     and fast on any machine. Its numbers say nothing about real models.
     """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from tokenizers.trainers import WordLevelTrainer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from softprompt.data import load_dataset
+    from softprompt.models.tiny import tiny_llama, word_level_tokenizer
 
     splits = load_dataset("rotten_tomatoes")
     texts = [
@@ -257,38 +248,18 @@ def tiny_model(seed: int = 0) -> tuple[Any, Any]:
         "review sentiment positive negative good bad great terrible the movie was overall "
         "classify if is or"
     )
-    tokenizer = Tokenizer(WordLevel(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = WordLevelTrainer(
-        vocab_size=3000, special_tokens=["<pad>", "<unk>", "<eos>", "<bos>"], show_progress=False
-    )
-    tokenizer.train_from_iterator([extra] * 1000 + texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-    )
-    config = LlamaConfig(
-        vocab_size=len(fast),
+    tokenizer = word_level_tokenizer([extra] * 1000 + texts, vocab_size=3000)
+    model = tiny_llama(
+        seed,
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=3,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
     model.name_or_path = TINY_MODEL
     model.config.name_or_path = TINY_MODEL
-    return model, fast
+    return model, tokenizer
 
 
 def body_linear_parameters(model: Any) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,45 +21,15 @@ from softprompt.bench.common import (
     format_number,
     load_bench_model,
     median,
-    merged_settings,
     ratio,
     resolve_device,
     save_task_prompts,
     task_specs,
     timed,
 )
+from softprompt.bench.options import GenerateBenchOptions
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerateBenchOptions:
-    """Settings of ``softprompt bench generate``."""
-
-    model: str = "smollm2-135m"
-    device: str = "cpu"
-    requests: int = 16
-    batch_size: int = 8
-    max_new_tokens: int = 32
-    repeats: int = 3
-    prompt_lengths: list[int] = dataclasses.field(default_factory=lambda: [10, 20, 50])
-    seed: int = 0
-    quick: bool = False
-
-    @classmethod
-    def resolve(cls, quick: bool = False, **given: Any) -> GenerateBenchOptions:
-        """Defaults, then the quick settings (when ``quick``), then every non-None ``given``."""
-        values = merged_settings(QUICK, quick, given)
-        return cls(quick=quick, **values)
-
-
-QUICK: dict[str, Any] = {
-    "requests": 4,
-    "batch_size": 4,
-    "max_new_tokens": 8,
-    "repeats": 2,
-    "prompt_lengths": [4, 8, 12],
-}
 
 
 def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,48 +34,15 @@ from softprompt.bench.common import (
     format_number,
     load_bench_model,
     median,
-    merged_settings,
     ratio,
     resolve_device,
     save_task_prompts,
     task_specs,
     timed,
 )
+from softprompt.bench.options import InferBenchOptions
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class InferBenchOptions:
-    """Settings of ``softprompt bench infer``."""
-
-    model: str = "smollm2-135m"
-    device: str = "cpu"
-    requests: int = 256
-    batch_size: int = 32
-    repeats: int = 3
-    prompt_lengths: list[int] = dataclasses.field(default_factory=lambda: [10, 20, 50])
-    seed: int = 0
-    quick: bool = False
-
-    @classmethod
-    def resolve(cls, quick: bool = False, **given: Any) -> InferBenchOptions:
-        """Defaults, then the quick settings (when ``quick``), then every non-None ``given``."""
-        values = merged_settings(QUICK, quick, given)
-        options = cls(quick=quick, **values)
-        if len(options.prompt_lengths) < 3:
-            raise ValueError(
-                "infer needs at least 3 tasks (--prompt-lengths with 3 or more lengths)"
-            )
-        return options
-
-
-QUICK: dict[str, Any] = {
-    "requests": 24,
-    "batch_size": 8,
-    "repeats": 2,
-    "prompt_lengths": [4, 8, 12],
-}
 
 
 class PeftClassifier:

@@ -55,7 +55,6 @@ from softprompt.bench.common import (
     load_bench_model,
     matmul_peak_gflops,
     median,
-    merged_settings,
     peak_rss_mb,
     ratio,
     reset_peak_rss,
@@ -63,6 +62,10 @@ from softprompt.bench.common import (
     run_workers,
     timed,
 )
+from softprompt.bench.options import TrainBenchOptions
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.prompt_kv import compute_prompt_kv
+from softprompt.fastpath.scoring import label_scores
 
 logger = logging.getLogger(__name__)
 
@@ -71,40 +74,6 @@ MEMORY_STEPS = 3
 # Float32 rounding between two GEMM blockings stays far below this; a real mismatch (another
 # layout, positions, or prompt) moves label logits by whole units.
 SAME_FUNCTION_TOLERANCE = 1e-3
-
-
-@dataclass
-class TrainBenchOptions:
-    """Settings of ``softprompt bench train``."""
-
-    model: str = "smollm2-135m"
-    device: str = "cpu"
-    steps: int = 20
-    batch_size: int = 8
-    num_virtual_tokens: int = 20
-    repeats: int = 3
-    lr: float = 0.01
-    init: str = "TEXT"
-    eval_examples: int = 200
-    seed: int = 0
-    levers: bool = True
-    memory: bool = True
-    quick: bool = False
-
-    @classmethod
-    def resolve(cls, quick: bool = False, **given: Any) -> TrainBenchOptions:
-        """Defaults, then the quick settings (when ``quick``), then every non-None ``given``."""
-        values = merged_settings(QUICK, quick, given)
-        return cls(quick=quick, **values)
-
-
-QUICK: dict[str, Any] = {
-    "steps": 2,
-    "batch_size": 4,
-    "repeats": 2,
-    "eval_examples": 16,
-    "num_virtual_tokens": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -179,6 +148,7 @@ class TrainSetup:
         self.pad_id = self.tokenizer.pad_token_id
         self.prompted = self._softprompt_model()
         self.initial = self.prompted.get_prompt_embedding_to_save()
+        self.frozen = FrozenModel(self.model, self.tokenizer)
         self.peft_model: Any = None
 
     def _softprompt_model(self) -> Any:
@@ -243,7 +213,9 @@ class TrainSetup:
     ) -> float:
         """One forward + backward (+ optimizer step); returns the loss."""
         if variant.system == "softprompt":
-            loss = self.objective.loss(self.prompted, self.train, batch, variant.shared_prefix)
+            loss = self.objective.loss(
+                self.frozen, self.prompted.prompt, self.train, batch, variant.shared_prefix
+            )
         else:
             ids, mask, labels = self.peft_inputs(batch, variant.fixed_padding)
             loss = self.peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -352,17 +324,13 @@ class TrainSetup:
 
     def same_function_difference(self) -> float:
         """Max |label-word logit difference| between softprompt and PEFT at the initial prompt."""
-        from softprompt.fastpath.prefix import shared_prefix_hidden
-        from softprompt.fastpath.scoring import build_scoring_inputs, scores_from_hidden
-
         batch = self.plans[True][0]
         n = self.options.num_virtual_tokens
         with torch.no_grad():
-            inputs = build_scoring_inputs(
-                [self.train.sequences[i] for i in batch], self.objective.verbalizer, self.pad_id
-            ).to(self.device)
-            hidden = shared_prefix_hidden(self.prompted, inputs.input_ids, inputs.attention_mask)
-            ours = scores_from_hidden(self.prompted, hidden, inputs, 0)
+            ours = label_scores(
+                self.frozen, [self.train.sequences[i] for i in batch], self.objective.verbalizer,
+                prefix=compute_prompt_kv(self.frozen, self.prompted.prompt),
+            )
             ids, mask, _ = self.peft_inputs(batch, fixed=True)
             logits = self.peft_model(input_ids=ids, attention_mask=mask).logits
             last = (
@@ -376,13 +344,7 @@ class TrainSetup:
 
     def validate(self, prompt: torch.Tensor) -> dict[str, Any]:
         """Validation metrics of ``prompt`` with softprompt's scoring code."""
-        from softprompt.core.prompt_model import PromptTunedModel
-
-        config = dataclasses.replace(
-            self.prompted.peft_config, prompt_tuning_init="RANDOM", inference_mode=True
-        )
-        scorer = PromptTunedModel(self.model, config, prompt_weights=prompt.detach().cpu()).eval()
-        return self.objective.evaluate(scorer, self.validation)
+        return self.objective.evaluate(self.frozen, prompt.to(self.device), self.validation)
 
 
 # ---------------------------------------------------------------------------- run

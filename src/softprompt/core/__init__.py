@@ -1,10 +1,33 @@
 """The PEFT-compatible core: config, prompt embedding and its inits, combining a prompt with the
-input, the prompt-tuned model wrapper and PEFT-format checkpoints."""
+input, the prompt-tuned model wrapper and PEFT-format checkpoints.
 
-from softprompt.core.checkpoint import PromptCheckpoint, load_prompt, save_prompt
-from softprompt.core.config import PeftType, PromptTuningConfig, PromptTuningInit, TaskType
-from softprompt.core.prompt import PromptEmbedding
-from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
+The names import on first use (PEP 562), so that the torch-free ``core.config`` can be imported
+(by the options dataclasses behind the command line) without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from softprompt.core.checkpoint import PromptCheckpoint, load_prompt, save_prompt
+    from softprompt.core.config import PeftType, PromptTuningConfig, PromptTuningInit, TaskType
+    from softprompt.core.prompt import PromptEmbedding
+    from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
+
+_MODULES = {
+    "PromptCheckpoint": "checkpoint",
+    "load_prompt": "checkpoint",
+    "save_prompt": "checkpoint",
+    "PeftType": "config",
+    "PromptTuningConfig": "config",
+    "PromptTuningInit": "config",
+    "TaskType": "config",
+    "PromptEmbedding": "prompt",
+    "PromptTunedModel": "prompt_model",
+    "get_prompt_model": "prompt_model",
+}
 
 __all__ = [
     "PeftType",
@@ -18,3 +41,9 @@ __all__ = [
     "load_prompt",
     "save_prompt",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return getattr(importlib.import_module(f"softprompt.core.{_MODULES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from softprompt.core.checkpoint import load_prompt, save_prompt
+from softprompt.core.checkpoint import check_prompt_width, load_prompt, save_prompt
 from softprompt.core.combine import CombinedInputs, insert_prompt
 from softprompt.core.config import PromptTuningConfig, TaskType
 from softprompt.core.prompt import PromptEmbedding
@@ -77,6 +77,11 @@ class PromptTunedModel(nn.Module):
         """``(batch_size, total_virtual_tokens, token_dim)`` fp32 prompt."""
         indices = self.prompt_tokens.unsqueeze(0).expand(batch_size, -1)
         return self.prompt_encoder(indices)
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """``(num_virtual_tokens, token_dim)`` fp32 prompt rows (the trainable parameter itself)."""
+        return self.prompt_encoder.embedding.weight[: self.num_virtual_tokens]
 
     def get_prompt_embedding_to_save(self) -> torch.Tensor:
         """``(total_virtual_tokens, token_dim)`` detached copy of the prompt, as PEFT saves it."""
@@ -182,42 +187,6 @@ class PromptTunedModel(nn.Module):
             **kwargs,
         )
 
-    # ----------------------------------------------------------------- fast paths
-    def last_hidden_state(self, combined: CombinedInputs) -> torch.Tensor:
-        """Final hidden states of a decoder body, without the LM head.
-
-        Returns:
-            ``(B, n + T, H)`` hidden states (after the final norm).
-        """
-        body = self.base_model.base_model
-        inputs = self._model_inputs(combined)
-        return body(**inputs, use_cache=False).last_hidden_state
-
-    def output_rows(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's weight rows ``(C, H)`` (and bias ``(C,)``) for the given token ids."""
-        head = self.base_model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        return head.weight[token_ids], (bias[token_ids] if bias is not None else None)
-
-    def head_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """LM-head logits of ``hidden`` ``(..., H)`` for ``token_ids`` ``(C,)`` or the whole vocabulary.
-
-        Applies final logit soft-capping where the model has it (Gemma 2).
-        """
-        head = self.base_model.get_output_embeddings()
-        if token_ids is None:
-            logits = head(hidden)
-        else:
-            weight, bias = self.output_rows(token_ids)
-            logits = hidden @ weight.T.to(hidden.dtype)
-            if bias is not None:
-                logits = logits + bias
-        text_config = getattr(self.config, "get_text_config", lambda: self.config)()
-        cap = getattr(text_config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(
@@ -267,13 +236,10 @@ class PromptTunedModel(nn.Module):
             is_trainable: keep the prompt trainable to continue training (PEFT cannot).
         """
         checkpoint = load_prompt(directory)
-        embedding_dim = model.get_input_embeddings().weight.shape[1]
-        if checkpoint.weights.shape[1] != embedding_dim:
-            raise ValueError(
-                f"{directory}: the prompt has width {checkpoint.weights.shape[1]} but the model's "
-                f"embedding size is {embedding_dim}; it was tuned for another model "
-                f"({checkpoint.config.base_model_name_or_path or 'unknown'})"
-            )
+        check_prompt_width(
+            checkpoint.weights.shape[1], model.get_input_embeddings().weight.shape[1],
+            str(directory), checkpoint.config.base_model_name_or_path,
+        )
         _check_extra_tensors(model, checkpoint.extra_tensors, directory)
         config = checkpoint.config
         config.inference_mode = not is_trainable

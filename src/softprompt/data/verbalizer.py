@@ -54,6 +54,14 @@ class TokenizedVerbalizer:
         """list[int]: The first token of each label's primary word, shape (num_labels,)."""
         return [ids[0] for ids in self.label_token_ids]
 
+    @property
+    def continuation_room(self) -> int:
+        """int: Positions the label continuations take after a text (multi-token words: the
+        longest word's tokens but its last; single-token words: none)."""
+        if self.is_single_token:
+            return 0
+        return max(len(ids) for ids in self.label_token_ids) - 1
+
     def index(self, label: str) -> int:
         """Returns the class index of ``label``."""
         try:

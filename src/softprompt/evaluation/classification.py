@@ -1,4 +1,4 @@
-"""Classification evaluation: encode a split, score every label, and report metrics.
+"""Classification evaluation: score a split's labels, and report metrics.
 
 Baselines for the paper's comparison run through the same code: zero-shot (the instruction in
 the text, no soft prompt) and few-shot in-context prompting (K labelled training examples in
@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from softprompt.data import Record, Template
-from softprompt.core.prompt_model import PromptTunedModel
-from softprompt.fastpath.prefix import shared_prefix_hidden
-from softprompt.fastpath.scoring import build_scoring_inputs, label_scores, scores_from_hidden
+from softprompt.data import Record, Template, TokenizedVerbalizer
+from softprompt.data.encoding import InputEncoding
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.prompt_kv import compute_prompt_kv
+from softprompt.fastpath.scoring import label_scores
 
 
 @dataclass
@@ -32,74 +33,55 @@ class EncodedSplit:
         return len(self.sequences)
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text (one batched tokenizer call); an over-long text keeps its end,
-    where the template's cue sits."""
-    if not texts:
-        return []
-    return [ids[-max_length:] for ids in tokenizer(list(texts))["input_ids"]]
-
-
 def encode_classification(
-    records: Sequence[Record],
-    template: Template,
-    tokenizer: Any,
-    labels: Sequence[str],
-    label_column: str,
-    max_length: int,
-    context: str = "",
+    records: Sequence[Record], encoding: InputEncoding, labels: Sequence[str], label_column: str
 ) -> EncodedSplit:
-    """Render and tokenize records.
+    """Encode records (see :mod:`softprompt.data.encoding`) with their gold label indices.
 
     Args:
         records: the examples.
-        template: renders a record to the model's input text.
-        tokenizer: the model's tokenizer.
+        encoding: template, length limit and context.
         labels: label names in verbalizer order.
         label_column: field holding the gold label.
-        max_length: token cap per example.
-        context: text put before every rendered example (zero-/few-shot baselines).
     """
     index = {label: position for position, label in enumerate(labels)}
-    sequences = encode_texts(tokenizer, [context + template.render(record) for record in records], max_length)
-    return EncodedSplit(sequences, [index[record[label_column]] for record in records])
+    return EncodedSplit(encoding.encode(records), [index[record[label_column]] for record in records])
 
 
 @torch.no_grad()
-def score_encoded(
-    model: PromptTunedModel,
-    encoded: EncodedSplit,
-    verbalizer: Any,
-    pad_id: int,
+def score_split(
+    frozen: FrozenModel,
+    prompt: torch.Tensor | None,
+    sequences: Sequence[Sequence[int]],
+    verbalizer: TokenizedVerbalizer,
     batch_size: int = 16,
-    use_prompt: bool = True,
     shared_prefix: bool = True,
     description: str | None = None,
 ) -> torch.Tensor:
-    """Label scores for every example.
+    """Label scores for every encoded example.
 
     Args:
-        use_prompt: False scores the frozen model alone (baselines).
-        shared_prefix: compute the prompt once per batch (same numbers, faster).
+        frozen: the frozen model.
+        prompt: ``(n, H)`` the soft prompt, or None for the frozen model alone (baselines).
+        sequences: encoded examples.
+        verbalizer: the label words.
+        batch_size: examples per forward (batches are formed by length).
+        shared_prefix: compute the prompt's keys/values once for the whole split (same numbers
+            as running the prompt with every batch, which False does).
+        description: progress bar label; None hides the bar.
 
     Returns:
-        ``(N, C)`` label scores in the original order.
+        ``(N, C)`` fp32 label scores in the original order.
     """
-    order = sorted(range(len(encoded)), key=lambda position: len(encoded.sequences[position]))
-    scores = torch.empty(len(encoded), len(verbalizer.labels))
+    prefix = compute_prompt_kv(frozen, prompt) if prompt is not None and shared_prefix else None
+    order = sorted(range(len(sequences)), key=lambda position: len(sequences[position]))
+    scores = torch.empty(len(sequences), len(verbalizer.labels))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=description or "eval", leave=False, disable=description is None):
-        inputs = build_scoring_inputs([encoded.sequences[i] for i in batch], verbalizer, pad_id)
-        inputs = inputs.to(model.device)
-        if not use_prompt:
-            empty = torch.zeros(inputs.input_ids.shape[0], 0, model.peft_config.token_dim, device=model.device)
-            batch_scores = label_scores(model, inputs, prompt=empty)
-        elif shared_prefix:
-            hidden = shared_prefix_hidden(model, inputs.input_ids, inputs.attention_mask)
-            batch_scores = scores_from_hidden(model, hidden, inputs, 0)
-        else:
-            batch_scores = label_scores(model, inputs)
-        scores[batch] = batch_scores.float().cpu()
+        texts = [sequences[i] for i in batch]
+        prompts = [prompt] * len(batch) if prompt is not None and not shared_prefix else None
+        batch_scores = label_scores(frozen, texts, verbalizer, prefix=prefix, prompts=prompts)
+        scores[batch] = batch_scores.cpu()
     return scores
 
 

@@ -2,17 +2,21 @@
 
 Scores a tuned prompt, or a baseline without one (zero-shot instruction, few-shot in-context
 examples), on a dataset split, and reports accuracy, per-label precision/recall and the
-confusion matrix.
+confusion matrix. A checkpoint remembers how it was trained (dataset, columns, template,
+verbalizer, input length limit: its ``softprompt.json``), so ``--prompt DIR`` alone reproduces
+training's setting; any of them can be overridden. Inputs are encoded and cut exactly as the
+Engine and the server do (:mod:`softprompt.data.encoding`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from softprompt.core.checkpoint import atomic_write_json, load_prompt
-from softprompt.core.config import PromptTuningConfig
+from softprompt.core.checkpoint import atomic_write_json, atomic_write_text, load_prompt
 from softprompt.data import (
     SPLITS,
     Template,
@@ -21,105 +25,165 @@ from softprompt.data import (
     load_dataset,
     parse_verbalizer,
 )
+from softprompt.data.encoding import InputEncoding, input_limit, text_field_of
 from softprompt.evaluation.classification import (
     classification_metrics,
     encode_classification,
     few_shot_context,
-    score_encoded,
+    score_split,
 )
-from softprompt.core.prompt_model import PromptTunedModel
-from softprompt.training.options import DEFAULT_INIT_TEXT
+from softprompt.evaluation.options import EvalOptions
 
 logger = logging.getLogger(__name__)
-BASELINES = ("zero-shot", "few-shot")
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATASET = "rotten_tomatoes"
 
 
-def evaluate_prompt(
-    prompt: str | Path | None = None,
-    *,
-    model: str | None = None,
-    dataset: str | None = None,
-    split: str = "test",
-    baseline: str | None = None,
-    shots: int = 4,
-    instruction: str = DEFAULT_INIT_TEXT,
-    template: str | None = None,
-    verbalizer: str | None = None,
-    text_column: str = "text",
-    label_column: str = "label",
-    max_examples: int | None = None,
-    batch_size: int = 16,
-    seed: int = 0,
-    device: str = "cpu",
-    output: str | Path | None = None,
-) -> dict[str, Any]:
+def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dict[str, Any]:
     """Evaluate a prompt checkpoint or a baseline on one split.
 
     Args:
-        prompt: checkpoint directory; template, verbalizer, model and dataset default to its metadata.
-        baseline: ``zero-shot`` (instruction, no prompt) or ``few-shot`` (``shots`` examples in context).
-        output: where to write the JSON result (default: ``<prompt>/../eval-<split>.json`` for a prompt).
+        options: what to evaluate; or give its fields as keyword arguments.
+        **overrides: fields applied on top of ``options``.
 
     Returns:
-        Metrics: accuracy, per_label, confusion_matrix, plus what was evaluated.
+        Metrics (accuracy, per_label, confusion_matrix, examples) and what was evaluated; also
+        written to ``options.output`` (default ``<prompt>/../eval-<split>.json`` for a prompt).
+
+    Raises:
+        ValueError: bad options, or a checkpoint/dataset that does not fit them.
     """
+    options = _resolve(options, overrides)
+    checkpoint = load_prompt(options.prompt) if options.prompt else None
+    setting = _setting(options, checkpoint.metadata if checkpoint else {})
+    splits = load_dataset(
+        setting["dataset"], text_column=setting["text_column"], label_column=setting["label_column"]
+    )
+    verbalizer = _verbalizer(options.verbalizer, setting["verbalizer"], splits.labels or [])
+    template = Template(setting["template"])
+    records = splits.split(options.split)
+    records = records[: options.max_examples] if options.max_examples else records
+
+    from softprompt.fastpath.frozen import FrozenModel
     from softprompt.models import load_model
 
-    if prompt is None and baseline is None:
-        raise ValueError("give --prompt DIR, or --baseline zero-shot|few-shot")
-    if baseline is not None and baseline not in BASELINES:
-        raise ValueError(f"baseline={baseline!r} is not valid; allowed: {', '.join(BASELINES)}")
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not valid; allowed: {', '.join(SPLITS)}")
-    metadata: dict[str, Any] = {}
-    checkpoint = None
-    if prompt is not None:
-        checkpoint = load_prompt(prompt)
-        metadata = checkpoint.metadata
-    model = model or metadata.get("base_model") or "smollm2-135m"
-    dataset = dataset or metadata.get("dataset") or "rotten_tomatoes"
-    splits = load_dataset(dataset, text_column=text_column, label_column=label_column)
-    records = splits.split(split)[:max_examples] if max_examples else splits.split(split)
-    template_obj = Template(template or metadata.get("template") or default_template(dataset, text_column).format)
-    if verbalizer:
-        verbalizer_obj = parse_verbalizer(verbalizer)
-    elif metadata.get("verbalizer"):
-        verbalizer_obj = Verbalizer(metadata["verbalizer"])
-    else:
-        verbalizer_obj = Verbalizer.default_for(splits.labels or [])
-    verbalizer_obj.check_labels(splits.labels or [])
-    base, tokenizer = load_model(model, dtype="float32", device=device)
-    tokenized = verbalizer_obj.tokenize(tokenizer)
+    base, tokenizer = load_model(setting["model"], dtype=options.dtype, device=options.device)
+    frozen = FrozenModel(base.eval().requires_grad_(False), tokenizer)
+    tokenized = verbalizer.tokenize(tokenizer)
+    prompt = None
     if checkpoint is not None:
-        prompted = PromptTunedModel.from_pretrained(base, prompt)
-    else:
-        config = PromptTuningConfig(num_virtual_tokens=1, seed=seed)
-        prompted = PromptTunedModel(base, config)
-    context = ""
-    if baseline == "zero-shot":
-        context = instruction + "\n"
-    elif baseline == "few-shot":
-        words = {label: verbalizer_obj.words(label)[0] for label in verbalizer_obj.labels}
-        context = few_shot_context(splits.train, template_obj, words, label_column, shots, seed, instruction)
-    encoded = encode_classification(
-        records, template_obj, tokenizer, tokenized.labels, label_column, max_length=2048, context=context
+        frozen.check_prompt_width(
+            checkpoint.weights.shape[1], str(options.prompt), checkpoint.config.base_model_name_or_path
+        )
+        prompt = checkpoint.weights[: checkpoint.config.num_virtual_tokens].to(frozen.device)
+    context = _baseline_context(options, splits.train, template, verbalizer, setting["label_column"])
+    limit = input_limit(
+        setting["max_length"], frozen.max_positions, 0 if prompt is None else prompt.shape[0],
+        tokenized.continuation_room,
     )
-    scores = score_encoded(
-        prompted, encoded, tokenized, tokenizer.pad_token_id, batch_size,
-        use_prompt=baseline is None, description=f"eval {split}",
+    encoding = InputEncoding(
+        tokenizer, template, text_field_of(template, setting["text_column"]), limit, context
+    )
+    encoded = encode_classification(records, encoding, tokenized.labels, setting["label_column"])
+    scores = score_split(
+        frozen, prompt, encoded.sequences, tokenized, options.batch_size,
+        description=f"eval {options.split}",
     )
     result = classification_metrics(scores, encoded.targets, tokenized.labels)
+    if options.predictions:
+        _write_predictions(options.predictions, records, scores, encoded.targets, tokenized.labels)
+        result["predictions"] = str(options.predictions)
     result.update({
-        "prompt": str(prompt) if prompt else None,
-        "baseline": baseline,
-        "shots": shots if baseline == "few-shot" else None,
-        "model": model,
-        "dataset": dataset,
-        "split": split,
-        "template": template_obj.format,
+        "prompt": str(options.prompt) if options.prompt else None,
+        "baseline": options.baseline,
+        "shots": options.shots if options.baseline == "few-shot" else None,
+        "split": options.split,
+        **{key: setting[key] for key in ("model", "dataset", "template", "max_length")},
     })
-    if output is None and prompt is not None:
-        output = Path(prompt).parent / f"eval-{split}.json"
+    return _write(result, options)
+
+
+def _resolve(options: EvalOptions | None, overrides: dict[str, Any]) -> EvalOptions:
+    """The options, checked for what a checkpoint cannot fill in."""
+    options = EvalOptions(**overrides) if options is None else dataclasses.replace(options, **overrides)
+    if options.prompt is None and options.baseline is None:
+        raise ValueError("give --prompt DIR, or --baseline zero-shot|few-shot")
+    if options.split not in SPLITS:
+        raise ValueError(f"split={options.split!r} is not valid; allowed: {', '.join(SPLITS)}")
+    return options
+
+
+def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Each dataset setting: the option if given, else the checkpoint's, else the default."""
+
+    def pick(name: str, default: Any = None) -> Any:
+        value = getattr(options, name)
+        return value if value is not None else metadata.get(name, default)
+
+    task = options.task_type or metadata.get("task") or "classification"
+    if task != "classification":
+        raise ValueError(
+            f"{options.prompt or 'eval'}: task {task!r}: softprompt eval scores classification "
+            "prompts; a generation prompt's test metrics are in its run's report.json"
+        )
+    dataset = pick("dataset", DEFAULT_DATASET)
+    text_column = pick("text_column", "text")
+    return {
+        "model": options.model or metadata.get("base_model") or DEFAULT_MODEL,
+        "dataset": dataset,
+        "text_column": text_column,
+        "label_column": pick("label_column", "label"),
+        "template": pick("template") or default_template(dataset, text_column).format,
+        "verbalizer": metadata.get("verbalizer"),
+        "max_length": pick("max_length"),
+    }
+
+
+def _verbalizer(given: str | None, stored: dict[str, Any] | None, labels: list[str]) -> Verbalizer:
+    if given:
+        verbalizer = parse_verbalizer(given)
+    elif stored:
+        verbalizer = Verbalizer(dict(stored))
+    else:
+        verbalizer = Verbalizer.default_for(labels)
+    verbalizer.check_labels(labels)
+    return verbalizer
+
+
+def _baseline_context(
+    options: EvalOptions, train: list, template: Template, verbalizer: Verbalizer, label_column: str
+) -> str:
+    """The text before every example: the instruction (zero-shot), examples (few-shot), or none."""
+    if options.baseline == "zero-shot":
+        return options.instruction + "\n"
+    if options.baseline == "few-shot":
+        words = {label: verbalizer.words(label)[0] for label in verbalizer.labels}
+        return few_shot_context(
+            train, template, words, label_column, options.shots, options.seed, options.instruction
+        )
+    return ""
+
+
+def _write_predictions(
+    path: str | Path, records: list, scores: Any, targets: list[int], labels: list[str]
+) -> None:
+    """One JSON line per example: its record, gold label, predicted label and probabilities."""
+    probabilities = scores.softmax(dim=-1).tolist()
+    lines = []
+    for record, gold, row in zip(records, targets, probabilities, strict=True):
+        best = max(range(len(labels)), key=row.__getitem__)
+        lines.append(json.dumps({
+            "record": record, "gold": labels[gold], "label": labels[best],
+            "probabilities": dict(zip(labels, row, strict=True)),
+        }, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _write(result: dict[str, Any], options: EvalOptions) -> dict[str, Any]:
+    output = options.output
+    if output is None and options.prompt is not None:
+        output = Path(options.prompt).parent / f"eval-{options.split}.json"
     if output is not None:
         atomic_write_json(output, result)
         result["output"] = str(output)
@@ -143,3 +207,4 @@ def format_metrics(result: dict[str, Any]) -> str:
     for label, row in zip(matrix["labels"], matrix["rows_gold_columns_predicted"], strict=True):
         lines.append(f"  {label:<14} " + " ".join(f"{value:>6d}" for value in row))
     return "\n".join(lines)
+

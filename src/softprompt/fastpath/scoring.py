@@ -1,137 +1,209 @@
-"""Verbalizer scoring: label log-probabilities from a causal model's hidden states.
+"""Verbalizer scoring: each label's score for texts behind a prompt, from the frozen model.
 
-Single-token label words (the common case) need only the hidden state at each row's last real
-position and the label words' rows of the LM head: ``(B, H) @ (H, C)``. The full-vocabulary
-logits, by far the largest tensor of a small model's forward, are never formed.
+Single-token label words (the common case) need only the hidden state at each text's last
+position and the label words' rows of the LM head: ``(B, H) @ (H, C)``; the full-vocabulary
+logits are never formed. The scores are the label words' logits.
 
-Multi-token label words are scored by the summed log-probability of their tokens: each row is
-repeated once per label with that label's tokens appended (all but the last), and the
-full-vocabulary log-softmax is taken only at the few positions that predict label tokens.
+Multi-token label words are scored by the summed log-probability of their tokens. With the
+prompt's keys/values cached, the text runs once; its keys/values (behind the prompt's) become
+the prefix of the label continuations, which run together as short rows
+(:func:`softprompt.fastpath.prompt_kv.extend_prefix`), so the text is never copied per label.
+With the prompt in the input instead (``prompts=``, one forward, as FSDP2-sharded training
+needs), each such text is repeated once per label with the label's tokens appended.
+
+Rows may carry different verbalizers (tasks mixed in one forward: the Engine).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.data.verbalizer import TokenizedVerbalizer
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.prompt_kv import (
+    PrefixedBatch,
+    PromptKV,
+    extend_prefix,
+    prefixed_batch,
+    run,
+    uncached_batch,
+)
 
 
-@dataclass
-class ScoringInputs:
-    """A right-padded batch ready for scoring.
-
-    Attributes:
-        input_ids: ``(R, T)``; R = B for single-token verbalizers, B * C otherwise.
-        attention_mask: ``(R, T)``.
-        label_token_ids: ``(C,)`` first tokens (single-token) or None.
-        target_positions: ``(R, K)`` positions (in ``input_ids``) whose next-token distribution
-            predicts label token k; multi-token only.
-        target_ids: ``(R, K)`` the label tokens, ``-100`` where a label is shorter than K.
-        num_labels: C.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    label_token_ids: torch.Tensor | None
-    target_positions: torch.Tensor | None
-    target_ids: torch.Tensor | None
-    num_labels: int
-
-    @property
-    def batch_size(self) -> int:
-        return self.input_ids.shape[0] if self.label_token_ids is not None else self.input_ids.shape[0] // self.num_labels
-
-    def to(self, device: torch.device | str) -> ScoringInputs:
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device)
-
-        return ScoringInputs(
-            move(self.input_ids), move(self.attention_mask), move(self.label_token_ids),
-            move(self.target_positions), move(self.target_ids), self.num_labels,
-        )
-
-
-def _pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
-    return ids, mask
-
-
-def build_scoring_inputs(sequences: list[list[int]], verbalizer: Any, pad_id: int) -> ScoringInputs:
-    """Prepare token-id sequences (prompted text, unpadded) for label scoring.
-
-    Args:
-        sequences: B lists of token ids, each non-empty.
-        verbalizer: a ``TokenizedVerbalizer`` (``label_token_ids``, ``is_single_token``).
-        pad_id: padding token id.
-    """
-    if any(len(sequence) == 0 for sequence in sequences):
-        raise ValueError("cannot score an empty input: every text must have at least one token")
-    num_labels = len(verbalizer.label_token_ids)
-    if verbalizer.is_single_token:
-        ids, mask = _pad_right(sequences, pad_id)
-        first = torch.tensor([tokens[0] for tokens in verbalizer.label_token_ids], dtype=torch.long)
-        return ScoringInputs(ids, mask, first, None, None, num_labels)
-    longest = max(len(tokens) for tokens in verbalizer.label_token_ids)
-    rows, positions, targets = [], [], []
-    for sequence in sequences:
-        for tokens in verbalizer.label_token_ids:
-            rows.append(sequence + tokens[:-1])
-            start = len(sequence) - 1
-            positions.append([start + k if k < len(tokens) else start for k in range(longest)])
-            targets.append([tokens[k] if k < len(tokens) else -100 for k in range(longest)])
-    ids, mask = _pad_right(rows, pad_id)
-    return ScoringInputs(
-        ids, mask, None, torch.tensor(positions, dtype=torch.long), torch.tensor(targets), num_labels
-    )
-
-
-def scores_from_hidden(
-    model: PromptTunedModel, hidden: torch.Tensor, inputs: ScoringInputs, offset: torch.Tensor | int
+def label_scores(
+    frozen: FrozenModel,
+    token_ids: Sequence[Sequence[int]],
+    verbalizer: TokenizedVerbalizer,
+    *,
+    prefix: PromptKV | None = None,
+    prompts: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Label scores from hidden states.
+    """Label scores of texts behind a prompt, all with one verbalizer.
 
     Args:
-        model: supplies the LM head.
-        hidden: ``(R, L, H)`` hidden states where text position t sits at ``offset + t``.
-        inputs: the scoring batch.
-        offset: int or ``(R,)`` shift from text positions to hidden positions (the prompt length
-            when the prompt is in ``hidden``; 0 when it came from a KV cache).
+        frozen: the frozen model.
+        token_ids: B encoded texts (template rendered), each non-empty.
+        verbalizer: the label words.
+        prefix: the prompt's keys/values: one row for every text, or one row per text.
+        prompts: instead of ``prefix``, per text ``(n, H)`` prompt embeddings run in the input.
+            Neither: the texts alone (zero-/few-shot baselines).
 
     Returns:
-        ``(B, C)`` unnormalised label scores: label-word logits (single-token) or summed
-        log-probabilities (multi-token). ``log_softmax(dim=-1)`` gives label log-probabilities.
+        ``(B, C)`` fp32 unnormalised scores: label-word logits (single-token) or summed
+        log-probabilities (multi-token); ``log_softmax(dim=-1)`` gives label log-probabilities.
+        Differentiable with respect to the prompt.
     """
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    offset = torch.as_tensor(offset, device=hidden.device)
-    if inputs.label_token_ids is not None:
-        last = inputs.attention_mask.sum(dim=1) - 1 + offset
-        return model.head_logits(hidden[rows, last], inputs.label_token_ids).float()
-    positions = inputs.target_positions + (offset.unsqueeze(-1) if offset.ndim else offset)
-    selected = hidden[rows.unsqueeze(1), positions]  # (R, K, H)
-    log_probs = model.head_logits(selected).float().log_softmax(dim=-1)
-    targets = inputs.target_ids
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    summed = (picked * (targets != -100)).sum(dim=-1)
-    return summed.view(-1, inputs.num_labels)
+    rows = mixed_label_scores(
+        frozen, token_ids, [verbalizer] * len(token_ids), prefix=prefix, prompts=prompts
+    )
+    return torch.stack(rows)
 
 
-def label_scores(model: PromptTunedModel, inputs: ScoringInputs, prompt: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompted model and return ``(B, C)`` label scores (see :func:`scores_from_hidden`).
+def mixed_label_scores(
+    frozen: FrozenModel,
+    token_ids: Sequence[Sequence[int]],
+    verbalizers: Sequence[TokenizedVerbalizer],
+    *,
+    prefix: PromptKV | None = None,
+    prompts: Sequence[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    """Label scores of texts with a verbalizer each, in one text forward.
 
     Args:
-        model: the prompted model (CAUSAL_LM).
-        inputs: from :func:`build_scoring_inputs`, on the model's device.
-        prompt: optional ``(R, n, H)`` prompt replacing the model's own (e.g. no prompt: n = 0).
+        frozen, token_ids, prefix, prompts: as :func:`label_scores`.
+        verbalizers: per text its verbalizer (the same object may repeat).
+
+    Returns:
+        Per text a ``(C_i,)`` fp32 score vector (see :func:`label_scores`).
     """
-    combined = model.combine(inputs.input_ids, inputs.attention_mask, prompt=prompt)
-    hidden = model.last_hidden_state(combined)
-    num_virtual = combined.inputs_embeds.shape[1] - inputs.input_ids.shape[1]
-    return scores_from_hidden(model, hidden, inputs, num_virtual)
+    if prefix is not None and prompts is not None:
+        raise ValueError("give prefix (cached prompt) or prompts (uncached), not both")
+    if prompts is not None:
+        return _uncached_scores(frozen, token_ids, verbalizers, prompts)
+    multi = any(not verbalizer.is_single_token for verbalizer in verbalizers)
+    batch = prefixed_batch(frozen, prefix, token_ids, keep_all_positions=multi)
+    last = _at(run(frozen, batch), batch.last_text_index())  # (B, H)
+    scores: list[torch.Tensor | None] = [None] * len(token_ids)
+    for verbalizer, rows in _groups(verbalizers).values():
+        index = torch.tensor(rows, device=last.device)
+        if verbalizer.is_single_token:
+            group = _first_token_logits(frozen, last[index], verbalizer)
+        else:
+            group = _continuation_scores(frozen, batch, index, last[index], verbalizer)
+        for row, vector in zip(rows, group, strict=True):
+            scores[row] = vector
+    return scores
+
+
+def _first_token_logits(
+    frozen: FrozenModel, last: torch.Tensor, verbalizer: TokenizedVerbalizer
+) -> torch.Tensor:
+    """``(B, C)`` label-word logits from the last text positions' ``(B, H)`` hidden states."""
+    first = torch.tensor(verbalizer.first_token_ids, device=last.device)
+    return frozen.logits(last, first).float()
+
+
+def _continuation_scores(
+    frozen: FrozenModel,
+    batch: PrefixedBatch,
+    rows: torch.Tensor,
+    last: torch.Tensor,
+    verbalizer: TokenizedVerbalizer,
+) -> torch.Tensor:
+    """``(B, C)`` multi-token scores of ``batch``'s ``rows``: the label continuations run behind
+    each text's keys/values (the batch ran with every position kept)."""
+    words = verbalizer.label_token_ids
+    first_ids = torch.tensor([ids[0] for ids in words], device=last.device)
+    scores = frozen.logits(last).float().log_softmax(dim=-1)[:, first_ids]
+    longer = [label for label, ids in enumerate(words) if len(ids) > 1]
+    if not longer:
+        return scores
+    owners = rows.repeat_interleave(len(longer))
+    continuations = [words[label][:-1] for _ in range(len(rows)) for label in longer]
+    targets = [words[label][1:] for _ in range(len(rows)) for label in longer]
+    behind_text = extend_prefix(batch, rows=owners)
+    hidden = run(frozen, prefixed_batch(frozen, behind_text, continuations))  # (B * L, K - 1, H)
+    rest = _summed_log_probs(frozen, hidden, targets).view(len(rows), len(longer))
+    extra = torch.zeros_like(scores)
+    extra[:, longer] = rest
+    return scores + extra
+
+
+def _uncached_scores(
+    frozen: FrozenModel,
+    token_ids: Sequence[Sequence[int]],
+    verbalizers: Sequence[TokenizedVerbalizer],
+    prompts: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """Scores in one forward with the prompts in the input; a multi-token text is repeated
+    once per label with the label's tokens (all but the last) appended."""
+    rows, row_prompts, owners = [], [], []
+    for text, (verbalizer, prompt) in enumerate(zip(verbalizers, prompts, strict=True)):
+        words = [[]] if verbalizer.is_single_token else [ids[:-1] for ids in verbalizer.label_token_ids]
+        for tail in words:
+            rows.append(list(token_ids[text]) + tail)
+            row_prompts.append(prompt)
+            owners.append(text)
+    batch = uncached_batch(frozen, row_prompts, rows)
+    hidden = run(frozen, batch)
+    scores: list[torch.Tensor | None] = [None] * len(token_ids)
+    first_row = {text: owners.index(text) for text in range(len(token_ids))}
+    for verbalizer, texts in _groups(verbalizers).values():
+        starts = torch.tensor([first_row[text] for text in texts], device=hidden.device)
+        if verbalizer.is_single_token:
+            last = _at(hidden[starts], batch.last_text_index()[starts])
+            group = _first_token_logits(frozen, last, verbalizer)
+        else:
+            group = _repeated_text_scores(frozen, hidden, batch, starts, token_ids, texts, verbalizer)
+        for text, vector in zip(texts, group, strict=True):
+            scores[text] = vector
+    return scores
+
+
+def _repeated_text_scores(
+    frozen: FrozenModel,
+    hidden: torch.Tensor,
+    batch: PrefixedBatch,
+    starts: torch.Tensor,
+    token_ids: Sequence[Sequence[int]],
+    texts: list[int],
+    verbalizer: TokenizedVerbalizer,
+) -> torch.Tensor:
+    """``(B, C)`` multi-token scores read from a text's C repeated rows (from ``starts``)."""
+    words = verbalizer.label_token_ids
+    longest = max(len(ids) for ids in words)
+    row_index = (starts.unsqueeze(1) + torch.arange(len(words), device=starts.device)).flatten()
+    ends = [batch.text_offset + len(token_ids[text]) - 1 for text in texts for _ in words]
+    columns = torch.tensor([[end + k for k in range(longest)] for end in ends], device=hidden.device)
+    selected = hidden[row_index.unsqueeze(1), columns.clamp(max=hidden.shape[1] - 1)]
+    summed = _summed_log_probs(frozen, selected, [ids for _ in texts for ids in words])
+    return summed.view(len(texts), len(words))
+
+
+def _summed_log_probs(
+    frozen: FrozenModel, hidden: torch.Tensor, targets: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """``(R,)`` sum over k of log p(targets[r][k]) from ``hidden[r, k]`` ``(R, K, H)``."""
+    longest = hidden.shape[1]
+    padded = torch.tensor([list(ids) + [-100] * (longest - len(ids)) for ids in targets])
+    padded = padded.to(hidden.device)
+    log_probs = frozen.logits(hidden).float().log_softmax(dim=-1)
+    picked = log_probs.gather(-1, padded.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (padded != -100)).sum(dim=-1)
+
+
+def _groups(
+    verbalizers: Sequence[TokenizedVerbalizer],
+) -> dict[int, tuple[TokenizedVerbalizer, list[int]]]:
+    """Row indices by verbalizer (object identity), in first-seen order."""
+    groups: dict[int, tuple[TokenizedVerbalizer, list[int]]] = {}
+    for row, verbalizer in enumerate(verbalizers):
+        groups.setdefault(id(verbalizer), (verbalizer, []))[1].append(row)
+    return groups
+
+
+def _at(hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``(R, H)``: row r's hidden state at ``columns[r]``."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), columns]

@@ -1,18 +1,38 @@
 """Serving prompt-tuned tasks: mixed-task batches, prompt KV caches, ensembles, generation.
 
 See :class:`Engine`. The prompt KV cache and batch layout live in
-:mod:`softprompt.fastpath.prompt_kv`, the decoding loop in :mod:`softprompt.inference.decoding`.
+:mod:`softprompt.fastpath.prompt_kv`, the decoding loop in :mod:`softprompt.fastpath.decoding`.
+The names import on first use (PEP 562), so that :mod:`softprompt.inference.options` (behind the
+command line) loads without torch.
 """
 
-from softprompt.inference.decoding import GenerateParams, GenerateResult
-from softprompt.inference.engine import (
-    ClassifyResult,
-    Engine,
-    InputTooLongError,
-    TaskInfo,
-    TaskLoadError,
-    TaskNotFoundError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from softprompt.fastpath.decoding import GenerateParams, GenerateResult
+    from softprompt.inference.engine import (
+        ClassifyResult,
+        Engine,
+        InputTooLongError,
+        TaskInfo,
+        TaskLoadError,
+        TaskNotFoundError,
+    )
+
+_ENGINE = "softprompt.inference.engine"
+_MODULES = {
+    "GenerateParams": "softprompt.fastpath.decoding",
+    "GenerateResult": "softprompt.fastpath.decoding",
+    "ClassifyResult": _ENGINE,
+    "Engine": _ENGINE,
+    "InputTooLongError": _ENGINE,
+    "TaskInfo": _ENGINE,
+    "TaskLoadError": _ENGINE,
+    "TaskNotFoundError": _ENGINE,
+}
 
 __all__ = [
     "ClassifyResult",
@@ -24,3 +44,9 @@ __all__ = [
     "TaskLoadError",
     "TaskNotFoundError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return getattr(importlib.import_module(_MODULES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

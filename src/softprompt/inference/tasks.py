@@ -1,13 +1,13 @@
 """Tasks the engine serves: loading prompt checkpoints into tasks, and encoding their inputs.
 
 A task is one prompt (or several: an ensemble) read from ``softprompt.json`` checkpoints, each
-with its template and, for classification, its verbalizer; :func:`load_member` reads one,
-:func:`make_task` joins them into a task.
+with its template, its input length limit and, for classification, its verbalizer;
+:func:`load_member` reads one, :func:`make_task` joins them into a task.
 
-Input length: the rendered template's tokens may fill the positions its prompt leaves. Longer
-inputs fail with :class:`InputTooLongError` unless ``truncate=True``, which cuts the text
-token-wise: its beginning is kept for classification (the template's suffix, which leads to the
-label word, always stays), its end for generation (which continues it). See :func:`encode_input`.
+Inputs are encoded exactly as in training and evaluation (:mod:`softprompt.data.encoding`): the
+limit is the prompt's stored ``max_length``, capped by the positions the model leaves after the
+prompt (and a multi-token label word's continuation). Longer inputs fail with
+:class:`InputTooLongError` unless ``truncate=True``.
 """
 
 from __future__ import annotations
@@ -21,23 +21,14 @@ import torch
 
 from softprompt.core.checkpoint import load_prompt
 from softprompt.core.config import TaskType
+from softprompt.data.encoding import InputEncoding, input_limit, keeps_start
 from softprompt.data.templates import Template
 from softprompt.data.verbalizer import TokenizedVerbalizer, Verbalizer
+from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import PromptKV, compute_prompt_kv
-from softprompt.core.prompt_model import PromptTunedModel
 
 DEFAULT_TEMPLATE = "{text}"
-
-
-class InputTooLongError(ValueError):
-    """An input has more tokens than the task allows."""
-
-    def __init__(self, length: int, limit: int, task: str) -> None:
-        self.length, self.limit, self.task = length, limit, task
-        super().__init__(
-            f"input is {length} tokens (template included) but task {task!r} allows at most "
-            f"{limit}; shorten it or pass truncate=True"
-        )
+Kind = Literal["classification", "generation"]
 
 
 class TaskLoadError(ValueError):
@@ -57,7 +48,7 @@ class TaskInfo:
     """
 
     name: str
-    kind: Literal["classification", "generation"]
+    kind: Kind
     labels: list[str] | None
     num_virtual_tokens: list[int]
     paths: list[str]
@@ -65,26 +56,34 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class Member:
-    """One prompt of a task, ready to serve."""
+    """One prompt of a task, ready to serve.
+
+    Attributes:
+        path: its checkpoint directory.
+        prompt: ``(n, H)`` in the model's dtype.
+        kv: its keys/values (None when the engine runs prompts uncached).
+        template: renders a request's text.
+        verbalizer: label words (classification) or None.
+        label_order: task label i is this member's label ``label_order[i]``.
+        max_length: the input token limit it was trained with (None: the model's positions).
+    """
 
     path: str
-    prompted: PromptTunedModel  # shares the engine's frozen model; supplies the LM head
-    prompt: torch.Tensor  # (n, H) in the model's dtype
+    prompt: torch.Tensor
     kv: PromptKV | None
     template: Template
     verbalizer: TokenizedVerbalizer | None
-    label_order: list[int] | None  # task label i is this member's label label_order[i]
+    label_order: list[int] | None
+    max_length: int | None
 
     @property
     def length(self) -> int:
         return self.prompt.shape[0]
 
-    @property
-    def label_room(self) -> int:
-        """Extra positions the scoring rows need (multi-token words are appended minus one)."""
-        if self.verbalizer is None or self.verbalizer.is_single_token:
-            return 0
-        return max(len(ids) for ids in self.verbalizer.label_token_ids) - 1
+    def input_limit(self, max_positions: int) -> int:
+        """Tokens an encoded input may have behind this prompt (see :func:`input_limit`)."""
+        room = self.verbalizer.continuation_room if self.verbalizer is not None else 0
+        return input_limit(self.max_length, max_positions, self.length, room)
 
 
 @dataclass(frozen=True)
@@ -93,49 +92,32 @@ class Task:
     members: tuple[Member, ...]
 
 
-def load_member(
-    path: Path,
-    *,
-    model: Any,
-    tokenizer: Any,
-    body: Any,
-    embeddings: torch.nn.Module,
-    use_kv_cache: bool,
-) -> Member:
-    """Read one prompt checkpoint and check that ``model`` can serve it.
+def load_member(path: Path, frozen: FrozenModel, *, use_kv_cache: bool) -> Member:
+    """Read one prompt checkpoint and check that the model can serve it.
 
     Args:
         path: the checkpoint directory.
-        model: the engine's frozen causal LM.
-        tokenizer: its tokenizer (tokenizes the verbalizer's label words).
-        body: the model's base model (computes the prompt's keys/values).
-        embeddings: the model's input embeddings (their width and dtype must match the prompt).
+        frozen: the engine's frozen model (its tokenizer tokenizes the label words).
         use_kv_cache: compute the prompt's keys/values now.
 
     Raises:
         TaskLoadError: the checkpoint is missing or malformed, was tuned for another width, or
             its template/verbalizer cannot be used (the message names the directory).
     """
-    try:
+    try:  # these errors name the directory or file themselves
         checkpoint = load_prompt(path)
+        config, metadata = checkpoint.config, checkpoint.metadata
+        frozen.check_prompt_width(checkpoint.weights.shape[1], str(path), config.base_model_name_or_path)
     except (OSError, ValueError) as error:
-        raise TaskLoadError(f"{path}: cannot load the prompt: {error}") from None
-    config, metadata = checkpoint.config, checkpoint.metadata
-    width, expected = checkpoint.weights.shape[1], embeddings.weight.shape[1]
-    if width != expected:
-        raise TaskLoadError(
-            f"{path}: the prompt has width {width} but the model's embedding size is "
-            f"{expected}; it was tuned for another model "
-            f"({config.base_model_name_or_path or 'unknown'})"
-        )
-    if config.task_type != TaskType.CAUSAL_LM:
-        raise TaskLoadError(f"{path}: task_type is {config.task_type.value}, not CAUSAL_LM")
+        raise TaskLoadError(str(error)) from None
     try:
         template = Template(metadata.get("template") or DEFAULT_TEMPLATE)
         mapping = metadata.get("verbalizer")
-        verbalizer = Verbalizer(dict(mapping)).tokenize(tokenizer) if mapping else None
+        verbalizer = Verbalizer(dict(mapping)).tokenize(frozen.tokenizer) if mapping else None
     except (TypeError, ValueError) as error:
         raise TaskLoadError(f"{path}: {error}") from None
+    if config.task_type != TaskType.CAUSAL_LM:
+        raise TaskLoadError(f"{path}: task_type is {config.task_type.value}, not CAUSAL_LM")
     if len(template.fields) != 1:  # a request carries one text
         raise TaskLoadError(f"{path}: template {template.format!r} must have exactly one field")
     kind = metadata.get("task") or ("classification" if verbalizer else "generation")
@@ -143,20 +125,19 @@ def load_member(
         raise TaskLoadError(f"{path}: task {kind!r} is neither classification nor generation")
     if kind == "classification" and verbalizer is None:
         raise TaskLoadError(f"{path}: a classification prompt needs a verbalizer")
-    config.inference_mode = True
-    prompted = PromptTunedModel(model, config, prompt_weights=checkpoint.weights)
-    # The model reads the prompt in its own dtype, as PromptTunedModel.combine does.
-    prompt = prompted.get_prompt_embedding_to_save()[: config.num_virtual_tokens]
-    prompt = prompt.to(embeddings.weight.dtype)
-    kv = compute_prompt_kv(body, prompt) if use_kv_cache else None
+    max_length = metadata.get("max_length")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise TaskLoadError(f"{path}: max_length {max_length!r} is not a positive integer")
+    prompt = checkpoint.weights[: config.num_virtual_tokens].to(frozen.device, frozen.dtype)
+    kv = compute_prompt_kv(frozen, prompt) if use_kv_cache else None
     verbalizer = verbalizer if kind == "classification" else None
-    return Member(str(path), prompted, prompt, kv, template, verbalizer, None)
+    return Member(str(path), prompt, kv, template, verbalizer, None, max_length)
 
 
 def make_task(name: str, members: tuple[Member, ...]) -> Task:
     """Check that an ensemble's members agree and fix the task's label order (the first's)."""
     first = members[0]
-    kind = "classification" if first.verbalizer is not None else "generation"
+    kind: Kind = "classification" if first.verbalizer is not None else "generation"
     labels = list(first.verbalizer.labels) if first.verbalizer else None
     fixed = []
     for member in members:
@@ -173,25 +154,17 @@ def make_task(name: str, members: tuple[Member, ...]) -> Task:
 
 
 def encode_input(
-    tokenizer: Any,
-    task: Task,
-    member: Member,
-    text: Any,
-    *,
-    max_positions: int,
-    truncate: bool,
-    keep_start: bool,
+    frozen: FrozenModel, task: Task, member: Member, text: Any, *, kind: Kind, truncate: bool
 ) -> list[int]:
-    """Token ids of the rendered template, checked (or cut) against the position limit.
+    """Token ids of a request's text rendered in the member's template, within its limit.
 
     Args:
-        tokenizer: the model's tokenizer.
-        task: the task the input is for (names it in errors).
-        member: the ensemble member whose template and prompt length apply.
-        text: the request's input text.
-        max_positions: the model's positions.
+        frozen: the engine's frozen model.
+        task: the task (named in errors).
+        member: the ensemble member whose template, prompt and limit apply.
+        text: the request's text.
+        kind: what the request asks for (decides which end of a too long text is kept).
         truncate: cut a too long text instead of raising.
-        keep_start: when cutting, keep the text's beginning (else its end).
 
     Raises:
         TypeError: ``text`` is not a string.
@@ -201,27 +174,9 @@ def encode_input(
     if not isinstance(text, str):
         raise TypeError(f"the input must be a string, got {type(text).__name__}")
     field = member.template.fields[0]
-    limit = max_positions - member.length - member.label_room
-    ids = _tokenize(tokenizer, member.template.render({field: text}))
-    if len(ids) <= limit:
-        return ids
-    if not truncate:
-        raise InputTooLongError(len(ids), limit, task.info.name)
-    # Only the text is cut (the template's own words stay), token-wise; the result is
-    # re-rendered and re-tokenized, since tokens can merge across the cut.
-    pieces = tokenizer.encode(text, add_special_tokens=False)
-    keep = len(pieces)
-    while keep > 0 and len(ids) > limit:
-        keep = max(0, min(keep - 1, keep - (len(ids) - limit)))
-        kept = pieces[:keep] if keep_start else pieces[len(pieces) - keep :]
-        ids = _tokenize(tokenizer, member.template.render({field: tokenizer.decode(kept)}))
-    if len(ids) > limit:  # the template alone is too long
-        raise InputTooLongError(len(ids), limit, task.info.name)
-    return ids
-
-
-def _tokenize(tokenizer: Any, text: str) -> list[int]:
-    ids = list(tokenizer(text)["input_ids"])
-    if not ids:
-        raise ValueError("the input tokenizes to no tokens")
+    encoding = InputEncoding(
+        frozen.tokenizer, member.template, field, member.input_limit(frozen.max_positions),
+        keep_start=keeps_start(kind),
+    )
+    (ids,) = encoding.encode([{field: text}], truncate=truncate, what=f"task {task.info.name!r}")
     return ids

@@ -22,9 +22,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import struct
 import tempfile
 import time
 import uuid
@@ -372,28 +372,26 @@ def build_entry(
 def count_parameters(entry: Path) -> int | None:
     """Count the parameters stored in an entry's safetensors files, from their headers only.
 
+    The files are opened with the numpy framework: shapes come from the header without
+    reading (or importing torch for) any tensor, so ``softprompt models`` stays light.
+
     Args:
         entry (Path): a checkpoint folder.
 
     Returns:
         int | None: the number of stored elements, or None when a header cannot be read.
     """
-    total = 0
+    from safetensors import SafetensorError, safe_open
+
     files = sorted(entry.glob("*.safetensors"))
     if not files:
         return None
+    total = 0
     try:
         for path in files:
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                total += count
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+            with safe_open(str(path), framework="numpy") as handle:
+                names = handle.keys()  # the handle itself is not iterable
+                total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+    except (OSError, SafetensorError):
         return None
     return total

@@ -86,6 +86,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
+        self.metrics.watch_queue(lambda: self.depth)
         # Serialises every use of the engine: the worker's batches and admin add/remove calls.
         self.engine_lock = threading.RLock()
         self._queue: deque[WorkItem] = deque()
@@ -127,7 +128,6 @@ class MicroBatcher:
                                     f"{self.max_queue} waiting); retry later", "queue_full",
                                error_type="rate_limit_error", headers={"Retry-After": "1"})
             self._queue.extend(items)
-            self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
         return items
 
@@ -205,7 +205,6 @@ class MicroBatcher:
             item = self._queue.popleft()
             _resolve(item, error=ApiError(503, "server is shutting down; request not run",
                                           "shutting_down", error_type="server_error"))
-        self.metrics.queue_depth.set(0)
 
     def _run(self) -> None:
         while True:
@@ -234,7 +233,6 @@ class MicroBatcher:
                 self._cond.wait(remaining)
             count = min(len(self._queue), self.max_batch_size)
             batch = [self._queue.popleft() for _ in range(count)]
-            self.metrics.queue_depth.set(len(self._queue))
         return [item for item in batch if not item.abandoned]
 
     def _process(self, batch: list[WorkItem]) -> None:
@@ -257,7 +255,8 @@ class MicroBatcher:
                 results = self.engine.generate_batch(
                     [(item.task, item.text, item.params) for item in items], truncate=truncate)
             if len(results) != len(items):
-                raise RuntimeError(f"engine returned {len(results)} results for {len(items)} inputs")
+                raise RuntimeError(f"engine returned {len(results)} results for "
+                                   f"{len(items)} inputs")
         except Exception as error:
             logger.exception("engine %s_batch failed on %d inputs", kind, len(items))
             for item in items:
@@ -266,8 +265,8 @@ class MicroBatcher:
                     "engine_error", error_type="server_error"))
             return
         finally:
-            self.metrics.engine_seconds.observe(time.perf_counter() - started, kind=kind)
-        self.metrics.items.inc(len(items), kind=kind)
+            self.metrics.engine_seconds.labels(kind=kind).observe(time.perf_counter() - started)
+        self.metrics.items.labels(kind=kind).inc(len(items))
         if kind == "generate":
             self._count_prompt_tokens(items)
         for item, result in zip(items, results, strict=True):

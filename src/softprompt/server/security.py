@@ -12,13 +12,10 @@ Two rules guard ``POST /v1/tasks`` and ``DELETE /v1/tasks/{name}``:
 from __future__ import annotations
 
 import hmac
-import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from softprompt.server.options import TASK_NAME_RULE, is_task_name
 from softprompt.server.schemas import ApiError
-
-TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_TASK_NAME = re.compile(TASK_NAME_PATTERN)
 
 
 def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
@@ -50,7 +47,8 @@ def check_admin(configured_key: str | None, authorization: str | None,
                        error_type="permission_error")
     key = presented_key(authorization, x_api_key)
     if key is None:
-        raise ApiError(401, "missing admin key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+        raise ApiError(401, "missing admin key: send 'Authorization: Bearer KEY' or "
+                            "'X-API-Key: KEY'",
                        "unauthorized", error_type="authentication_error",
                        headers={"WWW-Authenticate": "Bearer"})
     # compare_digest: the time taken does not reveal how much of the key matched.
@@ -61,9 +59,9 @@ def check_admin(configured_key: str | None, authorization: str | None,
 
 def check_task_name(name: str) -> str:
     """Returns ``name`` if it is a valid task name, else raises a 400 :class:`ApiError`."""
-    if not _TASK_NAME.match(name):
-        raise ApiError(400, f"invalid task name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                            "starting with a letter or digit", "invalid_task_name", param="name")
+    if not is_task_name(name):
+        raise ApiError(400, f"invalid task name {name!r}: use {TASK_NAME_RULE}",
+                       "invalid_task_name", param="name")
     return name
 
 

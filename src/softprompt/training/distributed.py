@@ -44,12 +44,17 @@ class DistContext:
         return items[start : start + base + (1 if self.rank < extra else 0)]
 
 
+SINGLE = DistContext()  # a single-process run
+
+
 def world_from_environment() -> DistContext:
     """Read RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun and accelerate."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
-    return DistContext(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(
+        int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def init_distributed(device: torch.device, timeout_seconds: float) -> DistContext:
@@ -63,7 +68,9 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> DistContex
         return context
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_available() or (backend == "nccl" and not dist.is_nccl_available()):
-        raise ValueError(f"torch.distributed backend {backend!r} is not available in this torch build")
+        raise ValueError(
+            f"torch.distributed backend {backend!r} is not available in this torch build"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(context.local_rank)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_seconds))
@@ -72,7 +79,7 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> DistContex
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a transformers causal LM (``layers`` for Llama/Gemma, ``h`` for GPT-2)."""
+    """The decoder blocks of a causal LM (``layers`` for Llama/Gemma, ``h`` for GPT-2)."""
     body = model.base_model
     for name in ("layers", "h", "blocks"):
         layers = getattr(body, name, None)
@@ -95,7 +102,9 @@ def shard_frozen_base(model: torch.nn.Module, context: DistContext) -> int:
     from torch.distributed.fsdp import fully_shard
 
     if not context.enabled:
-        raise ValueError("shard_base needs several processes: launch with torchrun --nproc_per_node N")
+        raise ValueError(
+            "shard_base needs several processes: launch with torchrun --nproc_per_node N"
+        )
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (context.world_size,))
     layers = decoder_layers(model)

@@ -1,7 +1,8 @@
 """What a run optimises and how it is evaluated: verbalizer classification or text generation.
 
-An objective turns records into token ids once, computes a batch's loss on the prompted model,
-and scores a split. The training loop does not know which one it runs.
+An objective turns records into token ids once (:mod:`softprompt.data.encoding`), computes a
+batch's loss behind the prompt's keys/values (:mod:`softprompt.fastpath.prompt_kv`), and scores
+a split. The training loop does not know which one it runs.
 """
 
 from __future__ import annotations
@@ -13,35 +14,62 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from softprompt.data import Record, Template, TokenizedVerbalizer, pad_batch
+from softprompt.data import Record, Template, TokenizedVerbalizer
+from softprompt.data.encoding import InputEncoding, keeps_start, text_field_of
 from softprompt.evaluation.classification import (
     EncodedSplit,
     classification_metrics,
     encode_classification,
-    encode_texts,
-    score_encoded,
+    score_split,
 )
-from softprompt.core.prompt_model import PromptTunedModel
-from softprompt.fastpath.prefix import shared_prefix_hidden
-from softprompt.fastpath.scoring import build_scoring_inputs, label_scores, scores_from_hidden
-from softprompt.training.distributed import DistContext, gather_rows
-
-SINGLE = DistContext()
+from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, decode
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.prompt_kv import (
+    PromptKV,
+    compute_prompt_kv,
+    prefixed_batch,
+    run,
+    uncached_batch,
+)
+from softprompt.fastpath.scoring import label_scores
+from softprompt.training.distributed import SINGLE, DistContext, gather_rows
 
 
 class Objective(Protocol):
+    """What the training loop needs from a task kind.
+
+    ``prompt`` is the ``(n, H)`` fp32 soft prompt (trainable in ``loss_sum``), or None for the
+    frozen model alone (baselines, and the LoRA comparison, whose adapters live in the model).
+    """
+
     def encode(self, records: Sequence[Record], context: str = "") -> Any: ...
     def lengths(self, encoded: Any) -> list[int]: ...
     def count(self, encoded: Any, batch: list[int]) -> int: ...
-    def loss_sum(self, model: PromptTunedModel, encoded: Any, batch: list[int], shared_prefix: bool) -> torch.Tensor: ...
-    def evaluate(self, model: PromptTunedModel, encoded: Any, use_prompt: bool = True,
+    def loss_sum(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: Any,
+                 batch: list[int], shared_prefix: bool = True) -> torch.Tensor: ...
+    def evaluate(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: Any,
                  description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]: ...
 
+
+def _prompt_inputs(
+    frozen: FrozenModel, prompt: torch.Tensor | None, rows: int, shared_prefix: bool
+) -> dict[str, Any]:
+    """Keyword arguments giving the prompt to the scoring/hidden-state functions.
+
+    With ``shared_prefix`` the prompt's keys/values are computed once (with gradients) for all
+    ``rows``; without, the prompt runs in the input of every row (one forward per batch, which
+    FSDP2-sharded training needs). No prompt: the texts alone.
+    """
+    if prompt is None:
+        return {}
+    if shared_prefix:
+        return {"prefix": compute_prompt_kv(frozen, prompt)}
+    return {"prompts": [prompt] * rows}
 
 
 @dataclass
 class ClassificationObjective:
-    """Cross-entropy over the verbalizer's label words at the last real position."""
+    """Cross-entropy over the verbalizer's label words at the last text position."""
 
     tokenizer: Any
     template: Template
@@ -49,13 +77,15 @@ class ClassificationObjective:
     label_column: str
     max_length: int
     eval_batch_size: int = 16
-    shared_prefix: bool = True  # evaluation computes the prompt once per batch
+    shared_prefix: bool = True  # evaluation computes the prompt once per split
+    text_column: str = "text"
 
     def encode(self, records: Sequence[Record], context: str = "") -> EncodedSplit:
-        return encode_classification(
-            records, self.template, self.tokenizer, self.verbalizer.labels, self.label_column,
+        encoding = InputEncoding(
+            self.tokenizer, self.template, text_field_of(self.template, self.text_column),
             self.max_length, context,
         )
+        return encode_classification(records, encoding, self.verbalizer.labels, self.label_column)
 
     def lengths(self, encoded: EncodedSplit) -> list[int]:
         return [len(sequence) for sequence in encoded.sequences]
@@ -64,31 +94,27 @@ class ClassificationObjective:
         """Loss terms in ``batch``: one per example."""
         return len(batch)
 
-    def loss(self, model: PromptTunedModel, encoded: EncodedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+    def loss(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
+             batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
         """Mean cross-entropy of ``batch``."""
-        return self.loss_sum(model, encoded, batch, shared_prefix) / self.count(encoded, batch)
+        return self.loss_sum(frozen, prompt, encoded, batch, shared_prefix) / self.count(encoded, batch)
 
-    def loss_sum(self, model: PromptTunedModel, encoded: EncodedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+    def loss_sum(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
+                 batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
         """Summed cross-entropy of ``batch`` over the verbalizer's labels."""
-        inputs = build_scoring_inputs(
-            [encoded.sequences[i] for i in batch], self.verbalizer, self.tokenizer.pad_token_id
-        ).to(model.device)
-        if shared_prefix:
-            hidden = shared_prefix_hidden(model, inputs.input_ids, inputs.attention_mask)
-            scores = scores_from_hidden(model, hidden, inputs, 0)
-        else:
-            scores = label_scores(model, inputs)
+        inputs = _prompt_inputs(frozen, prompt, len(batch), shared_prefix)
+        texts = [encoded.sequences[i] for i in batch]
+        scores = label_scores(frozen, texts, self.verbalizer, **inputs)
         targets = torch.tensor([encoded.targets[i] for i in batch], device=scores.device)
-        return F.cross_entropy(scores.float(), targets, reduction="sum")
+        return F.cross_entropy(scores, targets, reduction="sum")
 
-    def evaluate(self, model: PromptTunedModel, encoded: EncodedSplit, use_prompt: bool = True,
+    def evaluate(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
                  description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]:
         share = context.shard(list(range(len(encoded))))
-        local = EncodedSplit([encoded.sequences[i] for i in share], [encoded.targets[i] for i in share])
-        scores = gather_rows(score_encoded(
-            model, local, self.verbalizer, self.tokenizer.pad_token_id, self.eval_batch_size,
-            use_prompt=use_prompt, shared_prefix=self.shared_prefix,
-            description=description if context.is_main else None,
+        scores = gather_rows(score_split(
+            frozen, None if prompt is None else prompt.detach(),
+            [encoded.sequences[i] for i in share], self.verbalizer, self.eval_batch_size,
+            shared_prefix=self.shared_prefix, description=description if context.is_main else None,
         ), context)
         metrics = classification_metrics(scores, encoded.targets, self.verbalizer.labels)
         targets = torch.tensor(encoded.targets)
@@ -117,14 +143,19 @@ class GenerationObjective:
     target_column: str
     max_length: int
     max_target_length: int = 64
+    text_column: str = "text"
+    eval_batch_size: int = 8
 
     def encode(self, records: Sequence[Record], context: str = "") -> GeneratedSplit:
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        inputs = encode_texts(self.tokenizer, [context + self.template.render(record) for record in records], self.max_length)
+        encoding = InputEncoding(
+            self.tokenizer, self.template, text_field_of(self.template, self.text_column),
+            self.max_length, context, keep_start=keeps_start("generation"),
+        )
         texts = [record[self.target_column] for record in records]
         target_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         targets = [ids[: self.max_target_length] + eos for ids in target_ids]
-        return GeneratedSplit(inputs, targets, texts)
+        return GeneratedSplit(encoding.encode(records), targets, texts)
 
     def lengths(self, encoded: GeneratedSplit) -> list[int]:
         return [len(a) + len(b) for a, b in zip(encoded.inputs, encoded.targets, strict=True)]
@@ -133,55 +164,57 @@ class GenerationObjective:
         """Loss terms in ``batch``: one per target token."""
         return sum(len(encoded.targets[i]) for i in batch)
 
-    def loss(self, model: PromptTunedModel, encoded: GeneratedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+    def loss(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: GeneratedSplit,
+             batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
         """Mean cross-entropy per target token of ``batch``."""
-        return self.loss_sum(model, encoded, batch, shared_prefix) / self.count(encoded, batch)
+        return self.loss_sum(frozen, prompt, encoded, batch, shared_prefix) / self.count(encoded, batch)
 
-    def loss_sum(self, model: PromptTunedModel, encoded: GeneratedSplit, batch: list[int], shared_prefix: bool) -> torch.Tensor:
+    def loss_sum(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: GeneratedSplit,
+                 batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
         """Summed cross-entropy of the target tokens of ``batch``."""
+        inputs = _prompt_inputs(frozen, prompt, len(batch), shared_prefix)
+        return self._target_loss_sum(frozen, encoded, batch, **inputs)
+
+    def _target_loss_sum(
+        self, frozen: FrozenModel, encoded: GeneratedSplit, batch: list[int],
+        prefix: PromptKV | None = None, prompts: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         rows = [encoded.inputs[i] + encoded.targets[i][:-1] for i in batch]
-        input_ids, mask = pad_batch(rows, self.tokenizer.pad_token_id)
-        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-        positions, labels = [], []
-        for row, i in enumerate(batch):
-            start = len(encoded.inputs[i]) - 1
-            for offset, token in enumerate(encoded.targets[i]):
-                positions.append((row, start + offset))
-                labels.append(token)
-        row_index = torch.tensor([row for row, _ in positions], device=model.device)
-        column = torch.tensor([column for _, column in positions], device=model.device)
-        if shared_prefix:
-            hidden = shared_prefix_hidden(model, input_ids, mask)
+        if prompts is not None:
+            prompted = uncached_batch(frozen, prompts, rows)
         else:
-            combined = model.combine(input_ids, mask)
-            hidden = model.last_hidden_state(combined)[:, model.num_virtual_tokens :]
+            prompted = prefixed_batch(frozen, prefix, rows)
+        hidden = run(frozen, prompted)
+        row_index, columns, labels = [], [], []
+        for row, i in enumerate(batch):
+            start = prompted.text_offset + len(encoded.inputs[i]) - 1
+            for offset, token in enumerate(encoded.targets[i]):
+                row_index.append(row)
+                columns.append(start + offset)
+                labels.append(token)
+        device = hidden.device
         # Only the target positions go through the LM head.
-        logits = model.head_logits(hidden[row_index, column])
-        return F.cross_entropy(logits.float(), torch.tensor(labels, device=model.device), reduction="sum")
+        selected = hidden[torch.tensor(row_index, device=device), torch.tensor(columns, device=device)]
+        logits = frozen.logits(selected).float()
+        return F.cross_entropy(logits, torch.tensor(labels, device=device), reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, model: PromptTunedModel, encoded: GeneratedSplit, use_prompt: bool = True,
+    def evaluate(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: GeneratedSplit,
                  description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]:
-        if not use_prompt:
-            raise ValueError("generation baselines without a prompt are not supported")
+        prefix = compute_prompt_kv(frozen, prompt) if prompt is not None else None
         share = context.shard(list(range(len(encoded))))
         # Per example: (exact match, summed token loss, token count), gathered across ranks.
         rows = torch.zeros(len(share), 3, dtype=torch.float64)
-        batch_size = 8
-        for start in range(0, len(share), batch_size):
-            batch = share[start : start + batch_size]
+        greedy = GenerateParams(max_new_tokens=self.max_target_length)
+        for start in range(0, len(share), self.eval_batch_size):
+            batch = share[start : start + self.eval_batch_size]
             for row, i in enumerate(batch):
-                rows[start + row, 1] = float(self.loss_sum(model, encoded, [i], True))
+                rows[start + row, 1] = float(self._target_loss_sum(frozen, encoded, [i], prefix))
                 rows[start + row, 2] = self.count(encoded, [i])
-            input_ids, mask = pad_batch([encoded.inputs[i] for i in batch], self.tokenizer.pad_token_id, side="left")
-            output = model.generate(
-                input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                max_new_tokens=self.max_target_length, do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            for row, i in enumerate(batch):
-                text = self.tokenizer.decode(output[row, input_ids.shape[1]:], skip_special_tokens=True)
-                rows[start + row, 0] = float(text.strip() == encoded.target_texts[i].strip())
+            requests = [DecodeRequest("eval", [row], greedy, greedy.max_new_tokens) for row in range(len(batch))]
+            outputs = decode(frozen, prefixed_batch(frozen, prefix, [encoded.inputs[i] for i in batch]), requests)
+            for row, (i, output) in enumerate(zip(batch, outputs, strict=True)):
+                rows[start + row, 0] = float(output.text.strip() == encoded.target_texts[i].strip())
         totals = gather_rows(rows, context).sum(dim=0)
         return {
             "accuracy": float(totals[0]) / max(1, len(encoded)),

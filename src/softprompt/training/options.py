@@ -1,25 +1,28 @@
-"""`TrainOptions`: every knob of ``softprompt train``, validated together before any model loads."""
+"""`TrainOptions`: every knob of ``softprompt train``, validated together before any model loads.
+
+Torch-free, so that building the command line (and ``--help``) loads no model code.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from softprompt.core.config import PromptTuningInit
+from softprompt.evaluation.options import DEFAULT_INIT_TEXT, TASK_KINDS
+from softprompt.options import DTYPES, choice_problems, positive_problems, raise_problems
 
-DEFAULT_INIT_TEXT = "Classify if the movie review is positive or negative:"
-TASK_KINDS = ("classification", "generation")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "bfloat16", "float16")
+INITS = tuple(item.value for item in PromptTuningInit)
 
-# Named option sets. "demo" is the default run (fits 10 minutes on 2 CPU cores);
-# "full" is the long run: 50 tokens, about 0.8 epoch with a cosine decay, every test example
-# (SmolLM2-135M: 86.2% test accuracy in 67 minutes on one CPU core; README, Results).
+# Named option sets, applied by `TrainOptions.from_preset` (``softprompt train --preset``).
+# "demo" is the default run (fits 10 minutes on 2 CPU cores); "full" is the long run: 50 tokens,
+# about 0.8 epoch with a cosine decay, every test example (SmolLM2-135M: 86.2% test accuracy in
+# 67 minutes on one CPU core; README, Results).
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "full": {
@@ -38,85 +41,124 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainOptions:
-    """Options of a prompt-tuning run; the same names as the CLI flags (``--num-virtual-tokens``)."""
+    """Options of a prompt-tuning run; named as the CLI flags (``--num-virtual-tokens``)."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "Bundled name, local folder, .gguf or Hub id"})
-    dataset: str = field(default="rotten_tomatoes", metadata={"help": "Bundled name, .jsonl/.csv/.tsv, folder, or HF name"})
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "Bundled name, local folder, .gguf or Hub id"}
+    )
+    dataset: str = field(
+        default="rotten_tomatoes",
+        metadata={"help": "Bundled name, .jsonl/.csv/.tsv, folder, or HF name"},
+    )
     text_column: str = field(default="text", metadata={"help": "Field holding the input text"})
     label_column: str = field(default="label", metadata={"help": "Field holding the class label"})
-    target_column: str | None = field(default=None, metadata={"help": "Field holding the target text (generation)"})
-    task_type: str = field(default="classification", metadata={"help": "classification (verbalizer) or generation"})
-    template: str | None = field(default=None, metadata={"help": "Format string over record fields"})
+    target_column: str | None = field(
+        default=None, metadata={"help": "Field holding the target text (generation)"}
+    )
+    task_type: str = field(
+        default="classification",
+        metadata={"help": "classification (verbalizer) or generation", "choices": TASK_KINDS},
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "Format string over record fields"}
+    )
     verbalizer: str | None = field(default=None, metadata={"help": "JSON or label=word,label=word"})
     num_virtual_tokens: int = field(default=20, metadata={"help": "Length of the soft prompt"})
-    init: str = field(default="TEXT", metadata={"help": "TEXT, RANDOM, SAMPLE_VOCAB or CLASS_LABEL"})
-    init_text: str = field(default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction for TEXT init"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw or adafactor (the paper's)"})
-    lr: float | None = field(default=None, metadata={"help": "Learning rate (default: per optimizer)"})
+    init: str = field(default="TEXT", metadata={"help": "Prompt init (any case)", "choices": INITS})
+    init_text: str = field(
+        default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction for TEXT init"}
+    )
+    optimizer: str = field(
+        default="adamw", metadata={"help": "adafactor is the paper's", "choices": OPTIMIZERS}
+    )
+    lr: float | None = field(
+        default=None, metadata={"help": "Learning rate (default: per optimizer)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay on the prompt"})
-    schedule: str = field(default="constant", metadata={"help": "constant, linear or cosine decay"})
+    schedule: str = field(
+        default="constant",
+        metadata={"help": "Learning-rate decay after warmup", "choices": SCHEDULES},
+    )
     warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps"})
     steps: int | None = field(default=150, metadata={"help": "Optimizer steps (overrides epochs)"})
-    epochs: float | None = field(default=None, metadata={"help": "Epochs over the train split (when steps is unset)"})
+    epochs: float | None = field(
+        default=None, metadata={"help": "Epochs over the train split (when steps is unset)"}
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples per forward"})
     grad_accum: int = field(default=1, metadata={"help": "Forwards per optimizer step"})
     eval_every: int = field(default=50, metadata={"help": "Steps between validation evaluations"})
-    patience: int | None = field(default=None, metadata={"help": "Stop after this many evals without improvement"})
-    max_eval_examples: int | None = field(default=400, metadata={"help": "Cap on test examples (and on validation)"})
+    patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evals without improvement"}
+    )
+    max_eval_examples: int | None = field(
+        default=400, metadata={"help": "Cap on test examples (and on validation)"}
+    )
     max_validation_examples: int | None = field(
         default=200, metadata={"help": "Cap on validation examples scored at each evaluation"}
     )
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on train examples"})
     max_length: int = field(default=256, metadata={"help": "Max tokens of a rendered input"})
     seed: int = field(default=0, metadata={"help": "Seed of init, data order and sampling"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    dtype: str = field(default="float32", metadata={"help": "Base model dtype; the prompt stays fp32"})
-    output_dir: str | None = field(default=None, metadata={"help": "Default runs/<dataset>-<model>-<time>"})
-    resume: str | None = field(default=None, metadata={"help": "Run directory to continue"})
-    baselines: bool = field(default=True, metadata={"help": "Also evaluate zero-shot and the initial prompt"})
-    shared_prefix: bool = field(default=True, metadata={"help": "Compute the prompt once per batch (fast path)"})
-    shard_base: bool = field(
-        default=False, metadata={"help": "Shard the frozen decoder blocks across torchrun ranks (FSDP2)"}
+    device: str = field(
+        default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": DEVICES}
     )
-    dist_timeout: float = field(default=600.0, metadata={"help": "Seconds a distributed collective may wait"})
-    preset: str | None = field(default=None, metadata={"help": "demo, quick or full"})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Base model dtype; the prompt stays fp32", "choices": DTYPES},
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Default runs/<dataset>-<model>-<time>"}
+    )
+    resume: str | None = field(default=None, metadata={"help": "Run directory to continue"})
+    baselines: bool = field(
+        default=True, metadata={"help": "Also evaluate zero-shot and the initial prompt"}
+    )
+    shared_prefix: bool = field(
+        default=True, metadata={"help": "Compute the prompt once per batch (fast path)"}
+    )
+    shard_base: bool = field(
+        default=False,
+        metadata={"help": "Shard the frozen decoder blocks across torchrun ranks (FSDP2)"},
+    )
+    dist_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds a distributed collective may wait"}
+    )
 
     def __post_init__(self) -> None:
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"preset={self.preset!r} is not valid; allowed: {', '.join(PRESETS)}")
-            # Explicit options win over the preset, even one equal to its default (batch_size=8).
-            given = getattr(self, "_given", None)
-            if given is None:  # built without the recording __init__: non-default means given
-                given = {item.name for item in dataclasses.fields(self) if getattr(self, item.name) != item.default}
-            for name, value in PRESETS[self.preset].items():
-                if name not in given:
-                    setattr(self, name, value)
-        problems = self.problems()
-        if problems:
-            raise ValueError("invalid training options:\n  - " + "\n  - ".join(problems))
+        if isinstance(self.init, str):  # any case on input; stored as the enum's value
+            self.init = self.init.upper()
+        raise_problems("training options", self.problems())
+
+    @classmethod
+    def from_preset(cls, preset: str | None, **given: Any) -> TrainOptions:
+        """Options of a named preset (``PRESETS``), with every ``given`` option winning.
+
+        A given option wins even when it equals the default the preset would replace
+        (``from_preset("quick", batch_size=8)`` keeps 8). ``preset=None`` is ``cls(**given)``.
+        """
+        if preset is None:
+            return cls(**given)
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r} is not valid; allowed: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **given})
 
     def problems(self) -> list[str]:
         """Every problem with these options (checks that need no data or model)."""
-        problems = []
-
-        def choice(name: str, allowed: tuple[str, ...], value: str) -> None:
-            if value not in allowed:
-                problems.append(f"{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
-
-        choice("task_type", TASK_KINDS, self.task_type)
-        choice("optimizer", OPTIMIZERS, self.optimizer)
-        choice("schedule", SCHEDULES, self.schedule)
-        choice("device", DEVICES, self.device)
-        choice("dtype", DTYPES, self.dtype)
-        choice("init", tuple(item.value for item in PromptTuningInit), str(self.init).upper())
-        for name in ("num_virtual_tokens", "batch_size", "grad_accum", "eval_every", "max_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("patience", "max_eval_examples", "max_validation_examples", "max_train_examples", "steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                problems.append(f"{name} must be a positive integer or unset, got {value!r}")
+        problems = choice_problems(self)
+        problems += positive_problems(
+            self, ("num_virtual_tokens", "batch_size", "grad_accum", "eval_every", "max_length")
+        )
+        problems += positive_problems(
+            self,
+            (
+                "patience",
+                "max_eval_examples",
+                "max_validation_examples",
+                "max_train_examples",
+                "steps",
+            ),
+            optional=True,
+        )
         if self.steps is None and (self.epochs is None or self.epochs <= 0):
             problems.append("set steps, or epochs > 0")
         if self.lr is not None and not self.lr > 0:
@@ -124,19 +166,32 @@ class TrainOptions:
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.task_type == "generation" and not self.target_column:
-            problems.append("task_type='generation' needs target_column (the field with the target text)")
-        if str(self.init).upper() == "TEXT" and not self.init_text:
+            problems.append(
+                "task_type='generation' needs target_column (the field with the target text)"
+            )
+        if self.init == "TEXT" and not self.init_text:
             problems.append("init='TEXT' needs init_text")
         if self.resume is not None and not (Path(self.resume) / "state").is_dir():
-            problems.append(f"resume={self.resume!r}: no resumable run there (missing {Path(self.resume) / 'state'})")
+            problems.append(
+                f"resume={self.resume!r}: no resumable run there "
+                f"(missing {Path(self.resume) / 'state'})"
+            )
         return problems
 
     @property
     def learning_rate(self) -> float:
-        """The learning rate in effect: Adafactor 0.3 as in the paper; AdamW 0.01 (our sweep, docs/results.md)."""
+        """The learning rate in effect: Adafactor 0.3 (the paper), AdamW 0.01 (README, Results)."""
         if self.lr is not None:
             return self.lr
         return 0.3 if self.optimizer == "adafactor" else 0.01
+
+    def non_defaults(self) -> set[str]:
+        """Names of the options whose value differs from their default: those a caller set."""
+        return {
+            item.name
+            for item in dataclasses.fields(self)
+            if getattr(self, item.name) != item.default
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,18 +199,4 @@ class TrainOptions:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
         known = {item.name for item in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known and key != "preset"})
-
-
-_dataclass_init = TrainOptions.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_recording_given(self: TrainOptions, *args: Any, **kwargs: Any) -> None:
-    """The dataclass ``__init__``, noting which options were given so that a preset fills only the rest."""
-    names = [item.name for item in dataclasses.fields(self)]
-    object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
-    _dataclass_init(self, *args, **kwargs)
-
-
-TrainOptions.__init__ = _init_recording_given  # type: ignore[method-assign]
+        return cls(**{key: value for key, value in values.items() if key in known})

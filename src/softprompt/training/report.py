@@ -1,4 +1,5 @@
-"""Run outputs people read: ``metrics.jsonl`` (one line per logged step) and ``curves.png``."""
+"""Run outputs people read: ``report.json``, ``metrics.jsonl`` (one line per logged step) and
+``curves.png``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.training.loop import LoopResult
+from softprompt.training.options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +36,22 @@ class MetricsLog:
 
 
 def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -> Path | None:
-    """Training loss and validation accuracy over steps, as a PNG (None if matplotlib is missing)."""
+    """Training loss and validation accuracy over steps, as a PNG (None without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed; skipping %s (pip install 'softprompt[plot]')", output)
+        logger.warning(
+            "matplotlib is not installed; skipping %s (pip install 'softprompt[plot]')", output
+        )
         return None
     records = MetricsLog(metrics_path, append=True).read()
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    accuracies = [(r["step"], r["validation_accuracy"]) for r in records if "validation_accuracy" in r]
+    accuracies = [
+        (r["step"], r["validation_accuracy"]) for r in records if "validation_accuracy" in r
+    ]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     if losses:
         loss_axis.plot(*zip(*losses, strict=True), color="tab:blue")
@@ -59,3 +70,83 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
     plt.close(figure)
     temporary.replace(output)
     return output
+
+
+def build_report(
+    options: TrainOptions,
+    model: PromptTunedModel,
+    initial_prompt: torch.Tensor,
+    loop: LoopResult,
+    test: dict[str, Any],
+    *,
+    baselines: dict[str, float],
+    train_examples: int,
+    padding: float,
+    seconds: tuple[float, float],
+    device: torch.device,
+    world_size: int,
+) -> dict[str, Any]:
+    """The run's ``report.json``.
+
+    Args:
+        options: the run's options.
+        model: the `PromptTunedModel` holding the prompt the test scored (the best one).
+        initial_prompt: ``(n, hidden)`` prompt before training; the drift is measured from it.
+        loop: where the training loop stopped and how many examples it trained on.
+        test: the test split's metrics (``accuracy``, ``examples``, ...).
+        baselines: ``zero_shot_accuracy`` and ``init_accuracy`` when measured.
+        train_examples: examples in the (capped) train split.
+        padding: fraction of pad tokens in the training batches.
+        seconds: ``(wall, training)`` seconds.
+        device: where the run ran.
+        world_size: processes in the job.
+    """
+    trainable, total = model.get_nb_trainable_parameters()
+    drift = model.get_prompt_embedding_to_save().cpu() - initial_prompt.cpu()
+    wall_seconds, train_seconds = seconds
+    state = loop.state
+    return {
+        "model": options.model,
+        "dataset": options.dataset,
+        "task_type": options.task_type,
+        "num_virtual_tokens": options.num_virtual_tokens,
+        "init": str(options.init).upper(),
+        "optimizer": options.optimizer,
+        "lr": options.learning_rate,
+        "batch_size": options.batch_size,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": state.step,
+        "best_step": state.best_step,
+        "train_examples": train_examples,
+        "examples_seen": loop.examples_seen,
+        "wall_seconds": wall_seconds,
+        "train_seconds": train_seconds,
+        "train_examples_per_second": loop.examples_seen / train_seconds if train_seconds else 0.0,
+        "padding_fraction": padding,
+        **baselines,
+        "test_accuracy": test["accuracy"],
+        "test_examples": test["examples"],
+        "test_metrics": test,
+        "best_validation_accuracy": state.best_validation_accuracy,
+        "prompt_drift_norm": float(drift.norm()),
+        "prompt_drift_per_token": drift.norm(dim=1).tolist(),
+        "device": str(device),
+        "world_size": world_size,
+        "seed": options.seed,
+    }
+
+
+def training_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of the report a prompt's ``softprompt.json`` keeps under ``training``."""
+    keys = (
+        "steps",
+        "best_step",
+        "test_accuracy",
+        "best_validation_accuracy",
+        "zero_shot_accuracy",
+        "init_accuracy",
+        "lr",
+        "optimizer",
+    )
+    return {key: report[key] for key in keys if key in report}

@@ -2,7 +2,8 @@
 
 ``<run>/state/`` holds the current prompt, the optimizer's tensors, the RNG state and the loop's
 counters. The prompt and its optimizer state are tiny, so they are saved whole at every
-evaluation; the directory is replaced atomically so a crash leaves the previous state.
+evaluation; the directory is replaced atomically so a crash leaves the previous state. The
+learning-rate scheduler is not saved: its position is the loop's step (`optim.make_scheduler`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class LoopState:
     window_steps: int = 0
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _flatten_optimizer(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {"param_groups": optimizer.state_dict()["param_groups"], "state": {}}
     for param_id, values in optimizer.state_dict()["state"].items():
@@ -53,7 +56,9 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {int(key): dict(values) for key, values in plain["state"].items()}
+    state: dict[int, dict[str, Any]] = {
+        int(key): dict(values) for key, values in plain["state"].items()
+    }
     for name, tensor in tensors.items():
         _, param_id, key = name.split(".", 2)
         state.setdefault(int(param_id), {})[key] = tensor
@@ -64,22 +69,33 @@ def save_state(
     run_dir: str | Path,
     prompt: torch.Tensor,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     loop: LoopState,
 ) -> Path:
-    """Write ``<run_dir>/state`` atomically."""
+    """Write ``<run_dir>/state`` atomically.
+
+    Args:
+        run_dir: the run's output directory.
+        prompt: the current prompt, ``(n, hidden)``.
+        optimizer: the optimizer whose state (moments, param groups) is saved.
+        loop: the loop's counters.
+
+    Returns:
+        The state directory.
+    """
     target = Path(run_dir) / STATE_DIR
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".state.", suffix=".tmp"))
     try:
         optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer)
-        save_file({"prompt": prompt.detach().cpu().contiguous()}, str(staging / "prompt.safetensors"))
         save_file(
-            {**optimizer_tensors, "torch_rng": torch.get_rng_state()}, str(staging / "optimizer.safetensors")
+            {"prompt": prompt.detach().cpu().contiguous()}, str(staging / "prompt.safetensors")
+        )
+        save_file(
+            {**optimizer_tensors, "torch_rng": torch.get_rng_state()},
+            str(staging / "optimizer.safetensors"),
         )
         document = {
             "loop": loop.__dict__,
             "optimizer": optimizer_plain,
-            "scheduler": scheduler.state_dict(),
         }
         (staging / "state.json").write_text(json.dumps(document, default=_json_default) + "\n")
         replace_directory(staging, target)
@@ -90,11 +106,16 @@ def save_state(
 
 
 def load_state(
-    run_dir: str | Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    run_dir: str | Path, optimizer: torch.optim.Optimizer
 ) -> tuple[torch.Tensor, LoopState]:
-    """Restore optimizer, scheduler and RNG from ``<run_dir>/state``; returns (prompt, loop state)."""
+    """Restore the optimizer and the RNG from ``<run_dir>/state``.
+
+    Returns:
+        The saved prompt ``(n, hidden)`` and the loop's counters.
+
+    Raises:
+        ValueError: the state is missing or unreadable.
+    """
     directory = Path(run_dir) / STATE_DIR
     try:
         document = json.loads((directory / "state.json").read_text())
@@ -104,7 +125,6 @@ def load_state(
         raise ValueError(f"{directory}: cannot resume, state is unreadable ({error})") from None
     torch.set_rng_state(tensors.pop("torch_rng"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, document["optimizer"]))
-    scheduler.load_state_dict(document["scheduler"])
     return prompt, LoopState(**document["loop"])
 
 

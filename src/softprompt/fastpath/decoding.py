@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from softprompt.fastpath.prompt_kv import BatchInputs, cache_argument, new_cache, run_body
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.prompt_kv import PrefixedBatch, run
 
 
 @dataclass
@@ -209,40 +208,25 @@ def _decode(tokenizer: Any, tokens: list[int]) -> str:
 
 
 @torch.no_grad()
-def decode(
-    body: nn.Module,
-    embeddings: nn.Module,
-    head: Callable[[torch.Tensor], torch.Tensor],
-    batch: BatchInputs,
-    requests: list[DecodeRequest],
-    *,
-    tokenizer: Any,
-    eos_ids: set[int],
-    config: Any,
-) -> list[GenerateResult]:
+def decode(frozen: FrozenModel, batch: PrefixedBatch, requests: list[DecodeRequest]) -> list[GenerateResult]:
     """Generate for every request of a batch.
 
     Args:
-        body: the decoder body.
-        embeddings: the input embedding module (embeds each new token).
-        head: maps hidden states ``(R, H)`` to fp32 logits ``(R, V)``.
+        frozen: the frozen model (its tokenizer decodes the text and finds stop strings).
         batch: the prefill batch; without a cache, one is created and filled by the prefill.
         requests: the requests, whose ``rows`` index ``batch``'s rows.
-        tokenizer: decodes the generated tokens (text and stop strings).
-        eos_ids: tokens that end a generation.
-        config: the model's config (for a fresh cache).
 
     Returns:
         One result per request, in order.
     """
-    cache = batch.cache if batch.cache is not None else new_cache(config)
-    hidden = run_body(body, batch, cache)
+    tokenizer, eos_ids = frozen.tokenizer, frozen.eos_ids
+    cache = batch.cache if batch.cache is not None else frozen.new_cache()
+    hidden = run(frozen, batch, cache)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    logits = head(hidden[rows, batch.last_text_index()]).float()  # (R, V)
+    logits = frozen.logits(hidden[rows, batch.last_text_index()]).float()  # (R, V)
     active = list(range(hidden.shape[0]))  # original row id of each cache row
     mask = batch.attention_mask
-    positions = batch.prompt_lengths + batch.text_lengths  # (R,) position of the next token
-    cache_arg = cache_argument(body)
+    positions = batch.prefix_lengths + batch.text_lengths  # (R,) position of the next token
     while True:
         where = {row: index for index, row in enumerate(active)}
         greedy = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
@@ -271,13 +255,7 @@ def decode(
             active = [active[index] for index in keep]
         token_ids = torch.tensor([[next_tokens[row]] for row in active], device=mask.device)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        output = body(
-            inputs_embeds=embeddings(token_ids),
-            attention_mask=mask,
-            position_ids=positions.unsqueeze(1),
-            use_cache=True,
-            **{cache_arg: cache},
-        )
+        hidden = frozen.hidden_states(frozen.embed(token_ids), mask, positions.unsqueeze(1), cache)
         positions = positions + 1
-        logits = head(output.last_hidden_state[:, -1]).float()
+        logits = frozen.logits(hidden[:, -1]).float()
     return [request.result() for request in requests]

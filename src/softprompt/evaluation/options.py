@@ -1,0 +1,96 @@
+"""`EvalOptions` and `InspectOptions`: the options of ``softprompt eval`` and ``inspect``.
+
+Torch-free, so that building the command line (and ``--help``) loads no model code. The dataset
+fields of :class:`EvalOptions` are those of ``softprompt train``; unset (None), they come from
+the checkpoint's ``softprompt.json``, which records how its prompt was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from softprompt.options import DTYPES, choice_problems, positive_problems, raise_problems
+
+# The default instruction: TEXT init's text when training, the zero-/few-shot baselines' context.
+DEFAULT_INIT_TEXT = "Classify if the movie review is positive or negative:"
+TASK_KINDS = ("classification", "generation")
+BASELINES = ("zero-shot", "few-shot")
+
+_FROM_CHECKPOINT = " (default: the checkpoint's)"
+
+
+@dataclass
+class EvalOptions:
+    """Options of ``softprompt eval``: a prompt checkpoint, or a baseline, scored on one split."""
+
+    prompt: str | None = field(default=None, metadata={"help": "Prompt checkpoint directory"})
+    model: str | None = field(
+        default=None, metadata={"help": "Base model (default: the checkpoint's, else smollm2-135m)"}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "Dataset (default: the checkpoint's, else rotten_tomatoes)"}
+    )
+    text_column: str | None = field(
+        default=None, metadata={"help": "Field holding the input text" + _FROM_CHECKPOINT}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Field holding the class label" + _FROM_CHECKPOINT}
+    )
+    target_column: str | None = field(
+        default=None,
+        metadata={"help": "Field holding the target text (generation)" + _FROM_CHECKPOINT},
+    )
+    task_type: str | None = field(
+        default=None, metadata={"help": "Task kind" + _FROM_CHECKPOINT, "choices": TASK_KINDS}
+    )
+    template: str | None = field(
+        default=None, metadata={"help": "Format string over record fields" + _FROM_CHECKPOINT}
+    )
+    verbalizer: str | None = field(
+        default=None, metadata={"help": "JSON or label=word,label=word" + _FROM_CHECKPOINT}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Max tokens of a rendered input" + _FROM_CHECKPOINT}
+    )
+    split: str = field(default="test", metadata={"help": "train, validation or test"})
+    baseline: str | None = field(
+        default=None, metadata={"help": "Evaluate without a soft prompt", "choices": BASELINES}
+    )
+    shots: int = field(default=4, metadata={"help": "In-context examples of the few-shot baseline"})
+    instruction: str = field(
+        default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction of the zero-/few-shot baselines"}
+    )
+    max_examples: int | None = field(default=None, metadata={"help": "Cap on scored examples"})
+    batch_size: int = field(default=16, metadata={"help": "Examples per forward"})
+    seed: int = field(default=0, metadata={"help": "Seed of the few-shot examples' choice"})
+    device: str = field(default="cpu", metadata={"help": "Torch device (cpu, cuda, cuda:1, mps)"})
+    dtype: str = field(default="float32", metadata={"help": "Base model dtype", "choices": DTYPES})
+    output: str | None = field(
+        default=None, metadata={"help": "JSON result path (default: <prompt>/../eval-<split>.json)"}
+    )
+    predictions: str | None = field(
+        default=None,
+        metadata={"help": "JSONL path for per-example predictions (gold, label, probabilities)"},
+    )
+    json: bool = field(default=False, metadata={"help": "Print the result as JSON"})
+
+    def __post_init__(self) -> None:
+        problems = choice_problems(self)
+        problems += positive_problems(self, ("shots", "batch_size"))
+        problems += positive_problems(self, ("max_examples", "max_length"), optional=True)
+        raise_problems("eval options", problems)
+
+
+@dataclass
+class InspectOptions:
+    """Options of ``softprompt inspect``: what a prompt checkpoint learned."""
+
+    prompt_dir: str = field(metadata={"help": "Prompt checkpoint directory", "positional": True})
+    model: str | None = field(
+        default=None, metadata={"help": "Base model (default: the checkpoint's)"}
+    )
+    top_k: int = field(default=5, metadata={"help": "Nearest vocabulary tokens per virtual token"})
+    json: bool = field(default=False, metadata={"help": "Print the result as JSON"})
+
+    def __post_init__(self) -> None:
+        raise_problems("inspect options", positive_problems(self, ("top_k",)))

@@ -1,0 +1,47 @@
+"""Generation for requests of any tasks in one decoding loop (:mod:`softprompt.fastpath.decoding`).
+
+A request owns one row per prompt of its task; an ensemble's rows share the chosen tokens.
+Each request's budget is its ``max_new_tokens`` capped by the room its longest row leaves in
+the model's positions (generation then stops with ``"length"``).
+"""
+
+from __future__ import annotations
+
+from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, GenerateResult, decode
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.prompt_kv import prefixed_batch, stack_prompt_kv, uncached_batch
+from softprompt.inference.tasks import Task
+
+
+def generate_requests(
+    frozen: FrozenModel,
+    requests: list[tuple[int, Task, list[list[int]], GenerateParams]],
+    *,
+    use_kv_cache: bool,
+) -> dict[int, GenerateResult]:
+    """Generate for encoded requests.
+
+    Args:
+        frozen: the frozen model.
+        requests: per request its slot, task, token ids per ensemble member and parameters.
+        use_kv_cache: read prompts from their cached keys/values (else run them in the input).
+
+    Returns:
+        The result of each slot.
+    """
+    members, texts, decoding = [], [], []
+    for slot, task, encoded, params in requests:
+        pairs = list(zip(task.members, encoded, strict=True))
+        room = min(frozen.max_positions - member.length - len(ids) for member, ids in pairs)
+        own_rows = list(range(len(texts), len(texts) + len(pairs)))
+        for member, ids in pairs:
+            members.append(member)
+            texts.append(ids)
+        budget = min(params.max_new_tokens, room)
+        decoding.append((slot, DecodeRequest(task.info.name, own_rows, params, budget)))
+    if use_kv_cache:
+        batch = prefixed_batch(frozen, stack_prompt_kv([member.kv for member in members]), texts)
+    else:
+        batch = uncached_batch(frozen, [member.prompt for member in members], texts)
+    outputs = decode(frozen, batch, [request for _, request in decoding])
+    return {slot: output for (slot, _), output in zip(decoding, outputs, strict=True)}

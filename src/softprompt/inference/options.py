@@ -1,0 +1,33 @@
+"""`PredictOptions`: the options of ``softprompt predict`` (classify a few texts with a prompt).
+
+Torch-free, so that building the command line (and ``--help``) loads no model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from softprompt.options import DTYPES, choice_problems, raise_problems
+
+
+@dataclass
+class PredictOptions:
+    """Options of ``softprompt predict``: one prompt checkpoint, texts to classify."""
+
+    prompt: str = field(metadata={"help": "Prompt checkpoint directory"})
+    texts: list[str] = field(metadata={"help": "Texts to classify", "positional": True})
+    model: str | None = field(
+        default=None, metadata={"help": "Base model (default: the checkpoint's, else smollm2-135m)"}
+    )
+    device: str = field(default="cpu", metadata={"help": "Torch device (cpu, cuda, cuda:1, mps)"})
+    dtype: str = field(default="float32", metadata={"help": "Base model dtype", "choices": DTYPES})
+    truncate: bool = field(
+        default=False, metadata={"help": "Cut an over-long text to fit instead of failing"}
+    )
+    json: bool = field(default=False, metadata={"help": "Print one JSON object per text"})
+
+    def __post_init__(self) -> None:
+        problems = choice_problems(self)
+        if isinstance(self.texts, str) or not self.texts:
+            problems.append(f"texts must be a non-empty list of texts, got {self.texts!r}")
+        raise_problems("predict options", problems)

@@ -1,0 +1,136 @@
+"""A run's prompt files: the best prompt in ``OUT/prompt`` and the resumable state in ``OUT/state``.
+
+The prompt's ``softprompt.json`` says how it was made (task, base model, dataset and its columns,
+template, verbalizer, the token limit of a rendered input), so ``softprompt eval --prompt DIR``,
+``predict`` and the Engine reproduce the training setting without flags. Every rank keeps the
+best prompt in memory (the test split is scored with it); rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.data import Template, Verbalizer
+from softprompt.training.distributed import DistContext
+from softprompt.training.options import TrainOptions
+from softprompt.training.state import LoopState, load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+PROMPT_DIR = "prompt"
+
+
+def prompt_metadata(
+    options: TrainOptions,
+    template: Template,
+    verbalizer: Verbalizer | None,
+    initial_prompt: torch.Tensor,
+) -> dict[str, Any]:
+    """How a prompt was made, for its ``softprompt.json``.
+
+    Args:
+        options: the run's options.
+        template: the template in effect (the dataset's default when none was given).
+        verbalizer: the verbalizer in effect; None for generation.
+        initial_prompt: ``(n, hidden)`` prompt before training.
+
+    Returns:
+        ``task``, ``base_model``, ``dataset``, ``text_column``, ``label_column`` and
+        ``target_column`` (None where the task has none), ``template``, ``verbalizer`` (label ->
+        word; None for generation), ``max_length`` and ``initial_prompt_norm``.
+    """
+    classification = options.task_type == "classification"
+    return {
+        "task": options.task_type,
+        "base_model": options.model,
+        "dataset": options.dataset,
+        "text_column": options.text_column,
+        "label_column": options.label_column if classification else None,
+        "target_column": None if classification else options.target_column,
+        "template": template.format,
+        "verbalizer": (
+            {label: verbalizer.words(label)[0] for label in verbalizer.labels}
+            if verbalizer
+            else None
+        ),
+        "max_length": options.max_length,
+        "initial_prompt_norm": float(initial_prompt.norm()),
+    }
+
+
+class PromptCheckpoints:
+    """The best prompt (kept in memory, saved to ``OUT/prompt``) and the resumable state.
+
+    Args:
+        output_dir: the run's directory.
+        model: the prompted model being trained.
+        metadata: `prompt_metadata` of the run; each save adds a ``training`` summary to it.
+        context: this process's place in the job (rank 0 writes).
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        model: PromptTunedModel,
+        metadata: dict[str, Any],
+        context: DistContext,
+    ) -> None:
+        self.output_dir = output_dir
+        self.model = model
+        self.metadata = metadata
+        self.context = context
+        self.best = model.get_prompt_embedding_to_save().cpu()
+
+    @property
+    def prompt_dir(self) -> Path:
+        return self.output_dir / PROMPT_DIR
+
+    @property
+    def parameter(self) -> torch.nn.Parameter:
+        return self.model.prompt_encoder.embedding.weight
+
+    def begin(self, optimizer: torch.optim.Optimizer, resume: bool) -> LoopState:
+        """The loop's starting state.
+
+        A new run saves the initial prompt as the first best (a run stopped at once keeps it). A
+        resumed run restores the prompt, the optimizer and the RNG from ``OUT/state`` and the best
+        prompt from ``OUT/prompt``.
+        """
+        if not resume:
+            self.save_prompt()
+            return LoopState()
+        prompt, state = load_state(self.output_dir, optimizer)
+        with torch.no_grad():
+            self.parameter.copy_(prompt.to(self.parameter.device))
+        self.best = load_prompt(self.prompt_dir).weights
+        logger.info("resumed %s at step %d", self.output_dir, state.step)
+        return state
+
+    def keep_best(self, state: LoopState) -> None:
+        """The current prompt is the best: keep it and save it with its validation."""
+        self.best = self.model.get_prompt_embedding_to_save().cpu()
+        self.save_prompt(
+            {"step": state.step, "validation_accuracy": state.best_validation_accuracy}
+        )
+
+    def save_state(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
+        """Write the current prompt, the optimizer and the counters to ``OUT/state`` (rank 0)."""
+        if self.context.is_main:
+            save_state(self.output_dir, self.parameter, optimizer, state)
+
+    def restore_best(self) -> None:
+        """Put the best prompt back into the model (to score the test split with it)."""
+        with torch.no_grad():
+            self.parameter.copy_(self.best.to(self.parameter.device))
+
+    def save_prompt(self, training: dict[str, Any] | None = None) -> None:
+        """Write the model's current prompt to ``OUT/prompt`` with the metadata (rank 0)."""
+        if self.context.is_main:
+            meta = {**self.metadata, "training": training} if training else self.metadata
+            self.model.save_pretrained(self.prompt_dir, meta)

@@ -1,0 +1,240 @@
+"""A run's setup: check the options against the data (before any model loads), pick the device,
+load the frozen model, build the prompt and the objective, and encode the splits."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from softprompt.core.config import PromptTuningConfig, TaskType
+from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
+from softprompt.data import (
+    DatasetSplits,
+    Record,
+    Template,
+    Verbalizer,
+    default_template,
+    load_dataset,
+    parse_verbalizer,
+)
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.training import distributed
+from softprompt.training.distributed import DistContext
+from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
+from softprompt.training.options import TrainOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """What the options resolve to without a model: the data, the template, the verbalizer."""
+
+    splits: DatasetSplits
+    template: Template
+    verbalizer: Verbalizer | None  # None for generation
+
+
+@dataclass
+class RunSetup:
+    """The loaded pieces of a run: the prompted model, its objective and the encoded splits."""
+
+    model: PromptTunedModel
+    frozen: FrozenModel  # the model's frozen base, as the objective runs it
+    objective: Objective
+    shared_prefix: bool  # compute the prompt's keys/values once per training batch
+    initial_prompt: torch.Tensor  # (n, hidden), before any step
+    train_data: Any
+    validation_data: Any
+    test_data: Any
+    test_records: list[Record]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is a clear error."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available (use --device cpu or auto)")
+    if name == "mps" and not mps:
+        raise ValueError("device='mps' but MPS is not available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def prepare(options: TrainOptions) -> Prepared:
+    """Check everything that needs no model, and report every problem in one error.
+
+    Raises:
+        ValueError: ``cannot start training:`` and one line per problem (model, dataset,
+            template, verbalizer).
+    """
+    from softprompt.models import resolve_model_source
+
+    problems = []
+    try:
+        resolve_model_source(options.model)
+    except Exception as error:  # noqa: BLE001 - each problem is reported, none hidden
+        problems.append(f"model={options.model!r}: {error}")
+    splits = None
+    try:
+        splits = load_dataset(
+            options.dataset,
+            text_column=options.text_column,
+            label_column=options.label_column if options.task_type == "classification" else None,
+            target_column=options.target_column,
+        )
+    except Exception as error:  # noqa: BLE001
+        problems.append(f"dataset={options.dataset!r}: {error}")
+    template = None
+    try:
+        template = (
+            Template(options.template)
+            if options.template
+            else default_template(options.dataset, options.text_column)
+        )
+    except ValueError as error:
+        problems.append(f"template: {error}")
+    verbalizer = None
+    if splits is not None and template is not None:
+        # In file order (a set would list them in a different order in every process).
+        columns = list(dict.fromkeys(key for record in splits.train[:100] for key in record))
+        try:
+            template.validate(columns)
+        except ValueError as error:
+            problems.append(f"template: {error}")
+        if options.task_type == "classification":
+            verbalizer = _verbalizer(options, splits, problems)
+    if problems:
+        raise ValueError("cannot start training:\n  - " + "\n  - ".join(problems))
+    return Prepared(splits, template, verbalizer)
+
+
+def _verbalizer(
+    options: TrainOptions, splits: DatasetSplits, problems: list[str]
+) -> Verbalizer | None:
+    """The given verbalizer, or the default one for the data's labels; problems are appended."""
+    if not splits.labels:
+        problems.append(
+            f"dataset={options.dataset!r}: no labels in column {options.label_column!r}"
+        )
+        return None
+    try:
+        verbalizer = (
+            parse_verbalizer(options.verbalizer)
+            if options.verbalizer
+            else Verbalizer.default_for(splits.labels)
+        )
+        verbalizer.check_labels(splits.labels)
+    except ValueError as error:
+        problems.append(f"verbalizer: {error}")
+        return None
+    return verbalizer
+
+
+def load_run(
+    options: TrainOptions, prepared: Prepared, device: torch.device, context: DistContext
+) -> RunSetup:
+    """Load the frozen model on ``device``, put the prompt on it and encode the splits."""
+    from softprompt.models import load_model
+
+    started = time.perf_counter()
+    placement = f"cuda:{context.local_rank}" if device.type == "cuda" else str(device)
+    base, tokenizer = load_model(
+        options.model, task_type="CAUSAL_LM", dtype=options.dtype, device=placement
+    )
+    logger.info("loaded %s in %.1f s", options.model, time.perf_counter() - started)
+    objective = make_objective(options, prepared, tokenizer)
+    model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
+    shared_prefix = options.shared_prefix
+    if options.shard_base:
+        blocks = distributed.shard_frozen_base(base, context)
+        # FSDP2 frees a frozen block's gathered weights after each call, so the backward of a
+        # second call (the prompt-prefix pass) would find them gone: use one forward per batch.
+        shared_prefix = False
+        logger.info("sharded %d frozen decoder blocks over %d ranks", blocks, context.world_size)
+    if isinstance(objective, ClassificationObjective):
+        objective.shared_prefix = shared_prefix
+    train_data, validation_data, test_records = _split_records(options, prepared.splits)
+    setup = RunSetup(
+        model,
+        FrozenModel(base, tokenizer),
+        objective,
+        shared_prefix,
+        model.get_prompt_embedding_to_save(),
+        objective.encode(train_data),
+        objective.encode(validation_data),
+        objective.encode(test_records),
+        test_records,
+    )
+    logger.info(
+        "examples: train %d, validation %d, test %d",
+        len(setup.train_data),
+        len(setup.validation_data),
+        len(setup.test_data),
+    )
+    return setup
+
+
+def make_objective(options: TrainOptions, prepared: Prepared, tokenizer: Any) -> Objective:
+    """The run's objective: verbalizer classification or target-token generation."""
+    if options.task_type == "classification":
+        return ClassificationObjective(
+            tokenizer,
+            prepared.template,
+            prepared.verbalizer.tokenize(tokenizer),
+            options.label_column,
+            options.max_length,
+            text_column=options.text_column,
+        )
+    return GenerationObjective(
+        tokenizer,
+        prepared.template,
+        options.target_column,
+        options.max_length,
+        text_column=options.text_column,
+    )
+
+
+def prompt_config(options: TrainOptions, prepared: Prepared) -> PromptTuningConfig:
+    """The prompt's PEFT config; CLASS_LABEL init starts from each label's first word."""
+    labels = None
+    if prepared.verbalizer is not None:
+        labels = [prepared.verbalizer.words(label)[0] for label in prepared.verbalizer.labels]
+    return PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=options.num_virtual_tokens,
+        prompt_tuning_init=options.init,
+        prompt_tuning_init_text=options.init_text,
+        prompt_tuning_init_labels=labels,
+        tokenizer_name_or_path=options.model,
+        base_model_name_or_path=options.model,
+        seed=options.seed,
+    )
+
+
+def _split_records(
+    options: TrainOptions, splits: DatasetSplits
+) -> tuple[list[Record], list[Record], list[Record]]:
+    """Train, validation and test records within the options' caps (validation: both caps)."""
+    train = (
+        splits.train[: options.max_train_examples] if options.max_train_examples else splits.train
+    )
+    cap = options.max_eval_examples
+    validation_cap = min(filter(None, (cap, options.max_validation_examples)), default=None)
+    validation = splits.validation[:validation_cap] if validation_cap else splits.validation
+    test = splits.test[:cap] if cap else splits.test
+    return train, validation, test
+
+
+def total_steps(options: TrainOptions, train_examples: int) -> int:
+    """Optimizer steps of the run: ``steps``, else ``epochs`` over the train split."""
+    if options.steps is not None:
+        return options.steps
+    per_epoch = math.ceil(train_examples / (options.batch_size * options.grad_accum))
+    return max(1, math.ceil(options.epochs * per_epoch))

@@ -1,0 +1,147 @@
+"""The prompt keys/values module: cached prompts give the plain ``[prompt, text]`` forward's numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.core.combine import insert_prompt
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.prompt_kv import (
+    compute_prompt_kv,
+    extend_prefix,
+    prefixed_batch,
+    run,
+    stack_prompt_kv,
+    uncached_batch,
+)
+from softprompt.models.tiny import HIDDEN, random_ids, tiny_gemma3, tiny_gpt2, tiny_llama
+
+LENGTHS = (7, 3, 5, 1)
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "gemma3": tiny_gemma3}
+
+
+def _prompt(length: int, seed: int) -> torch.Tensor:
+    # On the scale of N(0, 1): a prompt the size of real embeddings would hardly move the output.
+    return torch.randn(length, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def _texts(lengths=LENGTHS, seed=0) -> list[list[int]]:
+    return [random_ids(1, length, seed=seed + index)[0].tolist() for index, length in enumerate(lengths)]
+
+
+def _plain_hidden(frozen: FrozenModel, prompt: torch.Tensor | None, text: list[int]) -> torch.Tensor:
+    """``(t, H)`` text hidden states of one unpadded ``[prompt, text]`` forward, built with the
+    PEFT-compatible core's combine (independent of the module under test)."""
+    ids = torch.tensor([text])
+    embeds = frozen.embed(ids)
+    if prompt is None:
+        return frozen.body(inputs_embeds=embeds).last_hidden_state[0]
+    combined = insert_prompt(prompt.unsqueeze(0).to(embeds.dtype), embeds, None)
+    hidden = frozen.body(
+        inputs_embeds=combined.inputs_embeds, attention_mask=combined.attention_mask,
+        position_ids=combined.position_ids,
+    ).last_hidden_state
+    return hidden[0, prompt.shape[0] :]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_shared_and_per_row_prompts_equal_the_plain_forward(name):
+    frozen = FrozenModel(BUILDERS[name]())
+    prompt, texts = _prompt(5, 1), _texts()
+    with torch.no_grad():
+        kv = compute_prompt_kv(frozen, prompt)
+        shared = prefixed_batch(frozen, kv, texts)
+        per_row = prefixed_batch(frozen, stack_prompt_kv([kv] * len(texts)), texts)
+        uncached = uncached_batch(frozen, [prompt] * len(texts), texts)
+        outputs = [run(frozen, batch)[:, batch.text_offset :] for batch in (shared, per_row, uncached)]
+        for row, text in enumerate(texts):
+            expected = _plain_hidden(frozen, prompt, text)
+            for hidden in outputs:
+                assert torch.allclose(hidden[row, : len(text)], expected, atol=1e-5)
+        # The prompt matters: without it the text comes out different.
+        assert not torch.allclose(outputs[0][0, : len(texts[0])], _plain_hidden(frozen, None, texts[0]), atol=1e-3)
+
+
+def test_gradients_equal_the_plain_forward():
+    frozen = FrozenModel(tiny_llama().requires_grad_(False))
+    texts = _texts()
+    projection = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(9))
+    gradients = {}
+    for path in ("shared", "per_row", "plain"):
+        prompt = _prompt(5, 1).requires_grad_(True)
+        if path == "plain":
+            rows = [_plain_hidden(frozen, prompt, text) for text in texts]
+        else:
+            kv = compute_prompt_kv(frozen, prompt)
+            kv = kv if path == "shared" else stack_prompt_kv([kv] * len(texts))
+            hidden = run(frozen, prefixed_batch(frozen, kv, texts))
+            rows = [hidden[row, : len(text)] for row, text in enumerate(texts)]
+        # A loss over real positions only, touching every row and every position.
+        sum(((row @ projection) ** 2).sum() for row in rows).backward()
+        assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+        gradients[path] = prompt.grad
+    assert all(parameter.grad is None for parameter in frozen.model.parameters())
+    for path in ("shared", "per_row"):
+        assert torch.allclose(gradients[path], gradients["plain"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_rows_with_different_prompts_each_see_their_own(name):
+    """Prompts of different lengths (and none) in one batch: each row equals its forward alone."""
+    frozen = FrozenModel(BUILDERS[name]())
+    prompts = [_prompt(5, 1), _prompt(2, 2), _prompt(5, 1), _prompt(8, 3)]
+    texts = _texts()
+    with torch.no_grad():
+        kvs = [compute_prompt_kv(frozen, prompt) for prompt in prompts]
+        cached = run(frozen, prefixed_batch(frozen, stack_prompt_kv(kvs), texts))
+        uncached_inputs = uncached_batch(frozen, prompts, texts)
+        uncached = run(frozen, uncached_inputs)[:, uncached_inputs.text_offset :]
+        for row, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+            expected = _plain_hidden(frozen, prompt, text)
+            assert torch.allclose(cached[row, : len(text)], expected, atol=1e-5)
+            assert torch.allclose(uncached[row, : len(text)], expected, atol=1e-5)
+        alone = run(frozen, uncached_batch(frozen, [None], texts[:1]))[0, : len(texts[0])]
+        assert torch.allclose(alone, _plain_hidden(frozen, None, texts[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_extended_prefix_continues_each_text(name):
+    """Text keys/values reused as a prefix: continuations equal ``[prompt, text, continuation]``."""
+    frozen = FrozenModel(BUILDERS[name]())
+    prompts = [_prompt(5, 1), _prompt(2, 2), _prompt(5, 1)]
+    texts, continuations = _texts((6, 2, 4)), _texts((2, 3, 1), seed=20)
+    with torch.no_grad():
+        kvs = [compute_prompt_kv(frozen, prompt) for prompt in prompts]
+        batch = prefixed_batch(frozen, stack_prompt_kv(kvs), texts, keep_all_positions=True)
+        run(frozen, batch)
+        owners = torch.tensor([2, 0, 0])  # rows may repeat and come in any order
+        behind = extend_prefix(batch, rows=owners)
+        assert behind.lengths.tolist() == [5 + 4, 5 + 6, 5 + 6]
+        hidden = run(frozen, prefixed_batch(frozen, behind, continuations))
+        for row, owner in enumerate(owners.tolist()):
+            full = _plain_hidden(frozen, prompts[owner], texts[owner] + continuations[row])
+            expected = full[len(texts[owner]) :]
+            assert torch.allclose(hidden[row, : len(continuations[row])], expected, atol=1e-5)
+
+
+def test_prompt_kv_shapes_and_one_forward_per_cache():
+    frozen = FrozenModel(tiny_llama())
+    config = frozen.config
+    prompt = _prompt(5, 1).requires_grad_(True)
+    kv = compute_prompt_kv(frozen, prompt)
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert len(kv.layers) == config.num_hidden_layers and kv.rows == 1 and kv.width == 5
+    for keys, values in kv.layers:
+        assert keys.shape == values.shape == (1, config.num_key_value_heads, 5, head_dim)
+        assert keys.requires_grad  # differentiable with respect to the prompt
+    assert kv.nbytes == 2 * config.num_hidden_layers * config.num_key_value_heads * 5 * head_dim * 4
+    # Two batches from one prompt cache own separate caches (a forward appends to its cache).
+    with torch.no_grad():
+        first, second = (prefixed_batch(frozen, kv, [[5, 6, 7]]) for _ in range(2))
+        run(frozen, first)
+    assert first.cache.get_seq_length() == 5 + 3 and second.cache.get_seq_length() == 5
+    with pytest.raises(ValueError, match="at least one token"):
+        prefixed_batch(frozen, kv, [[5], []])
+    with pytest.raises(ValueError, match="2 rows cannot serve 3"):
+        prefixed_batch(frozen, stack_prompt_kv([kv, kv]), [[5], [6], [7]])
