@@ -4,6 +4,8 @@
   skipped without a CUDA device; ``real`` tests (the bundled SmolLM2-135M) run in ``make test``
   and are left out by ``make test-fast`` (``-m "not real"``).
 - Torch runs on one thread in every test not marked ``real``.
+- ``--dtype auto`` sees a CPU without native bf16 in every test (and its subprocesses), so the
+  suite computes in float32 on every machine; tests of the choice give their own CPU facts.
 - Tiny models, one fixture per architecture, come fresh for each test (tests wrap, freeze and
   train them); the tokenizer folder and the tiny training setup are built once per session and
   only read.
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 
+from softprompt.models.precision import CPUINFO_ENV
 from softprompt.models.tiny import (
     tiny_bert,
     tiny_gemma3,
@@ -65,6 +68,24 @@ def one_torch_thread(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+CPU_WITHOUT_BF16 = "model name\t: test CPU without bf16 (conftest.py)\nflags\t\t: fpu sse2 avx2\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_bf16(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point :func:`~softprompt.models.precision.read_cpuinfo` at an AVX2-only CPU for the whole
+    session (before any fixture builds a model), also in subprocesses (through the environment).
+
+    Without it ``auto`` would be bfloat16 on an AMX machine and float32 elsewhere, and tests'
+    numbers would depend on the machine. A test may point it elsewhere with ``monkeypatch``.
+    """
+    path = tmp_path_factory.mktemp("cpuinfo") / "cpuinfo"
+    path.write_text(CPU_WITHOUT_BF16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CPUINFO_ENV, str(path))
+        yield
 
 
 # ----------------------------------------------------------------------------- tiny models

@@ -18,7 +18,10 @@ import pytest
 
 from softprompt.bench import add_bench_parser, main
 
-COMMON_FIELDS = ("bench", "model", "quick", "device", "device_name", "torch_threads", "options")
+COMMON_FIELDS = (
+    "bench", "model", "quick", "device", "device_name", "torch_threads", "options",
+    "dtype", "dtype_reason", "cpu_model",
+)
 TRAIN_FIELDS = (
     "softprompt_examples_per_second",
     "peft_examples_per_second",

@@ -200,13 +200,13 @@ def test_tokenizer_kwargs_only_with_a_tokenizer_init():
 
 def test_token_dim_mismatch_fill_from_model(llama):
     config = PromptTuningConfig(token_dim=768)
-    with pytest.raises(ValueError, match=rf"token_dim=768 .*embedding size {HIDDEN}"):
+    with pytest.raises(ValueError, match=rf"token_dim=768 .*embedding size is {HIDDEN}"):
         config.fill_from_model(llama)
 
 
 def test_token_dim_mismatch_prompt_embedding(t5, tokenizer_dir):
     config = PromptTuningConfig(**{**PEFT_EXAMPLE, "tokenizer_name_or_path": str(tokenizer_dir)})
-    with pytest.raises(ValueError, match=rf"token_dim=768 .*embedding size {HIDDEN}"):
+    with pytest.raises(ValueError, match=rf"token_dim=768 .*embedding size is {HIDDEN}"):
         PromptEmbedding(config, t5.shared)
 
 

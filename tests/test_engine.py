@@ -12,8 +12,11 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from softprompt.core.checkpoint import load_prompt, save_prompt
 from softprompt.core.config import PromptTuningConfig
+from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data.templates import Template
 from softprompt.data.verbalizer import Verbalizer
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.scoring import label_scores
 from softprompt.inference import (
     ClassifyResult,
     Engine,
@@ -23,9 +26,6 @@ from softprompt.inference import (
     TaskLoadError,
     TaskNotFoundError,
 )
-from softprompt.core.prompt_model import PromptTunedModel
-from softprompt.fastpath.frozen import FrozenModel
-from softprompt.fastpath.scoring import label_scores
 from softprompt.inference import classify as classify_module
 from softprompt.inference.tasks import encode_input
 from softprompt.models.tiny import HIDDEN, tiny_gemma3, tiny_llama

@@ -113,6 +113,6 @@ def test_inspect_errors(model_dir, tmp_path):
     save_prompt(tmp_path / "wide", weights, PromptTuningConfig(num_virtual_tokens=2, token_dim=HIDDEN + 1))
     with pytest.raises(ValueError, match="does not name its base model"):
         inspect_prompt(tmp_path / "wide")
-    with pytest.raises(ValueError, match=f"prompt width {HIDDEN + 1} != .* embedding size {HIDDEN}"):
+    with pytest.raises(ValueError, match=f"prompt has width {HIDDEN + 1} but the model's embedding size is {HIDDEN}"):
         inspect_prompt(tmp_path / "wide", model=str(model_dir))
     assert load_prompt(tmp_path / "wide").weights.shape == (2, HIDDEN + 1)

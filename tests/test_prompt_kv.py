@@ -9,7 +9,7 @@ from softprompt.core.combine import insert_prompt
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import (
     compute_prompt_kv,
-    extend_prefix,
+    continuation_batch,
     prefixed_batch,
     run,
     stack_prompt_kv,
@@ -105,24 +105,28 @@ def test_rows_with_different_prompts_each_see_their_own(name):
         assert torch.allclose(alone, _plain_hidden(frozen, None, texts[0]), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
-def test_extended_prefix_continues_each_text(name):
-    """Text keys/values reused as a prefix: continuations equal ``[prompt, text, continuation]``."""
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_continuations_run_behind_each_text(name):
+    """Packed continuations (several per row, none for one row) each equal
+    ``[prompt, text, continuation]`` run alone; Gemma 3's window of 4 is shorter than the rows."""
     frozen = FrozenModel(BUILDERS[name]())
     prompts = [_prompt(5, 1), _prompt(2, 2), _prompt(5, 1)]
-    texts, continuations = _texts((6, 2, 4)), _texts((2, 3, 1), seed=20)
+    texts = _texts((6, 2, 4))
+    continuations = [[[9, 10], [11], [12, 13, 14]], [], [[15, 16, 17]]]
     with torch.no_grad():
         kvs = [compute_prompt_kv(frozen, prompt) for prompt in prompts]
         batch = prefixed_batch(frozen, stack_prompt_kv(kvs), texts, keep_all_positions=True)
         run(frozen, batch)
-        owners = torch.tensor([2, 0, 0])  # rows may repeat and come in any order
-        behind = extend_prefix(batch, rows=owners)
-        assert behind.lengths.tolist() == [5 + 4, 5 + 6, 5 + 6]
-        hidden = run(frozen, prefixed_batch(frozen, behind, continuations))
-        for row, owner in enumerate(owners.tolist()):
-            full = _plain_hidden(frozen, prompts[owner], texts[owner] + continuations[row])
-            expected = full[len(texts[owner]) :]
-            assert torch.allclose(hidden[row, : len(continuations[row])], expected, atol=1e-5)
+        follows, starts = continuation_batch(frozen, batch, continuations)
+        hidden = run(frozen, follows)
+        assert starts == [[0, 2, 3], [], [0]]
+        for row, sequences in enumerate(continuations):
+            for start, tokens in zip(starts[row], sequences, strict=True):
+                full = _plain_hidden(frozen, prompts[row], texts[row] + tokens)
+                expected = full[len(texts[row]) :]
+                assert torch.allclose(hidden[row, start : start + len(tokens)], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="every position kept"):
+        continuation_batch(frozen, prefixed_batch(frozen, kvs[0], texts[:1]), [[[9]]])
 
 
 def test_prompt_kv_shapes_and_one_forward_per_cache():

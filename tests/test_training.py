@@ -462,7 +462,7 @@ def test_train_options_list_every_problem(tmp_path):
         "optimizer='sgd' is not valid; allowed: adamw, adafactor",
         "schedule='step' is not valid; allowed: constant, linear, cosine",
         "device='tpu' is not valid; allowed: auto, cpu, cuda, mps",
-        "dtype='int8' is not valid; allowed: float32, bfloat16, float16",
+        "dtype='int8' is not valid; allowed: auto, float32, bfloat16, float16",
         "init='ZEROS' is not valid; allowed: ",
         "num_virtual_tokens must be a positive integer, got 0",
         "batch_size must be a positive integer, got -2",

@@ -27,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "DTYPES",
+    "DTYPE_HELP",
     "add_flags",
     "choice_problems",
     "flag_name",
@@ -36,8 +37,13 @@ __all__ = [
     "shown",
 ]
 
-# The choices of ``--dtype``, shared by every command that loads a model.
-DTYPES = ("float32", "bfloat16", "float16")
+# The choices of ``--dtype``, shared by every command that loads a model; ``auto`` is resolved by
+# softprompt.models.precision.resolve_dtype.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = (
+    "Base model dtype; auto: bfloat16 where the hardware runs it natively (CPUs with AMX or "
+    "AVX512-BF16, CUDA devices with bf16), else float32. The prompt stays fp32"
+)
 
 _NUMBERS = (int, float)
 

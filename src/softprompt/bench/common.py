@@ -24,10 +24,19 @@ from typing import Any
 
 import torch
 
+from softprompt.models import tiny as tiny_models
+from softprompt.models.precision import DtypeChoice, resolve_dtype
+
 # The benchmark task: bundled Rotten Tomatoes with softprompt's default template and verbalizer.
 TEMPLATE = "Review: {text}\nSentiment:"
 VERBALIZER = {"negative": " negative", "positive": " positive"}
 TINY_MODEL = "tiny"
+# Random weights with the real models' sizes (builders in softprompt.models.tiny): speed and
+# memory checks where no weights can travel, e.g. a GPU machine (benchmarks/gpu_check.sh).
+RANDOM_MODELS = {
+    "smollm2-shaped": tiny_models.smollm2_shaped,
+    "gemma3-shaped": tiny_models.gemma3_shaped,
+}
 
 
 # ----------------------------------------------------------------------------- devices
@@ -215,27 +224,40 @@ def matmul_peak_gflops(
 
 
 # ----------------------------------------------------------------------------- models
-def load_bench_model(name: str, device: torch.device) -> tuple[Any, Any]:
-    """Load a bundled model (or build ``tiny``) in float32, frozen, in eval mode, on ``device``."""
+def load_bench_model(
+    name: str, device: torch.device, dtype: str = "auto"
+) -> tuple[Any, Any, DtypeChoice]:
+    """A frozen model in eval mode on ``device``, its tokenizer, and the dtype it runs in.
+
+    ``tiny`` and the ``*-shaped`` names are built from configs with random weights (see
+    :data:`RANDOM_MODELS`); any other name goes to ``load_model``. ``dtype`` is resolved once
+    (``auto``: :func:`~softprompt.models.precision.resolve_dtype`); the result records it.
+    """
+    from softprompt.models.loading import parse_dtype
+
+    choice = resolve_dtype(dtype, device)
+    torch_dtype = parse_dtype(choice.dtype)
     if name == TINY_MODEL:
         model, tokenizer = tiny_model()
+    elif name in RANDOM_MODELS:
+        model = RANDOM_MODELS[name](dtype=torch_dtype, device=device)
+        model.name_or_path = model.config.name_or_path = name
+        tokenizer = corpus_tokenizer()
     else:
         from softprompt.models import load_model
 
-        model, tokenizer = load_model(name, task_type="CAUSAL_LM", dtype="float32", device="cpu")
-    model = model.to(device).eval()
+        model, tokenizer = load_model(name, task_type="CAUSAL_LM", dtype=torch_dtype, device="cpu")
+    model = model.to(device=device, dtype=torch_dtype).eval()
     model.requires_grad_(False)
-    return model, tokenizer
+    return model, tokenizer, choice
 
 
-def tiny_model(seed: int = 0) -> tuple[Any, Any]:
-    """A 2-layer random Llama and a word-level tokenizer trained on the benchmark corpus.
+def corpus_tokenizer() -> Any:
+    """A word-level tokenizer (3,000 ids) trained on the bundled Rotten Tomatoes texts.
 
-    For smoke tests only (``--model tiny``): it is built in-process, bit-identical for a seed,
-    and fast on any machine. Its numbers say nothing about real models.
+    For the random-weight models, whose vocabularies are at least that large.
     """
     from softprompt.data import load_dataset
-    from softprompt.models.tiny import tiny_llama, word_level_tokenizer
 
     splits = load_dataset("rotten_tomatoes")
     texts = [
@@ -248,8 +270,17 @@ def tiny_model(seed: int = 0) -> tuple[Any, Any]:
         "review sentiment positive negative good bad great terrible the movie was overall "
         "classify if is or"
     )
-    tokenizer = word_level_tokenizer([extra] * 1000 + texts, vocab_size=3000)
-    model = tiny_llama(
+    return tiny_models.word_level_tokenizer([extra] * 1000 + texts, vocab_size=3000)
+
+
+def tiny_model(seed: int = 0) -> tuple[Any, Any]:
+    """A 2-layer random Llama and :func:`corpus_tokenizer`.
+
+    For smoke tests only (``--model tiny``): it is built in-process, bit-identical for a seed,
+    and fast on any machine. Its numbers say nothing about real models.
+    """
+    tokenizer = corpus_tokenizer()
+    model = tiny_models.tiny_llama(
         seed,
         vocab_size=len(tokenizer),
         hidden_size=64,

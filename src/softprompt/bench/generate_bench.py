@@ -37,7 +37,7 @@ def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
     from softprompt.inference import Engine, GenerateParams
 
     device = resolve_device(options.device)
-    model, tokenizer = load_bench_model(options.model, device)
+    model, tokenizer, dtype = load_bench_model(options.model, device, options.dtype)
     specs = task_specs(options.prompt_lengths)
     params = GenerateParams(max_new_tokens=options.max_new_tokens, temperature=0.0)
     texts = benchmark_texts(options.requests)
@@ -83,6 +83,7 @@ def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
         "model": options.model,
         "quick": options.quick,
         **device_facts(device),
+        **dtype.report_fields(),
         "options": dataclasses.asdict(options),
         "tasks": [dataclasses.asdict(spec) for spec in specs],
         "requests": len(requests),

@@ -117,7 +117,7 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
     from softprompt.inference import Engine
 
     device = resolve_device(options.device)
-    model, tokenizer = load_bench_model(options.model, device)
+    model, tokenizer, dtype = load_bench_model(options.model, device, options.dtype)
     specs = task_specs(options.prompt_lengths)
     texts = benchmark_texts(options.requests)
     requests = [(specs[index % len(specs)].name, text) for index, text in enumerate(texts)]
@@ -175,6 +175,7 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
         "model": options.model,
         "quick": options.quick,
         **device_facts(device),
+        **dtype.report_fields(),
         "options": dataclasses.asdict(options),
         "tasks": [dataclasses.asdict(spec) for spec in specs],
         "requests": len(requests),

@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from softprompt.options import raise_problems
+from softprompt.options import DTYPE_HELP, DTYPES, choice_problems, raise_problems
 
-_MODEL_HELP = "smollm2-135m, gemma3-270m, any load_model name, or 'tiny' (smoke tests)"
+_MODEL_HELP = (
+    "smollm2-135m, gemma3-270m, any load_model name; random weights: 'tiny' (smoke tests), "
+    "'smollm2-shaped', 'gemma3-shaped' (the real sizes, no weights needed)"
+)
 _LENGTHS_HELP = "Prompt length of each task (comma-separated or repeated)"
 
 
@@ -25,6 +28,7 @@ class BenchOptions:
 
     model: str = field(default="smollm2-135m", metadata={"help": _MODEL_HELP})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda (cuda:N)"})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
     batch_size: int = field(default=8, metadata={"help": "Examples (or requests) per batch"})
     repeats: int = field(
         default=3, metadata={"help": "Timed repeats per side, alternating (median reported)"}
@@ -47,7 +51,7 @@ class BenchOptions:
         lengths = getattr(self, "prompt_lengths", None)
         if lengths is not None and (not lengths or min(lengths) < 1):
             problems.append(f"prompt_lengths must be positive integers, got {lengths!r}")
-        return problems
+        return problems + choice_problems(self)
 
     @classmethod
     def resolve(cls, quick: bool = False, **given: Any) -> BenchOptions:

@@ -205,25 +205,6 @@ def load_prompt(directory: str | Path) -> PromptCheckpoint:
     return PromptCheckpoint(config, weights, metadata, directory, extra_tensors=extra)
 
 
-def check_prompt_width(width: int, embedding_size: int, source: str, base_model: str | None = None) -> None:
-    """Refuse a prompt whose width is not the model's embedding size.
-
-    Args:
-        width: the prompt's last dimension.
-        embedding_size: the model's hidden size.
-        source: what the prompt came from (a checkpoint directory), named in the error.
-        base_model: the model the prompt was tuned for, if known, named in the error.
-
-    Raises:
-        ValueError: the widths differ.
-    """
-    if width != embedding_size:
-        raise ValueError(
-            f"{source}: the prompt has width {width} but the model's embedding size is "
-            f"{embedding_size}; it was tuned for another model ({base_model or 'unknown'})"
-        )
-
-
 def _read_metadata(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}

@@ -179,10 +179,7 @@ class PromptTuningConfig:
         embedding_dim = model.get_input_embeddings().weight.shape[1]
         if self.token_dim is None:
             self.token_dim = embedding_dim
-        elif self.token_dim != embedding_dim:
-            raise ValueError(
-                f"token_dim={self.token_dim} does not match the model's embedding size {embedding_dim}"
-            )
+        check_prompt_width(self.token_dim, embedding_dim, f"token_dim={self.token_dim} in the config")
         model_config = model.config
         text_config = getattr(model_config, "get_text_config", lambda: model_config)()
         if self.num_transformer_submodules is None:
@@ -280,3 +277,23 @@ def _first_attribute(config: Any, names: tuple[str, ...]) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def check_prompt_width(width: int, embedding_size: int, source: str, base_model: str | None = None) -> None:
+    """Refuse a prompt whose width is not the model's embedding size.
+
+    Args:
+        width: the prompt's last dimension.
+        embedding_size: the model's hidden size.
+        source: what the prompt came from (a checkpoint directory), named in the error.
+        base_model: the model the prompt was tuned for, if known, named in the error.
+
+    Raises:
+        ValueError: the widths differ.
+    """
+    if width != embedding_size:
+        tuned_for = f"; it was tuned for another model ({base_model})" if base_model else ""
+        raise ValueError(
+            f"{source}: the prompt has width {width} but the model's embedding size is "
+            f"{embedding_size}{tuned_for}"
+        )

@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from softprompt.core.config import InitFill, PromptTuningConfig, PromptTuningInit
+from softprompt.core.config import (
+    InitFill,
+    PromptTuningConfig,
+    PromptTuningInit,
+    check_prompt_width,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +71,7 @@ class PromptEmbedding(nn.Module):
         embedding_dim = word_embeddings.weight.shape[1]
         if config.token_dim is None:
             config.token_dim = embedding_dim
-        if config.token_dim != embedding_dim:
-            raise ValueError(
-                f"token_dim={config.token_dim} does not match the model's embedding size {embedding_dim}"
-            )
+        check_prompt_width(config.token_dim, embedding_dim, f"token_dim={config.token_dim} in the config")
         total = config.total_virtual_tokens
         self.embedding = nn.Embedding(total, config.token_dim, dtype=torch.float32)
         if weights is None:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from softprompt.core.checkpoint import check_prompt_width, load_prompt, save_prompt
+from softprompt.core.checkpoint import load_prompt, save_prompt
 from softprompt.core.combine import CombinedInputs, insert_prompt
-from softprompt.core.config import PromptTuningConfig, TaskType
+from softprompt.core.config import PromptTuningConfig, TaskType, check_prompt_width
 from softprompt.core.prompt import PromptEmbedding
 
 logger = logging.getLogger(__name__)

@@ -67,8 +67,10 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
 
     from softprompt.fastpath.frozen import FrozenModel
     from softprompt.models import load_model
+    from softprompt.models.precision import resolve_dtype
 
-    base, tokenizer = load_model(setting["model"], dtype=options.dtype, device=options.device)
+    dtype = resolve_dtype(options.dtype, options.device)
+    base, tokenizer = load_model(setting["model"], dtype=dtype.dtype, device=options.device)
     frozen = FrozenModel(base.eval().requires_grad_(False), tokenizer)
     tokenized = verbalizer.tokenize(tokenizer)
     prompt = None
@@ -100,6 +102,7 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
         "shots": options.shots if options.baseline == "few-shot" else None,
         "split": options.split,
         **{key: setting[key] for key in ("model", "dataset", "template", "max_length")},
+        **dtype.report_fields(),
     })
     return _write(result, options)
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from softprompt.core.checkpoint import load_prompt
+from softprompt.core.config import check_prompt_width
 from softprompt.core.prompt import initial_prompt
 
 
@@ -67,11 +68,9 @@ def inspect_prompt(prompt_dir: str | Path, model: str | None = None, top_k: int 
         raise ValueError(f"{prompt_dir}: the checkpoint does not name its base model; pass --model")
     base, tokenizer = load_model(model_name)
     embeddings = base.get_input_embeddings()
-    if checkpoint.weights.shape[1] != embeddings.weight.shape[1]:
-        raise ValueError(
-            f"{prompt_dir}: prompt width {checkpoint.weights.shape[1]} != {model_name} embedding size "
-            f"{embeddings.weight.shape[1]}"
-        )
+    check_prompt_width(
+        checkpoint.weights.shape[1], embeddings.weight.shape[1], str(prompt_dir), str(model_name)
+    )
     config = checkpoint.config
     init_report = checkpoint.metadata.get("init_report") or {}
     drift: dict[str, Any] = {"available": False}

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from softprompt.options import DTYPES, choice_problems, positive_problems, raise_problems
+from softprompt.options import (
+    DTYPE_HELP,
+    DTYPES,
+    choice_problems,
+    positive_problems,
+    raise_problems,
+)
 
 # The default instruction: TEXT init's text when training, the zero-/few-shot baselines' context.
 DEFAULT_INIT_TEXT = "Classify if the movie review is positive or negative:"
@@ -64,7 +70,7 @@ class EvalOptions:
     batch_size: int = field(default=16, metadata={"help": "Examples per forward"})
     seed: int = field(default=0, metadata={"help": "Seed of the few-shot examples' choice"})
     device: str = field(default="cpu", metadata={"help": "Torch device (cpu, cuda, cuda:1, mps)"})
-    dtype: str = field(default="float32", metadata={"help": "Base model dtype", "choices": DTYPES})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
     output: str | None = field(
         default=None, metadata={"help": "JSON result path (default: <prompt>/../eval-<split>.json)"}
     )

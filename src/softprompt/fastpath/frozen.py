@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from softprompt.core.checkpoint import check_prompt_width
+from softprompt.core.config import check_prompt_width
 
 FALLBACK_MAX_POSITIONS = 2048
 
@@ -70,6 +70,13 @@ class FrozenModel:
         return self.embeddings.weight.device
 
     @property
+    def sliding_window(self) -> int | None:
+        """The window of the model's sliding-window attention layers, or None when it has none."""
+        kinds = getattr(self.text_config, "layer_types", None) or ()
+        window = getattr(self.text_config, "sliding_window", None)
+        return int(window) if window and "sliding_attention" in kinds else None
+
+    @property
     def embedding_scale(self) -> float:
         """Factor the input embedding applies to its table rows (Gemma: ``sqrt(hidden)``; else 1)."""
         scale = getattr(self.embeddings, "embed_scale", None)
@@ -119,7 +126,7 @@ class FrozenModel:
     def hidden_states(
         self,
         inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,
         position_ids: torch.Tensor,
         cache: DynamicCache | None = None,
     ) -> torch.Tensor:
@@ -127,7 +134,8 @@ class FrozenModel:
 
         Args:
             inputs_embeds: ``(B, L, H)`` in the model's dtype.
-            attention_mask: ``(B, S + L)`` 0/1 over the cached and the new positions, or None.
+            attention_mask: ``(B, S + L)`` 0/1 over the cached and the new positions, or None;
+                or a prepared additive 4-D mask (a dict of them by attention kind).
             position_ids: ``(B, L)``.
             cache: keys/values of earlier positions (``S`` of them); the forward appends to it.
 

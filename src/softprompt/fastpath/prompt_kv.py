@@ -4,8 +4,8 @@ the frozen model's body after them.
 A soft prompt's keys and values are the same for every text that follows it, so they are
 computed once (per batch in training, with gradients; per task in serving, without) and the
 body then runs on the text tokens only. The same move serves any shared prefix: a text scored
-against several multi-token label words is run once and its keys/values extended to the label
-continuations (:func:`extend_prefix`).
+against several multi-token label words is run once, and the label continuations run behind its
+keys/values (:func:`continuation_batch`).
 
 Rows may carry prefixes of different lengths (tasks, ensemble members), so a batch is laid out
 as::
@@ -66,12 +66,6 @@ class PromptKV:
         """Memory held by the keys and values."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 
-    def select(self, index: torch.Tensor) -> PromptKV:
-        """The rows ``index`` ``(R',)`` (a row may repeat)."""
-        index = index.to(self.layers[0][0].device)
-        layers = tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers)
-        return PromptKV(layers, self.lengths.index_select(0, index.to(self.lengths.device)))
-
 
 @dataclass
 class PrefixedBatch:
@@ -79,7 +73,9 @@ class PrefixedBatch:
 
     Attributes:
         inputs_embeds: ``(R, L, H)``; L = T with a cache (text only), W + T without.
-        attention_mask: ``(R, W + T)`` long over prefix and text (``(R, T)`` without a prefix).
+        attention_mask: ``(R, W + T)`` long over prefix and text (``(R, T)`` without a prefix);
+            for continuations (:func:`continuation_batch`) an additive 4-D mask, or one per
+            attention kind (``{"full_attention": ..., "sliding_attention": ...}``).
         position_ids: ``(R, L)`` long.
         cache: the prefixes' keys/values (W positions); a forward appends to it, so it serves
             one forward only. None when the prefixes are in ``inputs_embeds`` or absent.
@@ -89,7 +85,7 @@ class PrefixedBatch:
     """
 
     inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]
     position_ids: torch.Tensor
     cache: DynamicCache | None
     text_offset: int
@@ -185,7 +181,7 @@ def prefixed_batch(
         prefix: one row (shared by every text) or one row per text; None runs the texts alone.
         token_ids: R non-empty token-id lists.
         keep_all_positions: give sliding-window layers a cache that keeps every position, so
-            that :func:`extend_prefix` can read the cache back after the forward.
+            that :func:`continuation_batch` can follow the text.
 
     Returns:
         The batch; run it with :func:`run`.
@@ -264,52 +260,75 @@ def run(frozen: FrozenModel, batch: PrefixedBatch, cache: DynamicCache | None = 
     return frozen.hidden_states(batch.inputs_embeds, batch.attention_mask, batch.position_ids, cache)
 
 
-def extend_prefix(
-    batch: PrefixedBatch, cache: DynamicCache | None = None, rows: torch.Tensor | None = None
-) -> PromptKV:
-    """Each row's prefix followed by its text, as a prefix for what comes next.
+def continuation_batch(
+    frozen: FrozenModel, batch: PrefixedBatch, continuations: Sequence[Sequence[Sequence[int]]]
+) -> tuple[PrefixedBatch, list[list[int]]]:
+    """Several short continuations after each row's text, run in one forward behind its keys/values.
 
-    Call after :func:`run` with a cache that kept every position (``prefixed_batch(...,
-    keep_all_positions=True)``, or a ``new_cache(sliding=False)`` given to :func:`run` for an
-    uncached batch). Differentiable.
+    The continuations of a row are packed side by side; each sees the row's prefix and text and
+    its own earlier tokens, never the other continuations, and its positions follow the text
+    (``n_i + t_i + k``), so it computes what ``[prefix, text, continuation]`` alone would. The
+    batch's cache is reused as it is (the continuation forward appends to it): the text's
+    keys/values are neither recomputed nor copied. Sliding-window layers get their own mask,
+    windowed by position.
 
     Args:
-        batch: the batch that ran.
-        cache: the cache it filled (default: ``batch.cache``).
-        rows: ``(R',)`` which rows to return, in order (a row may repeat); default all.
+        frozen: the frozen model.
+        batch: a batch built with ``keep_all_positions=True`` that has run (:func:`run`).
+        continuations: per row, its continuations (non-empty token lists; a row may have none).
 
     Returns:
-        A :class:`PromptKV` with a row per selected text, of lengths ``n_i + t_i``.
+        The continuation batch (run it with :func:`run`; ``text_offset`` 0) and, per row, the
+        column of each continuation's first token in its hidden states.
     """
-    cache = cache if cache is not None else batch.cache
-    if cache is None:
-        raise ValueError("extend_prefix needs the cache the batch ran with")
-    if rows is None:
-        rows = torch.arange(batch.text_lengths.shape[0], device=batch.text_lengths.device)
-    rows = rows.to(batch.text_lengths.device)
+    cached = batch.attention_mask.shape[1]
+    if batch.cache is None or batch.cache.get_seq_length() != cached:
+        raise ValueError("continuation_batch needs a batch that ran with every position kept")
+    rows = len(continuations)
+    width = max(1, max(sum(len(tokens) for tokens in row) for row in continuations))
+    ids = torch.full((rows, width), frozen.pad_id, dtype=torch.long)
+    owner = torch.full((rows, width), -1, dtype=torch.long)  # which continuation fills a column
+    step = torch.zeros(rows, width, dtype=torch.long)  # a token's index in its continuation
+    starts: list[list[int]] = []
+    for row, sequences in enumerate(continuations):
+        column, row_starts = 0, []
+        for index, tokens in enumerate(sequences):
+            row_starts.append(column)
+            span = slice(column, column + len(tokens))
+            ids[row, span] = torch.as_tensor(tokens, dtype=torch.long)
+            owner[row, span], step[row, span] = index, torch.arange(len(tokens))
+            column += len(tokens)
+        starts.append(row_starts)
+    device = frozen.device
+    ids, owner, step = ids.to(device), owner.to(device), step.to(device)
+    positions = (batch.prefix_lengths + batch.text_lengths).unsqueeze(1) + step  # (R, Q)
+    same = (owner.unsqueeze(2) == owner.unsqueeze(1)) & (step.unsqueeze(2) >= step.unsqueeze(1))
+    seen = batch.attention_mask.bool().unsqueeze(1).expand(-1, width, -1)
+    allowed = torch.cat([seen, same], dim=2)  # (R, Q, cached + Q)
+    key_positions = torch.cat([_cached_positions(batch), positions], dim=1)
+    mask = _additive(allowed, frozen.dtype)
+    window = frozen.sliding_window
+    if window is not None:
+        near = (positions.unsqueeze(2) - key_positions.unsqueeze(1)) < window
+        mask = {"full_attention": mask, "sliding_attention": _additive(allowed & near, frozen.dtype)}
+    embeds = frozen.embed(ids)
+    lengths = torch.tensor([sum(map(len, row)) for row in continuations], device=device)
+    follows = PrefixedBatch(embeds, mask, positions, batch.cache, 0, batch.prefix_lengths, lengths)
+    return follows, starts
+
+
+def _cached_positions(batch: PrefixedBatch) -> torch.Tensor:
+    """``(R, W + T)`` position of each cached column (padding columns get harmless values)."""
     total = batch.attention_mask.shape[1]
-    text_lengths = batch.text_lengths[rows]
-    lengths = batch.prefix_lengths[rows] + text_lengths
-    width = int(lengths.max())
-    # Row i's real positions end at column W + t_i (W: the prefix width); keep the `width`
-    # columns before it (those left of its own prefix are padding, masked by its length).
-    prefix_width = total - (batch.inputs_embeds.shape[1] - batch.text_offset)
-    start = prefix_width + text_lengths - width
-    index = (start.unsqueeze(1) + torch.arange(width, device=start.device)).clamp(min=0)
-    layers = []
-    for layer_index, layer in enumerate(cache.layers):
-        keys, values = layer.keys, layer.values
-        if keys.shape[-2] != total:
-            raise PromptCacheUnsupportedError(
-                f"layer {layer_index} of the cache kept {keys.shape[-2]} of {total} positions"
-            )
-        # One copy: (R', width, kv_heads, d) by advanced indexing, viewed back as (R', kv, width, d).
-        row_index = rows.to(keys.device).unsqueeze(1)
-        column_index = index.to(keys.device)
-        layers.append(tuple(
-            tensor[row_index, :, column_index].transpose(1, 2) for tensor in (keys, values)
-        ))
-    return PromptKV(tuple(layers), lengths)
+    width = total - (batch.inputs_embeds.shape[1] - batch.text_offset)
+    columns = torch.arange(total, device=batch.prefix_lengths.device).unsqueeze(0)
+    return columns - width + batch.prefix_lengths.unsqueeze(1)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(R, 1, Q, K)`` additive attention mask: 0 where allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def _plain_layers(cache: DynamicCache, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:

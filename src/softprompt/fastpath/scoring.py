@@ -5,9 +5,9 @@ position and the label words' rows of the LM head: ``(B, H) @ (H, C)``; the full
 logits are never formed. The scores are the label words' logits.
 
 Multi-token label words are scored by the summed log-probability of their tokens. With the
-prompt's keys/values cached, the text runs once; its keys/values (behind the prompt's) become
-the prefix of the label continuations, which run together as short rows
-(:func:`softprompt.fastpath.prompt_kv.extend_prefix`), so the text is never copied per label.
+prompt's keys/values cached, the text runs once, and the label continuations of every row run
+together in one more forward behind its keys/values
+(:func:`softprompt.fastpath.prompt_kv.continuation_batch`): the text is never copied per label.
 With the prompt in the input instead (``prompts=``, one forward, as FSDP2-sharded training
 needs), each such text is repeated once per label with the label's tokens appended.
 
@@ -25,7 +25,7 @@ from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import (
     PrefixedBatch,
     PromptKV,
-    extend_prefix,
+    continuation_batch,
     prefixed_batch,
     run,
     uncached_batch,
@@ -86,13 +86,16 @@ def mixed_label_scores(
     batch = prefixed_batch(frozen, prefix, token_ids, keep_all_positions=multi)
     last = _at(run(frozen, batch), batch.last_text_index())  # (B, H)
     scores: list[torch.Tensor | None] = [None] * len(token_ids)
+    multi_groups = []
     for verbalizer, rows in _groups(verbalizers).values():
-        index = torch.tensor(rows, device=last.device)
-        if verbalizer.is_single_token:
-            group = _first_token_logits(frozen, last[index], verbalizer)
-        else:
-            group = _continuation_scores(frozen, batch, index, last[index], verbalizer)
+        if not verbalizer.is_single_token:
+            multi_groups.append((verbalizer, rows))
+            continue
+        group = _first_token_logits(frozen, last[torch.tensor(rows, device=last.device)], verbalizer)
         for row, vector in zip(rows, group, strict=True):
+            scores[row] = vector
+    if multi_groups:
+        for row, vector in _continuation_scores(frozen, batch, last, multi_groups).items():
             scores[row] = vector
     return scores
 
@@ -108,27 +111,43 @@ def _first_token_logits(
 def _continuation_scores(
     frozen: FrozenModel,
     batch: PrefixedBatch,
-    rows: torch.Tensor,
     last: torch.Tensor,
-    verbalizer: TokenizedVerbalizer,
-) -> torch.Tensor:
-    """``(B, C)`` multi-token scores of ``batch``'s ``rows``: the label continuations run behind
-    each text's keys/values (the batch ran with every position kept)."""
-    words = verbalizer.label_token_ids
-    first_ids = torch.tensor([ids[0] for ids in words], device=last.device)
-    scores = frozen.logits(last).float().log_softmax(dim=-1)[:, first_ids]
-    longer = [label for label, ids in enumerate(words) if len(ids) > 1]
-    if not longer:
-        return scores
-    owners = rows.repeat_interleave(len(longer))
-    continuations = [words[label][:-1] for _ in range(len(rows)) for label in longer]
-    targets = [words[label][1:] for _ in range(len(rows)) for label in longer]
-    behind_text = extend_prefix(batch, rows=owners)
-    hidden = run(frozen, prefixed_batch(frozen, behind_text, continuations))  # (B * L, K - 1, H)
-    rest = _summed_log_probs(frozen, hidden, targets).view(len(rows), len(longer))
-    extra = torch.zeros_like(scores)
-    extra[:, longer] = rest
-    return scores + extra
+    groups: list[tuple[TokenizedVerbalizer, list[int]]],
+) -> dict[int, torch.Tensor]:
+    """Multi-token scores: every label's continuation runs behind its text's keys/values (the
+    batch ran with every position kept), all rows and labels in one forward.
+
+    Returns:
+        Per row of a multi-token group, its ``(C,)`` summed log-probabilities.
+    """
+    continuations: list[list[list[int]]] = [[] for _ in range(last.shape[0])]
+    for verbalizer, rows in groups:
+        tails = [ids[:-1] for ids in verbalizer.label_token_ids if len(ids) > 1]
+        for row in rows:
+            continuations[row] = tails
+    scores = {}
+    follows, starts = continuation_batch(frozen, batch, continuations)
+    hidden = run(frozen, follows)  # (B, Q, H)
+    for verbalizer, rows in groups:
+        words = verbalizer.label_token_ids
+        first_ids = torch.tensor([ids[0] for ids in words], device=last.device)
+        index = torch.tensor(rows, device=last.device)
+        first = frozen.logits(last[index]).float().log_softmax(dim=-1)[:, first_ids]  # (b, C)
+        longer = [label for label, ids in enumerate(words) if len(ids) > 1]
+        for position, row in enumerate(rows):
+            rest = torch.zeros_like(first[position])
+            if longer:
+                columns = [
+                    torch.arange(start, start + len(words[label]) - 1, device=hidden.device)
+                    for label, start in zip(longer, starts[row], strict=True)
+                ]
+                selected = torch.nn.utils.rnn.pad_sequence(
+                    [hidden[row, column] for column in columns], batch_first=True
+                )  # (L, K - 1, H)
+                summed = _summed_log_probs(frozen, selected, [words[label][1:] for label in longer])
+                rest = rest.index_put((torch.tensor(longer, device=rest.device),), summed)
+            scores[row] = first[position] + rest
+    return scores
 
 
 def _uncached_scores(
@@ -139,17 +158,16 @@ def _uncached_scores(
 ) -> list[torch.Tensor]:
     """Scores in one forward with the prompts in the input; a multi-token text is repeated
     once per label with the label's tokens (all but the last) appended."""
-    rows, row_prompts, owners = [], [], []
+    rows, row_prompts, first_row = [], [], []
     for text, (verbalizer, prompt) in enumerate(zip(verbalizers, prompts, strict=True)):
         words = [[]] if verbalizer.is_single_token else [ids[:-1] for ids in verbalizer.label_token_ids]
+        first_row.append(len(rows))
         for tail in words:
             rows.append(list(token_ids[text]) + tail)
             row_prompts.append(prompt)
-            owners.append(text)
     batch = uncached_batch(frozen, row_prompts, rows)
     hidden = run(frozen, batch)
     scores: list[torch.Tensor | None] = [None] * len(token_ids)
-    first_row = {text: owners.index(text) for text in range(len(token_ids))}
     for verbalizer, texts in _groups(verbalizers).values():
         starts = torch.tensor([first_row[text] for text in texts], device=hidden.device)
         if verbalizer.is_single_token:

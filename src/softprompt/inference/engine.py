@@ -55,7 +55,8 @@ class Engine:
         model: bundled name, local folder or ``.gguf`` path for ``softprompt.models.load_model``.
         model_and_tokenizer: an already loaded ``(model, tokenizer)`` instead of ``model``.
         device: device to load ``model`` on (unused with ``model_and_tokenizer``).
-        dtype: dtype to load ``model`` in (unused with ``model_and_tokenizer``).
+        dtype: dtype to load ``model`` in; ``"auto"``: bfloat16 where ``device`` runs it
+            natively, else float32 (unused with ``model_and_tokenizer``).
         use_kv_cache: compute each prompt's keys/values once and reuse them (falls back to the
             uncached path, with a warning, for models whose cache is not plain keys/values).
         bucket_overhead_tokens: the cost of one more forward in padded tokens, which decides how
@@ -69,7 +70,7 @@ class Engine:
         *,
         model_and_tokenizer: tuple[Any, Any] | None = None,
         device: str = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "auto",
         use_kv_cache: bool = True,
         bucket_overhead_tokens: int | None = None,
     ) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from softprompt.options import DTYPES, choice_problems, raise_problems
+from softprompt.options import DTYPE_HELP, DTYPES, choice_problems, raise_problems
 
 
 @dataclass
@@ -20,7 +20,7 @@ class PredictOptions:
         default=None, metadata={"help": "Base model (default: the checkpoint's, else smollm2-135m)"}
     )
     device: str = field(default="cpu", metadata={"help": "Torch device (cpu, cuda, cuda:1, mps)"})
-    dtype: str = field(default="float32", metadata={"help": "Base model dtype", "choices": DTYPES})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
     truncate: bool = field(
         default=False, metadata={"help": "Cut an over-long text to fit instead of failing"}
     )

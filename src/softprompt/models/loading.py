@@ -29,8 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from softprompt.core.config import TaskType
 from softprompt.models import cache
+from softprompt.models.precision import AUTO, resolve_dtype
 from softprompt.models.registry import (
     ModelNotInstalledError,
     ModelSource,
@@ -41,11 +41,12 @@ from softprompt.models.registry import (
 
 logger = logging.getLogger(__name__)
 
-AUTO_CLASSES: dict[TaskType, type] = {
-    TaskType.CAUSAL_LM: AutoModelForCausalLM,
-    TaskType.SEQ_2_SEQ_LM: AutoModelForSeq2SeqLM,
-    TaskType.SEQ_CLS: AutoModelForSequenceClassification,
-    TaskType.FEATURE_EXTRACTION: AutoModel,
+# By task type (PEFT's names; a TaskType is a str and looks up the same).
+AUTO_CLASSES: dict[str, type] = {
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+    "SEQ_CLS": AutoModelForSequenceClassification,
+    "FEATURE_EXTRACTION": AutoModel,
 }
 _HUB_PROBE_TIMEOUT_S = 3.0
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -269,7 +270,16 @@ def model_cache_path(name: str) -> Path | None:
     return None
 
 
-def _check_task(config: Any, auto_class: type, task: TaskType, name: str) -> None:
+def _parse_task(task_type: Any) -> str:
+    """``"causal_lm"`` or ``TaskType.CAUSAL_LM`` -> ``"CAUSAL_LM"``; anything else is an error."""
+    text = str(getattr(task_type, "value", task_type)).upper()
+    if text not in AUTO_CLASSES:
+        allowed = ", ".join(AUTO_CLASSES)
+        raise ValueError(f"task_type={task_type!r} is not valid; allowed values: {allowed}")
+    return text
+
+
+def _check_task(config: Any, auto_class: type, task: str, name: str) -> None:
     mapping = getattr(auto_class, "_model_mapping", None)
     if mapping is None:
         return
@@ -277,13 +287,13 @@ def _check_task(config: Any, auto_class: type, task: TaskType, name: str) -> Non
         mapping[type(config)]
     except KeyError:
         raise TaskNotSupportedError(
-            f"task_type={task.value!r}: model {name!r} ({type(config).__name__}) has no "
+            f"task_type={task!r}: model {name!r} ({type(config).__name__}) has no "
             f"{auto_class.__name__} class; choose a task_type this architecture supports"
         ) from None
 
 
 def _load_folder(
-    folder: str, task: TaskType, dtype: torch.dtype, name: str, **kwargs: Any
+    folder: str, task: str, dtype: torch.dtype, name: str, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     auto_class = AUTO_CLASSES[task]
     config = AutoConfig.from_pretrained(folder, **kwargs)
@@ -294,7 +304,7 @@ def _load_folder(
 
 
 def _load_converted(
-    source: ModelSource, task: TaskType, dtype: torch.dtype, verify: bool, entry: Path | None = None
+    source: ModelSource, task: str, dtype: torch.dtype, verify: bool, entry: Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     for attempt in (1, 2):
         if entry is None or attempt == 2:
@@ -368,7 +378,7 @@ def _reachable(url: str, timeout: float) -> bool:
 
 
 def _load_hub(
-    source: ModelSource, task: TaskType, dtype: torch.dtype
+    source: ModelSource, task: str, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     offline = _offline_reason()
     bundled = ", ".join(bundled_names())
@@ -390,8 +400,8 @@ def _load_hub(
 
 def load_model(
     name_or_path: str,
-    task_type: TaskType | str = "CAUSAL_LM",
-    dtype: torch.dtype | str = torch.float32,
+    task_type: str = "CAUSAL_LM",
+    dtype: torch.dtype | str = AUTO,
     device: str | torch.device = "cpu",
     verify: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -403,7 +413,8 @@ def load_model(
             already in the Hub cache).
         task_type (TaskType | str): CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS or FEATURE_EXTRACTION;
             picks the ``AutoModel*`` class.
-        dtype (torch.dtype | str): the parameters' dtype.
+        dtype (torch.dtype | str): the parameters' dtype; ``"auto"`` picks bfloat16 where
+            ``device`` runs it natively, else float32 (:mod:`softprompt.models.precision`).
         device (str | torch.device): where the model is moved.
         verify (bool): for converted models, check the full SHA-256 of the cached weights
             (reads the whole file; rebuilds the entry on a mismatch).
@@ -421,7 +432,9 @@ def load_model(
             bundled model that is not installed (with the install command).
         ModelUnavailableError: a Hub id that cannot be fetched (e.g. no network).
     """
-    task = TaskType.parse(task_type, "task_type")
+    task = _parse_task(task_type)
+    if isinstance(dtype, str) and dtype == AUTO:
+        dtype = resolve_dtype(dtype, device).dtype
     torch_dtype = parse_dtype(dtype)
     start = time.perf_counter()
     try:

@@ -10,7 +10,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softprompt.options import choice_problems, positive_problems, raise_problems
+from softprompt.options import (
+    DTYPE_HELP,
+    DTYPES,
+    choice_problems,
+    positive_problems,
+    raise_problems,
+)
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TASK_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -48,6 +54,7 @@ class ServeOptions:
         "Seconds a request may wait before a 504")})
     device: str = field(default="cpu", metadata={"help": (
         "Torch device of the model (cpu, cuda, cuda:1, mps)")})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
     log_level: str = field(default="info",
                            metadata={"help": "uvicorn's log level", "choices": LOG_LEVELS})
 

@@ -60,7 +60,7 @@ def build_app(options: ServeOptions) -> Any:
     def make_engine() -> Any:
         from softprompt.inference import Engine
 
-        return Engine(options.model, device=options.device)
+        return Engine(options.model, device=options.device, dtype=options.dtype)
 
     return create_app(make_engine, options)
 

@@ -12,7 +12,13 @@ from typing import Any
 
 from softprompt.core.config import PromptTuningInit
 from softprompt.evaluation.options import DEFAULT_INIT_TEXT, TASK_KINDS
-from softprompt.options import DTYPES, choice_problems, positive_problems, raise_problems
+from softprompt.options import (
+    DTYPE_HELP,
+    DTYPES,
+    choice_problems,
+    positive_problems,
+    raise_problems,
+)
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -102,10 +108,7 @@ class TrainOptions:
     device: str = field(
         default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": DEVICES}
     )
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "Base model dtype; the prompt stays fp32", "choices": DTYPES},
-    )
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
     output_dir: str | None = field(
         default=None, metadata={"help": "Default runs/<dataset>-<model>-<time>"}
     )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.models.precision import DtypeChoice
 from softprompt.training.loop import LoopResult
 from softprompt.training.options import TrainOptions
 
@@ -85,6 +86,7 @@ def build_report(
     seconds: tuple[float, float],
     device: torch.device,
     world_size: int,
+    dtype: DtypeChoice,
 ) -> dict[str, Any]:
     """The run's ``report.json``.
 
@@ -100,6 +102,7 @@ def build_report(
         seconds: ``(wall, training)`` seconds.
         device: where the run ran.
         world_size: processes in the job.
+        dtype: the frozen model's dtype and why (``dtype``, ``dtype_reason``, ``cpu_model``).
     """
     trainable, total = model.get_nb_trainable_parameters()
     drift = model.get_prompt_embedding_to_save().cpu() - initial_prompt.cpu()
@@ -132,6 +135,7 @@ def build_report(
         "prompt_drift_norm": float(drift.norm()),
         "prompt_drift_per_token": drift.norm(dim=1).tolist(),
         "device": str(device),
+        **dtype.report_fields(),
         "world_size": world_size,
         "seed": options.seed,
     }

@@ -23,6 +23,7 @@ from softprompt.data import (
     parse_verbalizer,
 )
 from softprompt.fastpath.frozen import FrozenModel
+from softprompt.models.precision import DtypeChoice, resolve_dtype
 from softprompt.training import distributed
 from softprompt.training.distributed import DistContext
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
@@ -53,6 +54,7 @@ class RunSetup:
     validation_data: Any
     test_data: Any
     test_records: list[Record]
+    dtype: DtypeChoice  # the frozen model's dtype, and why (recorded in report.json)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,8 +147,9 @@ def load_run(
 
     started = time.perf_counter()
     placement = f"cuda:{context.local_rank}" if device.type == "cuda" else str(device)
+    dtype = resolve_dtype(options.dtype, placement)
     base, tokenizer = load_model(
-        options.model, task_type="CAUSAL_LM", dtype=options.dtype, device=placement
+        options.model, task_type="CAUSAL_LM", dtype=dtype.dtype, device=placement
     )
     logger.info("loaded %s in %.1f s", options.model, time.perf_counter() - started)
     objective = make_objective(options, prepared, tokenizer)
@@ -171,6 +174,7 @@ def load_run(
         objective.encode(validation_data),
         objective.encode(test_records),
         test_records,
+        dtype,
     )
     logger.info(
         "examples: train %d, validation %d, test %d",

@@ -191,6 +191,7 @@ def _run(
         seconds=(time.perf_counter() - started, train_seconds),
         device=device,
         world_size=context.world_size,
+        dtype=run.dtype,
     )
     if context.is_main:
         atomic_write_json(output_dir / "report.json", report)
