@@ -1,8 +1,9 @@
 """Smoke tests of ``softprompt bench``: every JSON field is there and the identity checks pass.
 
 The quick runs go through the Python entry point (``softprompt.bench.main``). Timings are never
-checked: they mean nothing on a shared test machine. The tiny model is built in-process; the
-``real`` tests use the bundled SmolLM2-135M.
+checked: they mean nothing on a shared test machine (only how the fields relate). The tiny model
+is built in-process; the ``real`` tests use the bundled SmolLM2-135M. The suite's CPU has no
+native bf16 (conftest.py), so a bench runs float32 alone; ``cpu_with_amx`` makes it run both.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.bench import add_bench_parser, main
+from softprompt.bench import BENCHES, add_bench_parser, main
+from softprompt.models.precision import CPUINFO_ENV
 
 COMMON_FIELDS = (
     "bench", "model", "quick", "device", "device_name", "torch_threads", "options",
-    "dtype", "dtype_reason", "cpu_model",
+    "dtype", "dtype_reason", "cpu_model", "dtypes", "by_dtype", "auto_vs_fp32",
 )
+AMX_CPUINFO = (
+    "model name\t: test Xeon with AMX (test_bench.py)\n"
+    "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+)
+# bench -> softprompt's throughput field, and the PEFT field its ratios compare with (or None)
+SPEEDS = {
+    "train": ("softprompt_examples_per_second", "peft_examples_per_second"),
+    "infer": ("softprompt_requests_per_second", "peft_requests_per_second"),
+    "generate": ("cached_tokens_per_second", None),
+}
 TRAIN_FIELDS = (
     "softprompt_examples_per_second",
     "peft_examples_per_second",
@@ -53,6 +65,9 @@ TRAIN_FIELDS = (
     "same_function",
     "memory_method",
     "peft_fixed_length",
+    "same_dtype_ratio",
+    "same_dtype_ratio_vs_dynamic",
+    "levers_dtype",
 )
 LEVERS = ("plain", "shared_prefix", "length_grouping", "both", "peft_dynamic_random_order")
 INFER_FIELDS = (
@@ -65,6 +80,8 @@ INFER_FIELDS = (
     "max_probability_difference",
     "requests",
     "tasks",
+    "same_dtype_ratio",
+    "auto_vs_fp32_label_agreement",
 )
 GENERATE_FIELDS = (
     "cached_tokens_per_second",
@@ -72,6 +89,7 @@ GENERATE_FIELDS = (
     "ratio",
     "outputs_identical",
     "generated_tokens",
+    "auto_vs_fp32_output_agreement",
 )
 
 
@@ -89,6 +107,28 @@ def _check_fields(result: dict, fields: tuple[str, ...]) -> None:
     assert not missing, f"missing fields: {missing}"
 
 
+def _check_dtypes(result: dict, dtypes: list[str]) -> None:
+    """One block per dtype; the float32 block's fields keep their top-level names; the ratios
+    compare softprompt in the chosen dtype with float32 (PEFT's default) and with itself."""
+    assert result["dtype"] == dtypes[0] and result["dtypes"] == dtypes
+    blocks = result["by_dtype"]
+    assert list(blocks) == dtypes
+    ours, theirs = SPEEDS[result["bench"]]
+    fast, reference = blocks[dtypes[0]], blocks["float32"]
+    for name, value in reference.items():
+        if name not in ("ratio", "ratio_vs_dynamic", BENCHES[result["bench"]].check):
+            assert result[name] == value, name
+    assert result["auto_vs_fp32"] == pytest.approx(fast[ours] / reference[ours])
+    if theirs is None:  # generate: the prompt KV cache's speedup in the chosen dtype
+        assert result["ratio"] == fast["ratio"]
+    else:
+        assert result["ratio"] == pytest.approx(fast[ours] / reference[theirs])
+        assert result["same_dtype_ratio"] == pytest.approx(fast[ours] / fast[theirs])
+        assert fast["ratio"] == pytest.approx(fast[ours] / fast[theirs])
+    check = BENCHES[result["bench"]].check
+    assert result[check] is all(block[check] for block in blocks.values())
+
+
 def _positive(result: dict, names: tuple[str, ...]) -> None:
     for name in names:
         value = result[name]
@@ -99,7 +139,9 @@ def _positive(result: dict, names: tuple[str, ...]) -> None:
 def test_train_quick_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     result = _run(capsys, "train", "--model", "tiny")
     _check_fields(result, TRAIN_FIELDS)
-    assert set(result["levers"]) == set(LEVERS)
+    _check_dtypes(result, ["float32"])  # this suite's CPU has no native bf16
+    assert result["auto_vs_fp32"] == 1.0 and result["same_dtype_ratio"] == result["ratio"]
+    assert set(result["levers"]) == set(LEVERS) and result["levers_dtype"] == "float32"
     _positive(
         result,
         (
@@ -124,6 +166,8 @@ def test_train_quick_tiny(capsys: pytest.CaptureFixture[str]) -> None:
 def test_infer_quick_tiny(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     result = _run(capsys, "infer", "--model", "tiny", "--save", "--results-dir", str(tmp_path))
     _check_fields(result, INFER_FIELDS)
+    _check_dtypes(result, ["float32"])
+    assert result["auto_vs_fp32"] == 1.0 and result["auto_vs_fp32_label_agreement"] == 1.0
     assert result["predictions_identical"] is True
     assert result["max_probability_difference"] < 1e-4
     assert len(result["tasks"]) >= 3
@@ -139,8 +183,63 @@ def test_infer_quick_tiny(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 def test_generate_quick_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     result = _run(capsys, "generate", "--model", "tiny")
     _check_fields(result, GENERATE_FIELDS)
+    _check_dtypes(result, ["float32"])
+    assert result["auto_vs_fp32"] == 1.0 and result["auto_vs_fp32_output_agreement"] == 1.0
     assert result["outputs_identical"] is True
     assert result["generated_tokens"] > 0
+
+
+@pytest.fixture
+def cpu_with_amx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dtype auto`` sees a CPU with AMX: bfloat16 (here and in the memory workers)."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(AMX_CPUINFO)
+    monkeypatch.setenv(CPUINFO_ENV, str(path))
+
+
+def test_train_quick_tiny_in_both_dtypes(capsys, cpu_with_amx) -> None:
+    result = _run(capsys, "train", "--model", "tiny", "--repeats", "1", "--no-memory")
+    _check_fields(result, TRAIN_FIELDS)
+    _check_dtypes(result, ["bfloat16", "float32"])
+    assert "amx_bf16" in result["dtype_reason"]
+    assert set(result["levers"]) == set(LEVERS) and result["levers_dtype"] == "bfloat16"
+    for block in result["by_dtype"].values():
+        assert block["same_function"] is True
+        assert block["fraction_of_peak"] == block["achieved_gflops"] / block["matmul_peak_gflops"]
+        assert len(block["softprompt_losses"]) == result["options"]["steps"]
+    # The bfloat16 block really ran in bf16: the two sides differ by bf16 rounding, not fp32's.
+    fast, reference = result["by_dtype"]["bfloat16"], result["by_dtype"]["float32"]
+    assert fast["initial_label_logit_max_difference"] > (
+        100 * reference["initial_label_logit_max_difference"]
+    )
+    assert result["same_dtype_ratio_vs_dynamic"] == pytest.approx(
+        fast["softprompt_examples_per_second"] / fast["peft_dynamic_examples_per_second"]
+    )
+
+
+def test_infer_quick_tiny_in_both_dtypes(capsys, cpu_with_amx) -> None:
+    result = _run(capsys, "infer", "--model", "tiny", "--repeats", "1")
+    _check_fields(result, INFER_FIELDS)
+    _check_dtypes(result, ["bfloat16", "float32"])
+    fast, reference = result["by_dtype"]["bfloat16"], result["by_dtype"]["float32"]
+    assert fast["predictions_identical"] is True and reference["predictions_identical"] is True
+    # The bfloat16 block really ran in bf16: its sides differ by bf16 rounding, not fp32's.
+    assert fast["max_probability_difference"] > 100 * reference["max_probability_difference"]
+    assert 0.0 <= result["auto_vs_fp32_label_agreement"] <= 1.0
+
+
+def test_generate_quick_tiny_in_both_dtypes(capsys, cpu_with_amx) -> None:
+    result = _run(capsys, "generate", "--model", "tiny", "--repeats", "1")
+    _check_fields(result, GENERATE_FIELDS)
+    _check_dtypes(result, ["bfloat16", "float32"])
+    assert all(block["outputs_identical"] for block in result["by_dtype"].values())
+    assert 0.0 <= result["auto_vs_fp32_output_agreement"] <= 1.0
+
+
+def test_an_explicit_dtype_runs_beside_float32(capsys) -> None:
+    result = _run(capsys, "generate", "--model", "tiny", "--repeats", "1", "--dtype", "bfloat16")
+    _check_dtypes(result, ["bfloat16", "float32"])
+    assert "requested explicitly" in result["dtype_reason"]
 
 
 # ----------------------------------------------------------------------------- wiring

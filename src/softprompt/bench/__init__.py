@@ -4,6 +4,9 @@
 * ``infer``: mixed-task classification, softprompt's Engine vs PEFT adapters (:mod:`.infer_bench`);
 * ``generate``: generation with vs without the prompt KV cache (:mod:`.generate_bench`).
 
+Each runs its sides in the dtype ``--dtype`` chooses and in float32, PEFT's default
+(:mod:`.compare`), and reports both.
+
 Each prints a text report, or one JSON object with ``--json``; ``--save`` also writes it to
 ``benchmarks/results/<bench>-<model>-<device>.json`` (``-quick`` added for ``--quick`` runs,
 whose figures are smoke-test output, never results). The flags are generated from the options
@@ -53,7 +56,8 @@ class Bench:
     help: str
     options: type[BenchOptions]
     module: str  # defines run_<name>_bench(options) -> result and format_<name>(result) -> lines
-    check: str  # the result field that is True when both sides computed the same outputs
+    check: str  # the result field that is True when the sides computed the same outputs
+    # (compared within each dtype; True only when it holds in every dtype)
     needs_peft: bool
 
 

@@ -9,6 +9,7 @@ the result says so.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -25,7 +26,6 @@ from typing import Any
 import torch
 
 from softprompt.models import tiny as tiny_models
-from softprompt.models.precision import DtypeChoice, resolve_dtype
 
 # The benchmark task: bundled Rotten Tomatoes with softprompt's default template and verbalizer.
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -197,19 +197,23 @@ def matmul_peak_gflops(
     inner: int,
     columns: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
     repeats: int = 5,
     min_seconds: float = 0.2,
 ) -> float:
-    """Best fp32 GEMM throughput for ``(rows, inner) @ (inner, columns)``, in GFLOP/s.
+    """Best GEMM throughput for ``(rows, inner) @ (inner, columns)`` in ``dtype``, in GFLOP/s.
 
     Each of ``repeats`` measurements runs enough products to last about ``min_seconds``; the
-    best one is returned (the machine's attainable peak for that shape, not an average).
+    best one is returned (the machine's attainable peak for that shape, not an average). The
+    first product is not timed: oneDNN (bf16 on CPU) and cuBLAS set up their kernel for a shape
+    then, which costs several products.
     """
     generator = torch.Generator().manual_seed(0)
-    left = torch.randn(rows, inner, generator=generator).to(device)
-    right = torch.randn(inner, columns, generator=generator).to(device)
+    left = torch.randn(rows, inner, generator=generator).to(device=device, dtype=dtype)
+    right = torch.randn(inner, columns, generator=generator).to(device=device, dtype=dtype)
     flops = 2.0 * rows * inner * columns
-    _, seconds = timed(lambda: left @ right, device)  # warm-up
+    timed(lambda: left @ right, device)  # warm-up
+    _, seconds = timed(lambda: left @ right, device)
     count = max(1, int(min_seconds / max(seconds, 1e-6)))
     best = 0.0
     for _ in range(repeats):
@@ -224,19 +228,17 @@ def matmul_peak_gflops(
 
 
 # ----------------------------------------------------------------------------- models
-def load_bench_model(
-    name: str, device: torch.device, dtype: str = "auto"
-) -> tuple[Any, Any, DtypeChoice]:
-    """A frozen model in eval mode on ``device``, its tokenizer, and the dtype it runs in.
+def load_bench_model(name: str, device: torch.device, dtype: str) -> tuple[Any, Any]:
+    """A frozen model in eval mode on ``device`` in ``dtype`` (a dtype name), and its tokenizer.
 
     ``tiny`` and the ``*-shaped`` names are built from configs with random weights (see
-    :data:`RANDOM_MODELS`); any other name goes to ``load_model``. ``dtype`` is resolved once
-    (``auto``: :func:`~softprompt.models.precision.resolve_dtype`); the result records it.
+    :data:`RANDOM_MODELS`): in float32 from a fixed seed, then cast, so that the bf16 model is
+    the float32 one rounded. Any other name goes to ``load_model``. Resolve ``auto`` first
+    (:func:`~softprompt.bench.compare.bench_dtypes`).
     """
     from softprompt.models.loading import parse_dtype
 
-    choice = resolve_dtype(dtype, device)
-    torch_dtype = parse_dtype(choice.dtype)
+    torch_dtype = parse_dtype(dtype)
     if name == TINY_MODEL:
         model, tokenizer = tiny_model()
     elif name in RANDOM_MODELS:
@@ -249,13 +251,15 @@ def load_bench_model(
         model, tokenizer = load_model(name, task_type="CAUSAL_LM", dtype=torch_dtype, device="cpu")
     model = model.to(device=device, dtype=torch_dtype).eval()
     model.requires_grad_(False)
-    return model, tokenizer, choice
+    return model, tokenizer
 
 
+@functools.cache
 def corpus_tokenizer() -> Any:
     """A word-level tokenizer (3,000 ids) trained on the bundled Rotten Tomatoes texts.
 
-    For the random-weight models, whose vocabularies are at least that large.
+    For the random-weight models, whose vocabularies are at least that large. Built once per
+    process (a bench loads its model in two dtypes); callers only read it.
     """
     from softprompt.data import load_dataset
 

@@ -2,20 +2,25 @@
 
 Two :class:`~softprompt.inference.Engine` objects share one frozen model: one computes each
 task's prompt keys/values once when the task is added (``use_kv_cache=True``), the other runs
-the prompt through the model in every batch's prefill (``use_kv_cache=False``). The same mixed
-batches of greedy requests go to both; repeats alternate after one warm-up batch each. Throughput
-is generated tokens per second (median of repeats), and the greedy outputs must be identical.
+the prompt through the model in every batch's prefill (``use_kv_cache=False``). The model is
+loaded once per dtype of :func:`~softprompt.bench.compare.bench_dtypes` (the one ``--dtype``
+resolves to, and float32), each serving the same prompts. The same mixed batches of greedy
+requests go to every engine; each first generates them all once untimed (every shape warmed
+up), then the repeats alternate. Throughput is generated tokens per second (median of repeats).
+Within each dtype the greedy outputs must be identical; across dtypes near ties may pick other
+tokens, so only the fraction of identical outputs is reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from softprompt.bench.common import (
+    TaskSpec,
     benchmark_texts,
     device_facts,
     format_number,
@@ -25,19 +30,23 @@ from softprompt.bench.common import (
     resolve_device,
     save_task_prompts,
     task_specs,
-    timed,
+)
+from softprompt.bench.compare import (
+    FLOAT32,
+    agreement,
+    bench_dtypes,
+    dtype_summary,
+    time_workloads,
 )
 from softprompt.bench.options import GenerateBenchOptions
-
-logger = logging.getLogger(__name__)
 
 
 def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
     """Run the benchmark; returns the result object (see the module docstring)."""
-    from softprompt.inference import Engine, GenerateParams
+    from softprompt.inference import GenerateParams
 
     device = resolve_device(options.device)
-    model, tokenizer, dtype = load_bench_model(options.model, device, options.dtype)
+    choice, dtypes = bench_dtypes(options.dtype, device)
     specs = task_specs(options.prompt_lengths)
     params = GenerateParams(max_new_tokens=options.max_new_tokens, temperature=0.0)
     texts = benchmark_texts(options.requests)
@@ -46,28 +55,57 @@ def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
         requests[start : start + options.batch_size]
         for start in range(0, len(requests), options.batch_size)
     ]
-    engines = {}
+    models = {dtype: load_bench_model(options.model, device, dtype) for dtype in dtypes}
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as directory:
-        paths = save_task_prompts(model, tokenizer, Path(directory), specs)
-        for name, use_cache in (("cached", True), ("uncached", False)):
-            engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=use_cache)
-            for spec in specs:
-                engine.add_task(spec.name, paths[spec.name])
-            engines[name] = engine
-    for engine in engines.values():
-        engine.generate(batches[0])  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in engines}
-    outputs: dict[str, list[Any]] = {}
-    for index in range(options.repeats):
-        for name, engine in engines.items():
-            outputs[name], took = timed(
-                lambda engine=engine: [
-                    result for batch in batches for result in engine.generate(batch)
-                ],
-                device,
-            )
-            seconds[name].append(took)
-            logger.info("repeat %d %-9s %.2f s", index + 1, name, took)
+        # The same float32 prompts serve every dtype, so that the dtypes' outputs compare.
+        paths = save_task_prompts(*models[FLOAT32], Path(directory), specs)
+        workloads = {
+            dtype: _engines(model, tokenizer, specs, paths, batches)
+            for dtype, (model, tokenizer) in models.items()
+        }
+    outputs, seconds = time_workloads(workloads, options.repeats, device)
+    by_dtype = {dtype: _dtype_fields(outputs[dtype], seconds[dtype]) for dtype in dtypes}
+    summary = dtype_summary(by_dtype, choice.dtype, "cached_tokens_per_second", "outputs_identical")
+    return {
+        "bench": "generate",
+        "model": options.model,
+        "quick": options.quick,
+        **device_facts(device),
+        **choice.report_fields(),
+        "options": dataclasses.asdict(options),
+        "tasks": [dataclasses.asdict(spec) for spec in specs],
+        "requests": len(requests),
+        **summary,
+        "ratio": by_dtype[choice.dtype]["ratio"],  # the cache's speedup where it is used
+        "auto_vs_fp32_output_agreement": agreement(
+            [result.token_ids for result in outputs[choice.dtype]["cached"]],
+            [result.token_ids for result in outputs[FLOAT32]["cached"]],
+        ),
+    }
+
+
+def _engines(
+    model: Any, tokenizer: Any, specs: list[TaskSpec], paths: dict[str, Path], batches: list[Any]
+) -> dict[str, Callable[[], list[Any]]]:
+    """With and without the prompt KV cache on one model, each a function generating every
+    batch."""
+    from softprompt.inference import Engine
+
+    runs = {}
+    for name, use_cache in (("cached", True), ("uncached", False)):
+        engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=use_cache)
+        for spec in specs:
+            engine.add_task(spec.name, paths[spec.name])
+
+        def run(engine: Engine = engine) -> list[Any]:
+            return [result for batch in batches for result in engine.generate(batch)]
+
+        runs[name] = run
+    return runs
+
+
+def _dtype_fields(outputs: dict[str, list[Any]], seconds: dict[str, list[float]]) -> dict[str, Any]:
+    """One dtype's figures; its two engines' outputs must be identical (same dtype only)."""
     cached, uncached = outputs["cached"], outputs["uncached"]
     differing = [
         slot
@@ -79,14 +117,6 @@ def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
     }
     speed = {name: tokens[name] / median(values) for name, values in seconds.items()}
     return {
-        "bench": "generate",
-        "model": options.model,
-        "quick": options.quick,
-        **device_facts(device),
-        **dtype.report_fields(),
-        "options": dataclasses.asdict(options),
-        "tasks": [dataclasses.asdict(spec) for spec in specs],
-        "requests": len(requests),
         "generated_tokens": tokens["cached"],
         "cached_tokens_per_second": speed["cached"],
         "uncached_tokens_per_second": speed["uncached"],
@@ -100,14 +130,33 @@ def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
 
 
 def format_generate(result: dict[str, Any]) -> list[str]:
-    """The result as a short text report."""
-    return [
+    """The result as a short text report: tokens/s of each engine, one column per dtype."""
+    dtype, blocks = result["dtype"], result["by_dtype"]
+    lines = [
         f"bench generate: {result['model']} on {result['device']} ({result['device_name']}), "
         f"{result['requests']} greedy requests x {result['options']['max_new_tokens']} new tokens, "
         f"batch {result['options']['batch_size']}"
         + (" [QUICK: not a result]" if result["quick"] else ""),
-        f"prompt KV cache     {format_number(result['cached_tokens_per_second']):>10} tokens/s",
-        f"no prompt KV cache  {format_number(result['uncached_tokens_per_second']):>10} tokens/s",
-        f"ratio {format_number(result['ratio'])}x; "
-        f"outputs identical: {result['outputs_identical']}",
+        f"dtype {dtype}: {result['dtype_reason']}",
+        f"{'tokens/s':<20}" + "".join(f"{name:>12}" for name in blocks),
     ]
+    for label, field in (
+        ("prompt KV cache", "cached_tokens_per_second"),
+        ("no prompt KV cache", "uncached_tokens_per_second"),
+    ):
+        lines.append(
+            f"{label:<20}" + "".join(f"{format_number(b[field]):>12}" for b in blocks.values())
+        )
+    lines.append(
+        f"cache ratio {format_number(result['ratio'])}x ({dtype}); "
+        f"cached {dtype} / float32: {format_number(result['auto_vs_fp32'])}x"
+    )
+    for name, block in blocks.items():
+        lines.append(
+            f"{name}: outputs identical with and without the cache: {block['outputs_identical']}"
+        )
+    lines.append(
+        f"outputs {dtype} vs float32 (cached): "
+        f"{format_number(100 * result['auto_vs_fp32_output_agreement'], 1)}% identical"
+    )
+    return lines

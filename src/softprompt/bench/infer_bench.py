@@ -1,7 +1,9 @@
 """`softprompt bench infer`: mixed-task classification, softprompt's Engine against PEFT.
 
 Three or more tasks (random SAMPLE_VOCAB prompts of different lengths, each with its own
-template and verbalizer) are saved as checkpoints. The same frozen model (loaded once) serves:
+template and verbalizer) are saved as checkpoints. The same frozen model serves both sides; it
+is loaded once per dtype of :func:`~softprompt.bench.compare.bench_dtypes` (the one ``--dtype``
+resolves to, and float32), and every dtype serves the same prompts:
 
 * softprompt: one :class:`~softprompt.inference.Engine` (prompt KV cache on); every batch mixes
   the tasks, split only by text length into a few forwards (``length_bucket_speedup`` compares it
@@ -12,16 +14,19 @@ template and verbalizer) are saved as checkpoints. The same frozen model (loaded
   LM-head output at the last real position (``n + length - 1``).
 
 Both sides start from the same texts (tokenization is timed on both sides), in the same batches.
-Repeats cycle Engine, PEFT, one-forward Engine after one warm-up batch each; the median is
-reported. Every request's label must be identical on all three (``predictions_identical``) and
-the largest probability difference is reported.
+Each side in each dtype first classifies every batch once untimed (every shape warmed up); then
+the repeats cycle through all of them and the median is reported. Within each dtype, every
+request's label must be identical on all three (``predictions_identical``) and the largest
+probability difference is reported; across dtypes labels may legitimately differ on near ties,
+so only the fraction that agrees is reported (``auto_vs_fp32_label_agreement``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,17 @@ from softprompt.bench.common import (
     resolve_device,
     save_task_prompts,
     task_specs,
-    timed,
+)
+from softprompt.bench.compare import (
+    FLOAT32,
+    agreement,
+    bench_dtypes,
+    dtype_summary,
+    time_workloads,
 )
 from softprompt.bench.options import InferBenchOptions
 
-logger = logging.getLogger(__name__)
+Batches = list[list[tuple[str, str]]]  # batches of (task, text) requests
 
 
 class PeftClassifier:
@@ -114,10 +125,8 @@ class PeftClassifier:
 
 def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
     """Run the benchmark; returns the result object (see the module docstring)."""
-    from softprompt.inference import Engine
-
     device = resolve_device(options.device)
-    model, tokenizer, dtype = load_bench_model(options.model, device, options.dtype)
+    choice, dtypes = bench_dtypes(options.dtype, device)
     specs = task_specs(options.prompt_lengths)
     texts = benchmark_texts(options.requests)
     requests = [(specs[index % len(specs)].name, text) for index, text in enumerate(texts)]
@@ -125,60 +134,94 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
         requests[start : start + options.batch_size]
         for start in range(0, len(requests), options.batch_size)
     ]
+    models = {dtype: load_bench_model(options.model, device, dtype) for dtype in dtypes}
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as directory:
-        paths = save_task_prompts(model, tokenizer, Path(directory), specs)
-        engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=True)
-        # The same engine without length buckets: every batch padded to its longest text.
-        one_forward = Engine(
-            model_and_tokenizer=(model, tokenizer), use_kv_cache=True, bucket_overhead_tokens=10**9
-        )
-        for spec in specs:
-            engine.add_task(spec.name, paths[spec.name])
-            one_forward.add_task(spec.name, paths[spec.name])
-        peft_side = PeftClassifier(model, tokenizer, specs, paths)
-
-    def run_engine(runner: Engine = engine) -> list[dict[str, float]]:
-        return [result.probabilities for batch in batches for result in runner.classify(batch)]
-
-    def run_one_forward() -> list[dict[str, float]]:
-        return run_engine(one_forward)
-
-    def run_peft() -> list[dict[str, float]]:
-        return [probabilities for batch in batches for probabilities in peft_side.classify(batch)]
-
-    for warm_up in (engine.classify, peft_side.classify, one_forward.classify):
-        warm_up(batches[0])
-    seconds: dict[str, list[float]] = {"softprompt": [], "peft": [], "one_forward": []}
-    outputs: dict[str, list[dict[str, float]]] = {}
-    runs = (("softprompt", run_engine), ("peft", run_peft), ("one_forward", run_one_forward))
-    for index in range(options.repeats):
-        for name, run in runs:
-            outputs[name], took = timed(run, device)
-            seconds[name].append(took)
-            logger.info("repeat %d %-10s %.2f s", index + 1, name, took)
-    ours = outputs["softprompt"]
-    others = list(zip(outputs["peft"], outputs["one_forward"], strict=True))
-    mismatches = [  # the label must agree with PEFT's and with the one-forward engine's
-        slot
-        for slot, (a, pair) in enumerate(zip(ours, others, strict=True))
-        if any(max(a, key=a.get) != max(b, key=b.get) for b in pair)
-    ]
-    difference = max(
-        abs(a[label] - b[label])
-        for a, pair in zip(ours, others, strict=True)
-        for b in pair
-        for label in a
-    )
-    speed = {name: len(requests) / median(values) for name, values in seconds.items()}
+        # The same float32 prompts serve every dtype, so that the dtypes' labels compare.
+        paths = save_task_prompts(*models[FLOAT32], Path(directory), specs)
+        workloads = {
+            dtype: _sides(model, tokenizer, specs, paths, batches)
+            for dtype, (model, tokenizer) in models.items()
+        }
+    outputs, seconds = time_workloads(workloads, options.repeats, device)
+    by_dtype = {
+        dtype: _dtype_fields(outputs[dtype], seconds[dtype], len(requests)) for dtype in dtypes
+    }
     return {
         "bench": "infer",
         "model": options.model,
         "quick": options.quick,
         **device_facts(device),
-        **dtype.report_fields(),
+        **choice.report_fields(),
         "options": dataclasses.asdict(options),
         "tasks": [dataclasses.asdict(spec) for spec in specs],
         "requests": len(requests),
+        **dtype_summary(
+            by_dtype,
+            choice.dtype,
+            "softprompt_requests_per_second",
+            "predictions_identical",
+            {"ratio": "peft_requests_per_second"},
+        ),
+        "auto_vs_fp32_label_agreement": agreement(
+            _labels(outputs[choice.dtype]["softprompt"]), _labels(outputs[FLOAT32]["softprompt"])
+        ),
+        "softprompt_method": (
+            "Engine.classify: mixed-task forwards split by text length, prompt KV cache on"
+        ),
+        "peft_method": "PeftModel with one adapter per task; set_adapter + forward per task group",
+    }
+
+
+def _sides(
+    model: Any, tokenizer: Any, specs: list[TaskSpec], paths: dict[str, Path], batches: Batches
+) -> dict[str, Callable[[], list[dict[str, float]]]]:
+    """The three sides on one model, each a function classifying every batch: the Engine, PEFT,
+    and the same Engine without length buckets (every batch padded to its longest text)."""
+    from softprompt.inference import Engine
+
+    engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=True)
+    one_forward = Engine(
+        model_and_tokenizer=(model, tokenizer), use_kv_cache=True, bucket_overhead_tokens=10**9
+    )
+    for spec in specs:
+        engine.add_task(spec.name, paths[spec.name])
+        one_forward.add_task(spec.name, paths[spec.name])
+    peft_side = PeftClassifier(model, tokenizer, specs, paths)
+
+    def run_engine(runner: Engine = engine) -> list[dict[str, float]]:
+        return [result.probabilities for batch in batches for result in runner.classify(batch)]
+
+    def run_peft() -> list[dict[str, float]]:
+        return [probabilities for batch in batches for probabilities in peft_side.classify(batch)]
+
+    return {
+        "softprompt": run_engine,
+        "peft": run_peft,
+        "one_forward": functools.partial(run_engine, one_forward),
+    }
+
+
+def _labels(probabilities: list[dict[str, float]]) -> list[str]:
+    return [max(row, key=row.get) for row in probabilities]
+
+
+def _dtype_fields(
+    outputs: dict[str, list[dict[str, float]]], seconds: dict[str, list[float]], requests: int
+) -> dict[str, Any]:
+    """One dtype's figures; its labels must agree on all three sides (same dtype only)."""
+    ours = _labels(outputs["softprompt"])
+    others = [_labels(outputs["peft"]), _labels(outputs["one_forward"])]
+    mismatches = [  # the label must agree with PEFT's and with the one-forward engine's
+        slot for slot, label in enumerate(ours) if any(other[slot] != label for other in others)
+    ]
+    difference = max(
+        abs(a[label] - b[label])
+        for name in ("peft", "one_forward")
+        for a, b in zip(outputs["softprompt"], outputs[name], strict=True)
+        for label in a
+    )
+    speed = {name: requests / median(values) for name, values in seconds.items()}
+    return {
         "softprompt_requests_per_second": speed["softprompt"],
         "peft_requests_per_second": speed["peft"],
         "ratio": ratio(speed["softprompt"], speed["peft"]),
@@ -189,27 +232,43 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
         "predictions_identical": not mismatches,
         "mismatched_requests": mismatches,
         "max_probability_difference": difference,
-        "softprompt_method": (
-            "Engine.classify: mixed-task forwards split by text length, prompt KV cache on"
-        ),
-        "peft_method": "PeftModel with one adapter per task; set_adapter + forward per task group",
     }
 
 
 def format_infer(result: dict[str, Any]) -> list[str]:
-    """The result as a short text report."""
-    return [
+    """The result as a short text report: requests/s of each side, one column per dtype."""
+    dtype, blocks = result["dtype"], result["by_dtype"]
+    rows = (
+        ("softprompt Engine", "softprompt_requests_per_second"),
+        ("PEFT adapters", "peft_requests_per_second"),
+        ("Engine, one forward", "softprompt_one_forward_requests_per_second"),
+    )
+    lines = [
         f"bench infer: {result['model']} on {result['device']} ({result['device_name']}), "
         f"{result['requests']} requests over {len(result['tasks'])} tasks, "
         f"batch {result['options']['batch_size']}"
         + (" [QUICK: not a result]" if result["quick"] else ""),
-        f"softprompt Engine  "
-        f"{format_number(result['softprompt_requests_per_second']):>10} requests/s",
-        f"PEFT adapters      {format_number(result['peft_requests_per_second']):>10} requests/s",
-        f"Engine, one forward per batch (no length buckets) "
-        f"{format_number(result['softprompt_one_forward_requests_per_second'])} requests/s; "
-        f"buckets x{format_number(result['length_bucket_speedup'])}",
-        f"ratio {format_number(result['ratio'])}x; "
-        f"predictions identical: {result['predictions_identical']} "
-        f"(max probability difference {result['max_probability_difference']:.2e})",
+        f"dtype {dtype}: {result['dtype_reason']}",
+        f"{'requests/s':<20}" + "".join(f"{name:>12}" for name in blocks),
     ]
+    for label, field in rows:
+        lines.append(
+            f"{label:<20}" + "".join(f"{format_number(b[field]):>12}" for b in blocks.values())
+        )
+    lines.append(
+        f"ratio softprompt {dtype} / PEFT float32 (each one's default): "
+        f"{format_number(result['ratio'])}x; same dtype ({dtype}): "
+        f"{format_number(result['same_dtype_ratio'])}x; softprompt {dtype} / float32: "
+        f"{format_number(result['auto_vs_fp32'])}x; length buckets x"
+        f"{format_number(blocks[dtype]['length_bucket_speedup'])} ({dtype})"
+    )
+    for name, block in blocks.items():
+        lines.append(
+            f"{name}: predictions identical on all sides: {block['predictions_identical']} "
+            f"(max probability difference {block['max_probability_difference']:.2e})"
+        )
+    lines.append(
+        f"labels {dtype} vs float32 (softprompt): "
+        f"{format_number(100 * result['auto_vs_fp32_label_agreement'], 1)}% agree"
+    )
+    return lines

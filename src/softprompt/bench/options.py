@@ -28,10 +28,17 @@ class BenchOptions:
 
     model: str = field(default="smollm2-135m", metadata={"help": _MODEL_HELP})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda (cuda:N)"})
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": DTYPE_HELP + "; every side also runs in float32", "choices": DTYPES},
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples (or requests) per batch"})
     repeats: int = field(
-        default=3, metadata={"help": "Timed repeats per side, alternating (median reported)"}
+        default=3,
+        metadata={
+            "help": "Timed repeats per side and dtype, alternating, after one untimed run "
+            "(median reported)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of data order and prompt init"})
     quick: bool = field(
