@@ -259,3 +259,37 @@ def test_cuda_bf16_engine_equivalences(prompts, tokenizer):
         _assert_same(result, cached.classify([request])[0], PROBABILITY_ATOL)
         _assert_same(result, other, PROBABILITY_ATOL)
         _assert_same(result, cpu, FP32_PROBABILITY_ATOL)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_loaded_half_precision_models_attend_in_fp32(name, tmp_path, tokenizer):
+    """load_model in bf16 on CPU switches attention to fp32 (the CPU flash kernel is slow in
+    bf16); its hidden states stay as close to fp32 as plain bf16 SDPA, and gradients flow."""
+    from softprompt.models import load_model
+    from softprompt.models.attention import FP32_SDPA
+
+    builder = {"llama": tiny_llama, "gemma3": tiny_gemma3}[name]
+    builder().save_pretrained(str(tmp_path / "model"))
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    half, _ = load_model(str(tmp_path / "model"), dtype="bfloat16")
+    full, _ = load_model(str(tmp_path / "model"), dtype="float32")
+    assert half.config._attn_implementation == FP32_SDPA
+    assert full.config._attn_implementation == "sdpa"
+    plain_half = builder(dtype=torch.bfloat16)  # same weights, bf16 SDPA
+    prompt = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    texts = [random_ids(1, length, seed=length)[0].tolist() for length in (9, 3, 6)]
+    hidden = {}
+    for label, model in (("fp32-attention", half), ("bf16-attention", plain_half), ("fp32", full)):
+        frozen = FrozenModel(model.requires_grad_(False))
+        batch = prefixed_batch(frozen, compute_prompt_kv(frozen, prompt), texts)
+        hidden[label] = run(frozen, batch)[:, : max(map(len, texts))].float()  # granule padding off
+    mask = torch.zeros(hidden["fp32"].shape[:2], dtype=torch.bool)
+    for row, text in enumerate(texts):
+        mask[row, : len(text)] = True
+    # Upcasting attention may only help: its error against fp32 is at most bf16 SDPA's (plus
+    # one bf16 rounding of the output, 2^-8 relative).
+    ours = (hidden["fp32-attention"] - hidden["fp32"])[mask].abs().max()
+    theirs = (hidden["bf16-attention"] - hidden["fp32"])[mask].abs().max()
+    assert ours <= theirs * 1.1 + 2**-8
+    hidden["fp32-attention"][mask].sum().backward()
+    assert prompt.grad is not None and torch.isfinite(prompt.grad).all() and prompt.grad.abs().sum() > 0

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from softprompt.models import cache
+from softprompt.models.attention import use_fp32_attention
 from softprompt.models.precision import AUTO, resolve_dtype
 from softprompt.models.registry import (
     ModelNotInstalledError,
@@ -470,5 +471,6 @@ def load_model(
     ensure_pad_token(tokenizer)
     _sync_pad_token(model, tokenizer)
     model = model.to(device=device).eval()
+    use_fp32_attention(model)
     logger.debug("load_model(%r) took %.2f s", name_or_path, time.perf_counter() - start)
     return model, tokenizer
