@@ -1,7 +1,7 @@
 """`FrozenModel`: the frozen causal LM as the fast path uses it.
 
 Scoring, training objectives, evaluation, the Engine and decoding need the same few things from
-the base model: its decoder body, its input embeddings (with the scale some models apply, e.g.
+the base model: its decoder body, its input embeddings (scaled as the model scales them, e.g.
 Gemma's ``sqrt(hidden)``), final hidden states for given embeddings, masks and positions, the LM
 head's rows for a few label words (or the whole vocabulary), its position limit and its pad/eos
 ids. They all get them here, so the model-specific details (soft-capped logits, the cache
@@ -89,12 +89,6 @@ class FrozenModel:
         kinds = getattr(self.text_config, "layer_types", None) or ()
         window = getattr(self.text_config, "sliding_window", None)
         return int(window) if window and "sliding_attention" in kinds else None
-
-    @property
-    def embedding_scale(self) -> float:
-        """Factor the input embedding applies to its table rows (Gemma: ``sqrt(hidden)``; else 1)."""
-        scale = getattr(self.embeddings, "embed_scale", None)
-        return float(scale) if scale is not None else 1.0
 
     @property
     def pad_id(self) -> int:

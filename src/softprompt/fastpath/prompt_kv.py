@@ -61,11 +61,6 @@ class PromptKV:
         """W, the longest prefix."""
         return self.layers[0][0].shape[-2]
 
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the keys and values."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
-
 
 @dataclass
 class PrefixedBatch:
