@@ -124,6 +124,16 @@ def test_unparsable_flag_is_an_argparse_error(capsys):
     assert "--steps: invalid int value: 'many'" in capsys.readouterr().err
 
 
+def _train_argv(tiny, out, *extra: str) -> list[str]:
+    """``softprompt train`` on the tiny setup, CPU, no baselines, into ``out``, plus ``extra``."""
+    return [
+        "train", "--model", str(tiny.model), "--dataset", str(tiny.data),
+        "--template", tiny.template, "--verbalizer", tiny.verbalizer,
+        "--init-text", tiny.init_text, "--device", "cpu", "--no-baselines",
+        "--output-dir", str(out), *extra,
+    ]
+
+
 def test_diverged_training_exits_1_with_the_message(tiny, tmp_path, monkeypatch, capsys):
     from softprompt.training.objectives import ClassificationObjective
 
@@ -135,30 +145,7 @@ def test_diverged_training_exits_1_with_the_message(tiny, tmp_path, monkeypatch,
         lambda *args, **kwargs: original(*args, **kwargs) * float("inf"),
     )
     out = tmp_path / "run"
-    status = main(
-        [
-            "train",
-            "--model",
-            str(tiny.model),
-            "--dataset",
-            str(tiny.data),
-            "--template",
-            tiny.template,
-            "--verbalizer",
-            tiny.verbalizer,
-            "--init-text",
-            tiny.init_text,
-            "--num-virtual-tokens",
-            "2",
-            "--steps",
-            "2",
-            "--no-baselines",
-            "--device",
-            "cpu",
-            "--output-dir",
-            str(out),
-        ]
-    )
+    status = main(_train_argv(tiny, out, "--num-virtual-tokens", "2", "--steps", "2"))
     assert status == 1
     error = capsys.readouterr().err
     assert "softprompt train: error: loss is inf at step 1; stopped." in error.splitlines()[-1]
@@ -184,34 +171,10 @@ def test_eval_and_inspect_errors_exit_2(tmp_path, capsys):
 
 def test_train_eval_inspect_predict_on_the_tiny_setup(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    status = main(
-        [
-            "train",
-            "--model",
-            str(tiny.model),
-            "--dataset",
-            str(tiny.data),
-            "--template",
-            tiny.template,
-            "--verbalizer",
-            tiny.verbalizer,
-            "--init-text",
-            tiny.init_text,
-            "--num-virtual-tokens",
-            "3",
-            "--steps",
-            "2",
-            "--eval-every",
-            "2",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-            "--no-baselines",
-            "--output-dir",
-            str(out),
-        ]
-    )
+    status = main(_train_argv(
+        tiny, out, "--num-virtual-tokens", "3", "--steps", "2", "--eval-every", "2",
+        "--batch-size", "4",
+    ))
     assert status == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
