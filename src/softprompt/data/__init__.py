@@ -23,7 +23,12 @@ from softprompt.data.templates import (
     Template,
     default_template,
 )
-from softprompt.data.verbalizer import TokenizedVerbalizer, Verbalizer, parse_verbalizer
+from softprompt.data.verbalizer import (
+    TokenizedVerbalizer,
+    Verbalizer,
+    parse_verbalizer,
+    resolve_verbalizer,
+)
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -44,6 +49,7 @@ __all__ = [
     "pad_batch",
     "padding_fraction",
     "parse_verbalizer",
+    "resolve_verbalizer",
     "preview_dataset",
     "read_rotten_tomatoes",
     "sequential_batches",

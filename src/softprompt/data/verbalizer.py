@@ -257,3 +257,23 @@ def parse_verbalizer(text: str) -> Verbalizer:
             raise ValueError(f"verbalizer item {item.strip()!r} has an empty word")
         mapping[label] = parsed[0] if len(parsed) == 1 else parsed
     return Verbalizer(mapping)
+
+
+def resolve_verbalizer(
+    given: str | None, labels: Iterable[str], stored: dict[str, Any] | None = None
+) -> Verbalizer:
+    """The verbalizer of a run: ``given`` text (see :func:`parse_verbalizer`), else a stored
+    mapping (a checkpoint's), else the default words of ``labels``; checked against them.
+
+    Raises:
+        ValueError: Malformed text, or words that do not cover the data's labels.
+    """
+    labels = list(labels)
+    if given:
+        verbalizer = parse_verbalizer(given)
+    elif stored:
+        verbalizer = Verbalizer(dict(stored))
+    else:
+        verbalizer = Verbalizer.default_for(labels)
+    verbalizer.check_labels(labels)
+    return verbalizer

@@ -23,7 +23,7 @@ from softprompt.data import (
     Verbalizer,
     default_template,
     load_dataset,
-    parse_verbalizer,
+    resolve_verbalizer,
 )
 from softprompt.data.encoding import InputEncoding, input_limit, text_field_of
 from softprompt.evaluation.classification import (
@@ -60,7 +60,7 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     splits = load_dataset(
         setting["dataset"], text_column=setting["text_column"], label_column=setting["label_column"]
     )
-    verbalizer = _verbalizer(options.verbalizer, setting["verbalizer"], splits.labels or [])
+    verbalizer = resolve_verbalizer(options.verbalizer, splits.labels or [], setting["verbalizer"])
     template = Template(setting["template"])
     records = splits.split(options.split)
     records = records[: options.max_examples] if options.max_examples else records
@@ -141,17 +141,6 @@ def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
         "verbalizer": metadata.get("verbalizer"),
         "max_length": pick("max_length"),
     }
-
-
-def _verbalizer(given: str | None, stored: dict[str, Any] | None, labels: list[str]) -> Verbalizer:
-    if given:
-        verbalizer = parse_verbalizer(given)
-    elif stored:
-        verbalizer = Verbalizer(dict(stored))
-    else:
-        verbalizer = Verbalizer.default_for(labels)
-    verbalizer.check_labels(labels)
-    return verbalizer
 
 
 def _baseline_context(

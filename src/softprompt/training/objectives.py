@@ -67,8 +67,17 @@ def _prompt_inputs(
     return {"prompts": [prompt] * rows}
 
 
+class MeanLoss:
+    """The mean loss of a batch, from an objective's ``loss_sum`` and ``count``."""
+
+    def loss(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: Any,
+             batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
+        """Mean loss per term (example or target token) of ``batch``."""
+        return self.loss_sum(frozen, prompt, encoded, batch, shared_prefix) / self.count(encoded, batch)
+
+
 @dataclass
-class ClassificationObjective:
+class ClassificationObjective(MeanLoss):
     """Cross-entropy over the verbalizer's label words at the last text position."""
 
     tokenizer: Any
@@ -93,11 +102,6 @@ class ClassificationObjective:
     def count(self, encoded: EncodedSplit, batch: list[int]) -> int:
         """Loss terms in ``batch``: one per example."""
         return len(batch)
-
-    def loss(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
-             batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
-        """Mean cross-entropy of ``batch``."""
-        return self.loss_sum(frozen, prompt, encoded, batch, shared_prefix) / self.count(encoded, batch)
 
     def loss_sum(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
                  batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
@@ -135,7 +139,7 @@ class GeneratedSplit:
 
 
 @dataclass
-class GenerationObjective:
+class GenerationObjective(MeanLoss):
     """Next-token cross-entropy on the target tokens only; evaluated by greedy exact match."""
 
     tokenizer: Any
@@ -163,11 +167,6 @@ class GenerationObjective:
     def count(self, encoded: GeneratedSplit, batch: list[int]) -> int:
         """Loss terms in ``batch``: one per target token."""
         return sum(len(encoded.targets[i]) for i in batch)
-
-    def loss(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: GeneratedSplit,
-             batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
-        """Mean cross-entropy per target token of ``batch``."""
-        return self.loss_sum(frozen, prompt, encoded, batch, shared_prefix) / self.count(encoded, batch)
 
     def loss_sum(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: GeneratedSplit,
                  batch: list[int], shared_prefix: bool = True) -> torch.Tensor:

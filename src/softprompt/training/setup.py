@@ -20,7 +20,7 @@ from softprompt.data import (
     Verbalizer,
     default_template,
     load_dataset,
-    parse_verbalizer,
+    resolve_verbalizer,
 )
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models.precision import DtypeChoice, resolve_dtype
@@ -127,16 +127,10 @@ def _verbalizer(
         )
         return None
     try:
-        verbalizer = (
-            parse_verbalizer(options.verbalizer)
-            if options.verbalizer
-            else Verbalizer.default_for(splits.labels)
-        )
-        verbalizer.check_labels(splits.labels)
+        return resolve_verbalizer(options.verbalizer, splits.labels)
     except ValueError as error:
         problems.append(f"verbalizer: {error}")
         return None
-    return verbalizer
 
 
 def load_run(
