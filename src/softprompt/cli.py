@@ -48,7 +48,11 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     report = result.report
     print(f"\nrun directory: {result.output_dir}")
-    for key in ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy"):
+    keys = ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy")
+    if report["task_type"] == "generation":  # chrF and BLEU are 0-100; accuracy is exact match
+        keys = ("zero_shot_chrf", "init_chrf", "test_chrf", "test_bleu", "best_validation_chrf",
+                "test_accuracy")
+    for key in keys:
         if key in report:
             print(f"  {key:<26} {report[key]:.4f}")
     print(f"  {'train_examples_per_second':<26} {report['train_examples_per_second']:.2f}")

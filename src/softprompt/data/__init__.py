@@ -21,6 +21,7 @@ from softprompt.data.templates import (
     DEFAULT_TEMPLATES,
     GENERIC_TEMPLATE,
     Template,
+    default_instruction,
     default_template,
 )
 from softprompt.data.verbalizer import (
@@ -40,6 +41,7 @@ __all__ = [
     "Template",
     "TokenizedVerbalizer",
     "Verbalizer",
+    "default_instruction",
     "default_template",
     "format_preview",
     "hash_split",

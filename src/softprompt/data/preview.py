@@ -6,6 +6,7 @@ the rendered prompts (no special tokens); without one, character counts.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ def preview_dataset(
         tokenizer: Optional Hugging Face tokenizer for token counts.
         template: Template or format string; the dataset's default when None.
         n: Number of train examples shown.
-        **column_kwargs: ``text_column``, ``label_column``, ``target_column``, ``max_examples``.
+        **column_kwargs: ``text_column``, ``label_column``, ``target_column``, ``max_examples``,
+            ``direction``.
 
     Returns:
         str: Multi-line printable text.
@@ -52,7 +54,7 @@ def format_preview(
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
     if template is None:
-        template = default_template(splits.name, splits.text_column)
+        template = default_template(splits.name, splits.text_column, splits.direction)
     elif isinstance(template, str):
         template = Template(template)
     if splits.train:
@@ -73,6 +75,17 @@ def format_preview(
         + ", ".join(f"{split} {sizes[split]:,}" for split in SPLITS)
         + f" (total {sum(sizes.values()):,})",
     ]
+    if splits.cleaning:
+        lines.append(f"cleaning: {splits.cleaning}")
+    if splits.direction:
+        lines.append(f"direction: {splits.direction} (targets in {splits.target_language})")
+    if splits.group_column:
+        for split in SPLITS:
+            counts = Counter(record[splits.group_column] for record in splits.split(split))
+            lines.append(
+                f"  {split:<10} by {splits.group_column}: "
+                + ", ".join(f"{value} {counts[value]:,}" for value in sorted(counts))
+            )
     if splits.labels is not None:
         lines.append(f"labels: {', '.join(splits.labels)}")
         for split in SPLITS:

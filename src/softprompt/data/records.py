@@ -2,7 +2,8 @@
 
 Shared by the local file readers (:mod:`softprompt.data.files`) and the Hugging Face path of
 :func:`softprompt.data.sources.load_dataset`. All values become strings (JSON numbers/booleans as
-JSON text, null as empty); rows with an empty text/label/target are skipped, counted and logged.
+JSON text, null as empty); rows with an empty text/label are skipped, counted and logged; an empty
+target is an error naming its row (a generation example needs something to learn).
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def clean_rows(
                 raise ValueError(
                     f"{where}: field {column!r} ({role}) is missing; fields on this line: "
                     f"{', '.join(record) or '(none)'}"
+                )
+            if not record[column].strip() and role == "target_column":
+                raise ValueError(
+                    f"{where}: field {column!r} (target_column) is empty; every generation "
+                    "example needs a target text"
                 )
             if empty is None and not record[column].strip():
                 empty = f"{column!r} ({role})"

@@ -1,7 +1,9 @@
 """Load a dataset into fixed train/validation/test splits of string records.
 
-`load_dataset` resolves ``name_or_path`` in this order: (1) ``rotten_tomatoes``, the bundled
-corpus (write ``./rotten_tomatoes`` for a local directory of that name); (2) an existing
+`load_dataset` resolves ``name_or_path`` in this order: (1) ``rotten_tomatoes`` or
+``hsk_translation``, the bundled corpora (write ``./rotten_tomatoes`` for a local directory of
+that name; ``hsk_translation`` takes a ``direction``, en-zh or zh-en, and its target column
+defaults to ``target``); (2) an existing
 ``.jsonl``/``.csv``/``.tsv`` file, split 80/10/10 by `text_bucket`; (3) an existing directory of
 ``train.*``, ``validation.*`` (or ``dev.*``/``valid.*``) and ``test.*`` files, used as given;
 (4) a path-like name (file suffix, or leading ``.``, ``/``, ``~``) that does not exist:
@@ -11,8 +13,9 @@ test split gets it carved from train by hash (10%; both missing: 80/10/10).
 
 All values become strings (JSON numbers/booleans as JSON text, null as empty). The text column is
 required; the label column too unless ``target_column`` is set (then it is used when present);
-``label_column=None`` means no labels. Rows with an empty text/label/target are skipped, counted
-and logged (all rows empty is an error); any other bad input raises naming file, line and field.
+``label_column=None`` means no labels. Rows with an empty text/label are skipped, counted and
+logged (all rows empty is an error); an empty target and any other bad input raise naming file,
+line and field.
 ``max_examples`` keeps, per split, the records with the smallest text hashes in their original
 order: the same subset on every machine, unbiased by file order.
 """
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from softprompt.data import hsk
 from softprompt.data.files import FILE_FORMATS, SPLIT_STEMS, read_directory, read_file
 from softprompt.data.records import ROLES, Columns, Record, clean_rows
 from softprompt.data.rotten_tomatoes import RECORD_FIELDS, RT_NAME, read_rotten_tomatoes
@@ -74,6 +78,11 @@ class DatasetSplits:
         text_column: Field holding the input text.
         label_column: Field holding the class label, or None.
         target_column: Field holding a free-text target, or None.
+        target_language: Language of the targets (``zh``, ``en``), when known; it picks the
+            BLEU tokenizer.
+        group_column: Field by whose values metrics are also reported (``hsk_level``), or None.
+        direction: The translation direction of a bundled pair dataset, or None.
+        cleaning: What reading the source dropped, in words (the bundled corpora), or None.
     """
 
     name: str
@@ -84,6 +93,10 @@ class DatasetSplits:
     text_column: str = "text"
     label_column: str | None = "label"
     target_column: str | None = None
+    target_language: str | None = None
+    group_column: str | None = None
+    direction: str | None = None
+    cleaning: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -201,6 +214,7 @@ def load_dataset(
     label_column: str | None = "label",
     target_column: str | None = None,
     max_examples: int | None = None,
+    direction: str | None = None,
 ) -> DatasetSplits:
     """Loads a dataset into fixed train/validation/test splits (see the module docstring).
 
@@ -212,6 +226,8 @@ def load_dataset(
             ``target_column`` is set.
         target_column: Field with a free-text target, or None.
         max_examples: Keep at most this many records per split (a stable hash-chosen subset).
+        direction: Translation direction of ``hsk_translation`` (``en-zh``, the default, or
+            ``zh-en``); an error for any other dataset.
 
     Returns:
         DatasetSplits: The splits, with ``labels`` sorted when there is a label column.
@@ -235,7 +251,27 @@ def load_dataset(
         raise ValueError(f"text_column, label_column and target_column must differ: {columns}")
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
-    if name == RT_NAME:
+    bundled: dict[str, str | None] = {}
+    if name == hsk.HSK_NAME:
+        direction = hsk.check_direction(direction)
+        columns = columns._replace(target=columns.target or hsk.TARGET_COLUMN)
+    elif direction is not None:
+        raise ValueError(
+            f"direction={direction!r}: only the bundled {hsk.HSK_NAME!r} dataset has "
+            f"translation directions, not {name!r}"
+        )
+    if name == hsk.HSK_NAME:
+        corpus = hsk.read_hsk()
+        records = hsk.direction_records(corpus.pairs, direction)
+        columns = columns.resolve(records[0] if records else (), f"{name} ({corpus.path})")
+        parts = hash_split(records, "chinese")  # a Chinese sentence is in one split only
+        bundled = {
+            "target_language": hsk.DIRECTIONS[direction][2] if columns.target == "target" else None,
+            "group_column": hsk.LEVEL_COLUMN,
+            "direction": direction,
+            "cleaning": corpus.summary(),
+        }
+    elif name == RT_NAME:
         corpus = read_rotten_tomatoes()
         columns = columns.resolve(RECORD_FIELDS, f"{RT_NAME} ({corpus.path})")
         parts = hash_split(corpus.records, columns.text)
@@ -272,4 +308,5 @@ def load_dataset(
         text_column=columns.text,
         label_column=columns.label,
         target_column=columns.target,
+        **bundled,
     )

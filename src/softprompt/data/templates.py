@@ -6,7 +6,8 @@ indexing, attributes, conversions or format specs); write literal braces as ``{{
 The rendered prompt ends right before the answer: a verbalizer word such as ``" positive"``
 (with its leading space) is appended after it.
 
-Defaults: `DEFAULT_TEMPLATES` per dataset name; any other dataset gets `GENERIC_TEMPLATE`,
+Defaults: `DEFAULT_TEMPLATES` per dataset name (``hsk_translation``: one per direction,
+``"English: {text}\nChinese:"`` for en-zh); any other dataset gets `GENERIC_TEMPLATE`,
 ``"Input: {text}\\nOutput:"``, with ``{text}`` replaced by the dataset's text column. "Output"
 reads naturally both before a class word and before a free-text target.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from softprompt.data import hsk
 
 DEFAULT_TEMPLATES: dict[str, str] = {"rotten_tomatoes": "Review: {text}\nSentiment:"}
 GENERIC_TEMPLATE = "Input: {text}\nOutput:"
@@ -105,13 +108,17 @@ class Template:
         return self.format.format_map({name: record[name] for name in self.fields})
 
 
-def default_template(dataset_name: str, text_column: str = "text") -> Template:
+def default_template(
+    dataset_name: str, text_column: str = "text", direction: str | None = None
+) -> Template:
     """Returns the default template for a dataset.
 
     Args:
-        dataset_name: A `DEFAULT_TEMPLATES` key (e.g. ``rotten_tomatoes``) or any other name.
+        dataset_name: A `DEFAULT_TEMPLATES` key (e.g. ``rotten_tomatoes``), ``hsk_translation``
+            or any other name.
         text_column: The dataset's text column; a known template is used only when it is
             ``"text"``.
+        direction: ``hsk_translation``'s direction (None: its default).
 
     Returns:
         Template: The dataset's template, else `GENERIC_TEMPLATE` over ``text_column``.
@@ -120,6 +127,19 @@ def default_template(dataset_name: str, text_column: str = "text") -> Template:
         raise ValueError(
             f"text_column {text_column!r} cannot be a template field; pass an explicit template"
         )
+    if dataset_name == hsk.HSK_NAME and text_column == "text":
+        return Template(hsk.TEMPLATES[hsk.check_direction(direction)])
     if dataset_name in DEFAULT_TEMPLATES and text_column == "text":
         return Template(DEFAULT_TEMPLATES[dataset_name])
     return Template(GENERIC_TEMPLATE.replace("{text}", "{" + text_column + "}"))
+
+
+def default_instruction(dataset_name: str, direction: str | None = None) -> str | None:
+    """The dataset's own instruction (TEXT init, zero-/few-shot baselines), or None.
+
+    ``hsk_translation`` has one per direction (``"Translate the following English text to
+    Chinese:"`` for en-zh); other datasets have none and callers use their general default.
+    """
+    if dataset_name == hsk.HSK_NAME:
+        return hsk.INSTRUCTIONS[hsk.check_direction(direction)]
+    return None

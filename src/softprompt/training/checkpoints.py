@@ -31,6 +31,7 @@ def prompt_metadata(
     template: Template,
     verbalizer: Verbalizer | None,
     initial_prompt: torch.Tensor,
+    stop: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """How a prompt was made, for its ``softprompt.json``.
 
@@ -39,13 +40,21 @@ def prompt_metadata(
         template: the template in effect (the dataset's default when none was given).
         verbalizer: the verbalizer in effect; None for generation.
         initial_prompt: ``(n, hidden)`` prompt before training.
+        stop: the generation objective's stop strings.
 
     Returns:
         ``task``, ``base_model``, ``dataset``, ``text_column``, ``label_column`` and
         ``target_column`` (None where the task has none), ``template``, ``verbalizer`` (label ->
-        word; None for generation), ``max_length`` and ``initial_prompt_norm``.
+        word; None for generation), ``max_length``, ``initial_prompt_norm``, and for generation
+        ``direction`` (a translation dataset's, else None), ``max_target_length`` and ``stop``
+        (the strings that end a generated text in evaluation and ``predict``).
     """
     classification = options.task_type == "classification"
+    generation = {} if classification else {
+        "direction": options.direction,
+        "max_target_length": options.max_target_length,
+        "stop": list(stop),
+    }
     return {
         "task": options.task_type,
         "base_model": options.model,
@@ -61,6 +70,7 @@ def prompt_metadata(
         ),
         "max_length": options.max_length,
         "initial_prompt_norm": float(initial_prompt.norm()),
+        **generation,
     }
 
 
@@ -72,6 +82,7 @@ class PromptCheckpoints:
         model: the prompted model being trained.
         metadata: `prompt_metadata` of the run; each save adds a ``training`` summary to it.
         context: this process's place in the job (rank 0 writes).
+        selection_metric: the validation metric that picks the best prompt (saved with it).
     """
 
     def __init__(
@@ -80,7 +91,9 @@ class PromptCheckpoints:
         model: PromptTunedModel,
         metadata: dict[str, Any],
         context: DistContext,
+        selection_metric: str = "accuracy",
     ) -> None:
+        self.selection_metric = selection_metric
         self.output_dir = output_dir
         self.model = model
         self.metadata = metadata
@@ -116,7 +129,7 @@ class PromptCheckpoints:
         """The current prompt is the best: keep it and save it with its validation."""
         self.best = self.model.get_prompt_embedding_to_save().cpu()
         self.save_prompt(
-            {"step": state.step, "validation_accuracy": state.best_validation_accuracy}
+            {"step": state.step, f"validation_{self.selection_metric}": state.best_validation_accuracy}
         )
 
     def save_state(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:

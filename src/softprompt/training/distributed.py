@@ -137,6 +137,15 @@ def gather_rows(local: torch.Tensor, context: DistContext) -> torch.Tensor:
     return torch.cat(pieces, dim=0)
 
 
+def gather_objects(local: list[Any], context: DistContext) -> list[Any]:
+    """Concatenate each rank's list in rank order (shards from `shard`), e.g. generated texts."""
+    if not context.enabled:
+        return local
+    pieces: list[Any] = [None] * context.world_size
+    dist.all_gather_object(pieces, list(local))
+    return [item for piece in pieces for item in piece]
+
+
 def broadcast_object(value: Any, context: DistContext) -> Any:
     """Rank 0's value on every rank."""
     if not context.enabled:

@@ -87,8 +87,8 @@ class LoopHooks:
     """What the loop calls at evaluations, at interruptions and to log.
 
     Args:
-        validate: scores the current state on the validation split; returns at least
-            ``accuracy`` and ``loss``.
+        validate: scores the current state on the validation split; returns at least ``loss``
+            and the settings' ``selection_metric``.
         keep_best: called when a validation is the best so far (``state.best_step`` is this step).
         save_state: saves resumable state; called after every validation and on Ctrl-C.
         log: receives each metrics record (training-loss windows and validations).
@@ -110,6 +110,8 @@ class LoopSettings:
         eval_every: steps between validations; the last step always validates.
         patience: stop after this many validations without improvement (None: never).
         log_every: steps per logged training-loss window; the last step always logs.
+        selection_metric: the validation metric that picks the best state (higher is better):
+            ``accuracy`` for classification, ``chrf`` for generation.
     """
 
     total_steps: int
@@ -117,6 +119,7 @@ class LoopSettings:
     eval_every: int | None = None
     patience: int | None = None
     log_every: int = 10
+    selection_metric: str = "accuracy"
 
 
 @dataclass
@@ -169,7 +172,7 @@ def train_loop(
                 throughput.reset()
             every = settings.eval_every
             due = last or (every is not None and state.step % every == 0)
-            if due and _validate(state, hooks, settings.patience):
+            if due and _validate(state, hooks, settings):
                 logger.info("early stop at step %d: no improvement in %d evaluations",
                             state.step, settings.patience)
                 break
@@ -250,29 +253,40 @@ def _backward(trainable: Trainable, batches: list[list[int]], context: DistConte
     return float(loss_sum) / total_count
 
 
-def _validate(state: LoopState, hooks: LoopHooks, patience: int | None) -> bool:
-    """Validate, keep the best state, save resumable state; True means stop early."""
+def _validate(state: LoopState, hooks: LoopHooks, settings: LoopSettings) -> bool:
+    """Validate, keep the best state, save resumable state; True means stop early.
+
+    ``state.best_validation_accuracy`` holds the best value of the selection metric (the name is
+    kept so that saved states resume).
+    """
     result = hooks.validate()
-    accuracy = result["accuracy"]
-    if accuracy > state.best_validation_accuracy:  # a tie keeps the earlier best
-        state.best_validation_accuracy, state.best_step = accuracy, state.step
+    metric = settings.selection_metric
+    value = result[metric]
+    if value > state.best_validation_accuracy:  # a tie keeps the earlier best
+        state.best_validation_accuracy, state.best_step = value, state.step
         state.evals_without_improvement = 0
         hooks.keep_best(state)
     else:
         state.evals_without_improvement += 1
-    state.history.append({"step": state.step, "validation_accuracy": accuracy})
-    hooks.log(
-        {"step": state.step, "validation_accuracy": accuracy, "validation_loss": result["loss"]}
-    )
+    state.history.append({"step": state.step, f"validation_{metric}": value})
+    scalars = {
+        f"validation_{name}": number
+        for name, number in result.items()
+        if isinstance(number, float) and name != "examples"
+    }
+    hooks.log({"step": state.step, **scalars})
     logger.info(
-        "step %d: validation accuracy %.4f (best %.4f at step %d)",
+        "step %d: validation %s %.4f (best %.4f at step %d)%s",
         state.step,
-        accuracy,
+        metric,
+        value,
         state.best_validation_accuracy,
         state.best_step,
+        "".join(f", {name} {scalars[f'validation_{name}']:.4f}" for name in ("chrf", "bleu")
+                if f"validation_{name}" in scalars and name != metric),
     )
     hooks.save_state(state)
-    return patience is not None and state.evals_without_improvement >= patience
+    return settings.patience is not None and state.evals_without_improvement >= settings.patience
 
 
 class _Throughput:

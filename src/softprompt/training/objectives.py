@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,12 @@ from softprompt.evaluation.classification import (
     encode_classification,
     score_split,
 )
-from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, decode
+from softprompt.evaluation.generation import (
+    GeneratedSplit,
+    encode_generation,
+    generate_texts,
+    generation_metrics,
+)
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import (
     PromptKV,
@@ -32,7 +37,13 @@ from softprompt.fastpath.prompt_kv import (
     uncached_batch,
 )
 from softprompt.fastpath.scoring import label_scores
-from softprompt.training.distributed import SINGLE, DistContext, gather_rows
+from softprompt.training.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_sum,
+    gather_objects,
+    gather_rows,
+)
 
 
 class Objective(Protocol):
@@ -40,9 +51,13 @@ class Objective(Protocol):
 
     ``prompt`` is the ``(n, H)`` fp32 soft prompt (trainable in ``loss_sum``), or None for the
     frozen model alone (baselines, and the LoRA comparison, whose adapters live in the model).
+    ``evaluate`` returns at least ``loss``, ``examples`` and ``selection_metric``'s value, which
+    picks the best prompt (higher is better).
     """
 
-    def encode(self, records: Sequence[Record], context: str = "") -> Any: ...
+    selection_metric: ClassVar[str]
+
+    def encode(self, records: Sequence[Record], context: str = "", split: str = "split") -> Any: ...
     def lengths(self, encoded: Any) -> list[int]: ...
     def count(self, encoded: Any, batch: list[int]) -> int: ...
     def loss_sum(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: Any,
@@ -88,8 +103,9 @@ class ClassificationObjective(MeanLoss):
     eval_batch_size: int = 16
     shared_prefix: bool = True  # evaluation computes the prompt once per split
     text_column: str = "text"
+    selection_metric: ClassVar[str] = "accuracy"
 
-    def encode(self, records: Sequence[Record], context: str = "") -> EncodedSplit:
+    def encode(self, records: Sequence[Record], context: str = "", split: str = "split") -> EncodedSplit:
         encoding = InputEncoding(
             self.tokenizer, self.template, text_field_of(self.template, self.text_column),
             self.max_length, context,
@@ -127,20 +143,10 @@ class ClassificationObjective(MeanLoss):
 
 
 @dataclass
-class GeneratedSplit:
-    """Inputs and targets of a text-to-text split."""
-
-    inputs: list[list[int]]
-    targets: list[list[int]]
-    target_texts: list[str]
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-
-@dataclass
 class GenerationObjective(MeanLoss):
-    """Next-token cross-entropy on the target tokens only; evaluated by greedy exact match."""
+    """Next-token cross-entropy on the target tokens only; evaluated by greedy generation behind
+    the prompt's keys/values, scored by chrF and BLEU (:mod:`softprompt.evaluation.generation`);
+    the best prompt is the one with the best validation chrF."""
 
     tokenizer: Any
     template: Template
@@ -149,17 +155,19 @@ class GenerationObjective(MeanLoss):
     max_target_length: int = 64
     text_column: str = "text"
     eval_batch_size: int = 8
+    target_language: str | None = None  # picks BLEU's tokenizer (zh for Chinese)
+    group_column: str | None = None  # metrics also per value of this field (hsk_level)
+    stop: tuple[str, ...] = ()  # strings that end a generated text (a newline: one-line targets)
+    selection_metric: ClassVar[str] = "chrf"
 
-    def encode(self, records: Sequence[Record], context: str = "") -> GeneratedSplit:
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+    def encode(self, records: Sequence[Record], context: str = "", split: str = "split") -> GeneratedSplit:
         encoding = InputEncoding(
             self.tokenizer, self.template, text_field_of(self.template, self.text_column),
             self.max_length, context, keep_start=keeps_start("generation"),
         )
-        texts = [record[self.target_column] for record in records]
-        target_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        targets = [ids[: self.max_target_length] + eos for ids in target_ids]
-        return GeneratedSplit(encoding.encode(records), targets, texts)
+        return encode_generation(
+            records, encoding, self.target_column, self.max_target_length, self.group_column, split
+        )
 
     def lengths(self, encoded: GeneratedSplit) -> list[int]:
         return [len(a) + len(b) for a, b in zip(encoded.inputs, encoded.targets, strict=True)]
@@ -200,23 +208,22 @@ class GenerationObjective(MeanLoss):
     @torch.no_grad()
     def evaluate(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: GeneratedSplit,
                  description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]:
-        prefix = compute_prompt_kv(frozen, prompt) if prompt is not None else None
+        """chrF, BLEU, exact match (``accuracy``), per group, and the target-token loss."""
+        prefix = compute_prompt_kv(frozen, prompt.detach()) if prompt is not None else None
         share = context.shard(list(range(len(encoded))))
-        # Per example: (exact match, summed token loss, token count), gathered across ranks.
-        rows = torch.zeros(len(share), 3, dtype=torch.float64)
-        greedy = GenerateParams(max_new_tokens=self.max_target_length)
+        totals = torch.zeros(2, dtype=torch.float64)  # summed target-token loss, token count
         for start in range(0, len(share), self.eval_batch_size):
             batch = share[start : start + self.eval_batch_size]
-            for row, i in enumerate(batch):
-                rows[start + row, 1] = float(self._target_loss_sum(frozen, encoded, [i], prefix))
-                rows[start + row, 2] = self.count(encoded, [i])
-            requests = [DecodeRequest("eval", [row], greedy, greedy.max_new_tokens) for row in range(len(batch))]
-            outputs = decode(frozen, prefixed_batch(frozen, prefix, [encoded.inputs[i] for i in batch]), requests)
-            for row, (i, output) in enumerate(zip(batch, outputs, strict=True)):
-                rows[start + row, 0] = float(output.text.strip() == encoded.target_texts[i].strip())
-        totals = gather_rows(rows, context).sum(dim=0)
-        return {
-            "accuracy": float(totals[0]) / max(1, len(encoded)),
-            "examples": len(encoded),
-            "loss": float(totals[1]) / max(1.0, float(totals[2])),
-        }
+            totals[0] += float(self._target_loss_sum(frozen, encoded, batch, prefix))
+            totals[1] += self.count(encoded, batch)
+        texts = generate_texts(
+            frozen, prefix, [encoded.inputs[i] for i in share], self.max_target_length,
+            self.eval_batch_size, self.stop, description if context.is_main else None,
+        )
+        all_reduce_sum(totals, context)
+        metrics = generation_metrics(
+            gather_objects(texts, context), encoded.target_texts, self.target_language,
+            encoded.groups,
+        )
+        metrics["loss"] = float(totals[0]) / max(1.0, float(totals[1]))
+        return metrics

@@ -42,6 +42,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_steps": 30,
     },
     "quick": {"steps": 6, "eval_every": 3, "max_eval_examples": 16, "batch_size": 4},
+    # English -> Chinese on the bundled HSK pairs (--direction zh-en for the reverse); the init
+    # text is the direction's instruction, the targets are scored by chrF and BLEU.
+    "translation": {
+        "dataset": "hsk_translation",
+        "task_type": "generation",
+        "num_virtual_tokens": 12,
+        "max_validation_examples": 100,
+        "max_eval_examples": 200,
+    },
 }
 
 
@@ -59,7 +68,12 @@ class TrainOptions:
     text_column: str = field(default="text", metadata={"help": "Field holding the input text"})
     label_column: str = field(default="label", metadata={"help": "Field holding the class label"})
     target_column: str | None = field(
-        default=None, metadata={"help": "Field holding the target text (generation)"}
+        default=None,
+        metadata={"help": "Field holding the target text (generation; hsk_translation: target)"},
+    )
+    direction: str | None = field(
+        default=None,
+        metadata={"help": "Translation direction of hsk_translation: en-zh (default) or zh-en"},
     )
     task_type: str = field(
         default="classification",
@@ -71,8 +85,12 @@ class TrainOptions:
     verbalizer: str | None = field(default=None, metadata={"help": "JSON or label=word,label=word"})
     num_virtual_tokens: int = field(default=20, metadata={"help": "Length of the soft prompt"})
     init: str = field(default="TEXT", metadata={"help": "Prompt init (any case)", "choices": INITS})
-    init_text: str = field(
-        default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction for TEXT init"}
+    init_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instruction for TEXT init (default: the dataset's, else "
+            f"{DEFAULT_INIT_TEXT!r})"
+        },
     )
     optimizer: str = field(
         default="adamw", metadata={"help": "adafactor is the paper's", "choices": OPTIMIZERS}
@@ -104,6 +122,9 @@ class TrainOptions:
     )
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on train examples"})
     max_length: int = field(default=256, metadata={"help": "Max tokens of a rendered input"})
+    max_target_length: int = field(
+        default=64, metadata={"help": "Max tokens of a generation target (longer is an error)"}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of init, data order and sampling"})
     device: str = field(
         default="auto", metadata={"help": "auto picks cuda, then mps, then cpu", "choices": DEVICES}
@@ -149,7 +170,15 @@ class TrainOptions:
         """Every problem with these options (checks that need no data or model)."""
         problems = choice_problems(self)
         problems += positive_problems(
-            self, ("num_virtual_tokens", "batch_size", "grad_accum", "eval_every", "max_length")
+            self,
+            (
+                "num_virtual_tokens",
+                "batch_size",
+                "grad_accum",
+                "eval_every",
+                "max_length",
+                "max_target_length",
+            ),
         )
         problems += positive_problems(
             self,
@@ -168,11 +197,7 @@ class TrainOptions:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.task_type == "generation" and not self.target_column:
-            problems.append(
-                "task_type='generation' needs target_column (the field with the target text)"
-            )
-        if self.init == "TEXT" and not self.init_text:
+        if self.init == "TEXT" and self.init_text == "":
             problems.append("init='TEXT' needs init_text")
         if self.resume is not None and not (Path(self.resume) / "state").is_dir():
             problems.append(

@@ -87,6 +87,7 @@ def build_report(
     device: torch.device,
     world_size: int,
     dtype: DtypeChoice,
+    selection_metric: str = "accuracy",
 ) -> dict[str, Any]:
     """The run's ``report.json``.
 
@@ -103,6 +104,7 @@ def build_report(
         device: where the run ran.
         world_size: processes in the job.
         dtype: the frozen model's dtype and why (``dtype``, ``dtype_reason``, ``cpu_model``).
+        selection_metric: the validation metric that picked the best prompt.
     """
     trainable, total = model.get_nb_trainable_parameters()
     drift = model.get_prompt_embedding_to_save().cpu() - initial_prompt.cpu()
@@ -130,8 +132,11 @@ def build_report(
         **baselines,
         "test_accuracy": test["accuracy"],
         "test_examples": test["examples"],
+        **{f"test_{name}": test[name] for name in ("chrf", "bleu") if name in test},
         "test_metrics": test,
-        "best_validation_accuracy": state.best_validation_accuracy,
+        "selection_metric": selection_metric,
+        # The best validation value of the selection metric (accuracy, or chrF for generation).
+        f"best_validation_{selection_metric}": state.best_validation_accuracy,
         "prompt_drift_norm": float(drift.norm()),
         "prompt_drift_per_token": drift.norm(dim=1).tolist(),
         "device": str(device),
@@ -150,6 +155,11 @@ def training_summary(report: dict[str, Any]) -> dict[str, Any]:
         "best_validation_accuracy",
         "zero_shot_accuracy",
         "init_accuracy",
+        "test_chrf",
+        "test_bleu",
+        "best_validation_chrf",
+        "zero_shot_chrf",
+        "init_chrf",
         "lr",
         "optimizer",
     )

@@ -3,6 +3,7 @@ load the frozen model, build the prompt and the objective, and encode the splits
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -14,14 +15,17 @@ import torch
 from softprompt.core.config import PromptTuningConfig, TaskType
 from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
 from softprompt.data import (
+    SPLITS,
     DatasetSplits,
     Record,
     Template,
     Verbalizer,
+    default_instruction,
     default_template,
     load_dataset,
     resolve_verbalizer,
 )
+from softprompt.evaluation.options import DEFAULT_INIT_TEXT
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models.precision import DtypeChoice, resolve_dtype
 from softprompt.training import distributed
@@ -34,11 +38,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
-    """What the options resolve to without a model: the data, the template, the verbalizer."""
+    """What the options resolve to without a model: the data, the template, the verbalizer, and
+    the options with the dataset's defaults filled in (target column, direction, init text)."""
 
     splits: DatasetSplits
     template: Template
     verbalizer: Verbalizer | None  # None for generation
+    options: TrainOptions
 
 
 @dataclass
@@ -90,15 +96,21 @@ def prepare(options: TrainOptions) -> Prepared:
             text_column=options.text_column,
             label_column=options.label_column if options.task_type == "classification" else None,
             target_column=options.target_column,
+            direction=options.direction,
         )
     except Exception as error:  # noqa: BLE001
         problems.append(f"dataset={options.dataset!r}: {error}")
+    if options.task_type == "generation" and splits is not None and not splits.target_column:
+        problems.append(
+            "task_type='generation' needs target_column (the field with the target text); "
+            f"dataset={options.dataset!r} has no default one"
+        )
     template = None
     try:
         template = (
             Template(options.template)
             if options.template
-            else default_template(options.dataset, options.text_column)
+            else default_template(options.dataset, options.text_column, options.direction)
         )
     except ValueError as error:
         problems.append(f"template: {error}")
@@ -114,7 +126,15 @@ def prepare(options: TrainOptions) -> Prepared:
             verbalizer = _verbalizer(options, splits, problems)
     if problems:
         raise ValueError("cannot start training:\n  - " + "\n  - ".join(problems))
-    return Prepared(splits, template, verbalizer)
+    resolved = dataclasses.replace(
+        options,
+        target_column=splits.target_column,
+        direction=splits.direction,
+        init_text=options.init_text
+        or default_instruction(options.dataset, splits.direction)
+        or DEFAULT_INIT_TEXT,
+    )
+    return Prepared(splits, template, verbalizer, resolved)
 
 
 def _verbalizer(
@@ -164,9 +184,9 @@ def load_run(
         objective,
         shared_prefix,
         model.get_prompt_embedding_to_save(),
-        objective.encode(train_data),
-        objective.encode(validation_data),
-        objective.encode(test_records),
+        objective.encode(train_data, split="train"),
+        objective.encode(validation_data, split="validation"),
+        objective.encode(test_records, split="test"),
         test_records,
         dtype,
     )
@@ -190,12 +210,19 @@ def make_objective(options: TrainOptions, prepared: Prepared, tokenizer: Any) ->
             options.max_length,
             text_column=options.text_column,
         )
+    splits = prepared.splits
+    targets = (record[splits.target_column] for split in SPLITS for record in splits.split(split))
     return GenerationObjective(
         tokenizer,
         prepared.template,
-        options.target_column,
+        splits.target_column,
         options.max_length,
+        options.max_target_length,
         text_column=options.text_column,
+        target_language=splits.target_language,
+        group_column=splits.group_column,
+        # One-line targets: a generated text ends at a newline as well as at EOS.
+        stop=() if any("\n" in target for target in targets) else ("\n",),
     )
 
 

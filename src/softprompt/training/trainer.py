@@ -107,6 +107,7 @@ def train(
         options = _resumed_options(options, given)
     distributed.check_batch_divisible(options.batch_size, distributed.world_from_environment())
     prepared = prepare(options)
+    options = prepared.options  # the dataset's defaults filled in (target column, direction, ...)
     device = resolve_device(options.device)
     context = distributed.init_distributed(device, options.dist_timeout)
     try:
@@ -165,10 +166,14 @@ def _run(
         else None
     )
     baselines = {}
-    if options.baselines and options.task_type == "classification" and not options.resume:
+    if options.baselines and not options.resume:
         baselines = _baselines(options, run, context)
-    metadata = prompt_metadata(options, prepared.template, prepared.verbalizer, run.initial_prompt)
-    checkpoints = PromptCheckpoints(output_dir, run.model, metadata, context)
+    metric = run.objective.selection_metric
+    metadata = prompt_metadata(
+        options, prepared.template, prepared.verbalizer, run.initial_prompt,
+        getattr(run.objective, "stop", ()),
+    )
+    checkpoints = PromptCheckpoints(output_dir, run.model, metadata, context, metric)
     train_started = time.perf_counter()
     loop, padding = _optimise(options, run, checkpoints, metrics, context)
     train_seconds = time.perf_counter() - train_started
@@ -177,7 +182,7 @@ def _run(
         run.frozen, run.model.prompt, run.test_data, description="test", context=context
     )
     logger.info(
-        "test accuracy of the best prompt (step %d): %.4f", loop.state.best_step, test["accuracy"]
+        "test %s of the best prompt (step %d): %.4f", metric, loop.state.best_step, test[metric]
     )
     report = build_report(
         options,
@@ -192,6 +197,7 @@ def _run(
         device=device,
         world_size=context.world_size,
         dtype=run.dtype,
+        selection_metric=metric,
     )
     if context.is_main:
         atomic_write_json(output_dir / "report.json", report)
@@ -206,8 +212,10 @@ def _run(
 def _baselines(
     options: TrainOptions, run: RunSetup, context: distributed.DistContext
 ) -> dict[str, float]:
-    """Test accuracy without a prompt (the init text leads the input) and with the initial one."""
-    instructed = run.objective.encode(run.test_records, context=options.init_text + "\n")
+    """The test selection metric (accuracy, or chrF for generation) without a prompt (the init
+    text leads the input) and with the initial prompt: ``zero_shot_<metric>``, ``init_<metric>``."""
+    metric = run.objective.selection_metric
+    instructed = run.objective.encode(run.test_records, context=options.init_text + "\n", split="test")
     zero_shot = run.objective.evaluate(
         run.frozen, None, instructed, description="zero-shot", context=context
     )
@@ -215,11 +223,9 @@ def _baselines(
         run.frozen, run.model.prompt, run.test_data, description="initial prompt", context=context
     )
     logger.info(
-        "test accuracy: zero-shot %.4f, initial prompt %.4f",
-        zero_shot["accuracy"],
-        initial["accuracy"],
+        "test %s: zero-shot %.4f, initial prompt %.4f", metric, zero_shot[metric], initial[metric]
     )
-    return {"zero_shot_accuracy": zero_shot["accuracy"], "init_accuracy": initial["accuracy"]}
+    return {f"zero_shot_{metric}": zero_shot[metric], f"init_{metric}": initial[metric]}
 
 
 def _optimise(
@@ -253,7 +259,10 @@ def _optimise(
         count=lambda batch: run.objective.count(run.train_data, batch),
     )
     hooks = _hooks(run, checkpoints, optimizer, metrics, context)
-    settings = LoopSettings(steps, options.grad_accum, options.eval_every, options.patience)
+    settings = LoopSettings(
+        steps, options.grad_accum, options.eval_every, options.patience,
+        selection_metric=run.objective.selection_metric,
+    )
     try:
         loop = train_loop(trainable, order, optimizer, scheduler, settings, hooks, state, context)
     except TrainingDivergedError as error:
