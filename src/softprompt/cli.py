@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from softprompt.bench import add_bench_parser
 from softprompt.evaluation.options import EvalOptions, InspectOptions
@@ -83,16 +84,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
 @command("predict")
 def _predict(args: argparse.Namespace) -> int:
+    from softprompt.core.checkpoint import load_prompt
     from softprompt.inference import Engine
 
     options = PredictOptions(**given_options(args, PredictOptions))
-    model = options.model
-    if model is None:
-        from softprompt.core.checkpoint import load_prompt
-
-        model = load_prompt(options.prompt).metadata.get("base_model") or "smollm2-135m"
+    metadata = load_prompt(options.prompt).metadata
+    model = options.model or metadata.get("base_model") or "smollm2-135m"
     engine = Engine(model, device=options.device, dtype=options.dtype)
-    engine.add_task("task", options.prompt)
+    info = engine.add_task("task", options.prompt)
+    if info.kind == "generation":
+        return _print_generated(engine, options, metadata)
     results = engine.classify([("task", text) for text in options.texts], truncate=options.truncate)
     for text, result in zip(options.texts, results, strict=True):
         if options.json:
@@ -103,6 +104,24 @@ def _predict(args: argparse.Namespace) -> int:
                 f"{label} {value:.3f}" for label, value in result.probabilities.items()
             )
             print(f"{result.label:<12} ({shown})  {text}")
+    return 0
+
+
+def _print_generated(engine: Any, options: PredictOptions, metadata: dict[str, Any]) -> int:
+    """Greedy outputs of a generation prompt, ended as in its evaluation (its ``stop``)."""
+    from softprompt.fastpath.decoding import GenerateParams
+
+    params = GenerateParams(
+        max_new_tokens=options.max_new_tokens or metadata.get("max_target_length") or 64,
+        stop=list(metadata.get("stop") or []),
+    )
+    requests = [("task", text, params) for text in options.texts]
+    for text, result in zip(options.texts, engine.generate(requests, options.truncate), strict=True):
+        generated = result.text.strip()
+        if options.json:
+            print(json.dumps({"text": text, "generated": generated}, ensure_ascii=False))
+        else:
+            print(generated)
     return 0
 
 
@@ -141,6 +160,8 @@ def _data(args: argparse.Namespace) -> int:
             n=args.examples,
             text_column=args.text_column,
             label_column=args.label_column,
+            target_column=args.target_column,
+            direction=args.direction,
         )
     )
     return 0
@@ -167,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, options, help_text in (
         ("eval", EvalOptions, "evaluate a prompt or a zero-/few-shot baseline"),
         ("inspect", InspectOptions, "show a prompt's init, drift and nearest tokens"),
-        ("predict", PredictOptions, "classify texts with a prompt"),
+        ("predict", PredictOptions, "classify texts (or generate, e.g. translate) with a prompt"),
         ("serve", ServeOptions, "serve many task prompts over HTTP on one frozen model"),
     ):
         add_flags(sub.add_parser(name, help=help_text), options)
@@ -184,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--examples", type=int, default=3)
     preview.add_argument("--text-column", default="text", dest="text_column")
     preview.add_argument("--label-column", default="label", dest="label_column")
+    preview.add_argument("--target-column", default=None, dest="target_column")
+    preview.add_argument("--direction", help="hsk_translation: en-zh (default) or zh-en")
 
     add_bench_parser(sub, command)
     return parser

@@ -1,8 +1,10 @@
 """`evaluate_prompt()`: the ``softprompt eval`` command and its Python API.
 
-Scores a tuned prompt, or a baseline without one (zero-shot instruction, few-shot in-context
-examples), on a dataset split, and reports accuracy, per-label precision/recall and the
-confusion matrix. A checkpoint remembers how it was trained (dataset, columns, template,
+Scores a tuned prompt, or a baseline without one (zero-shot instruction, optionally in the
+model's chat template; few-shot in-context examples), on a dataset split. Classification reports
+accuracy, per-label precision/recall and the confusion matrix; generation reports chrF, BLEU and
+exact match of greedy outputs, overall and per group (HSK level), computed by
+:mod:`softprompt.evaluation.generation` like training's. A checkpoint remembers how it was trained (dataset, columns, template,
 verbalizer, input length limit: its ``softprompt.json``), so ``--prompt DIR`` alone reproduces
 training's setting; any of them can be overridden. Inputs are encoded and cut exactly as the
 Engine and the server do (:mod:`softprompt.data.encoding`).
@@ -19,25 +21,37 @@ from typing import Any
 from softprompt.core.checkpoint import atomic_write_json, atomic_write_text, load_prompt
 from softprompt.data import (
     SPLITS,
+    DatasetSplits,
+    Record,
     Template,
     Verbalizer,
+    default_instruction,
     default_template,
     load_dataset,
     resolve_verbalizer,
 )
-from softprompt.data.encoding import InputEncoding, input_limit, text_field_of
+from softprompt.data.encoding import InputEncoding, input_limit, keeps_start, text_field_of
+from softprompt.data.hsk import HSK_NAME
 from softprompt.evaluation.classification import (
     classification_metrics,
     encode_classification,
     few_shot_context,
     score_split,
 )
-from softprompt.evaluation.options import EvalOptions
+from softprompt.evaluation.generation import (
+    chat_template,
+    default_stop,
+    few_shot_pairs_context,
+    generate_texts,
+    generation_metrics,
+)
+from softprompt.evaluation.options import DEFAULT_INIT_TEXT, EvalOptions
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATASET = "rotten_tomatoes"
+DEFAULT_MAX_TARGET_LENGTH = 64
 
 
 def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dict[str, Any]:
@@ -48,8 +62,9 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
         **overrides: fields applied on top of ``options``.
 
     Returns:
-        Metrics (accuracy, per_label, confusion_matrix, examples) and what was evaluated; also
-        written to ``options.output`` (default ``<prompt>/../eval-<split>.json`` for a prompt).
+        Metrics (classification: accuracy, per_label, confusion_matrix, examples; generation:
+        chrf, bleu, exact_match, per_group, examples) and what was evaluated; also written to
+        ``options.output`` (default ``<prompt>/../eval-<split>.json`` for a prompt).
 
     Raises:
         ValueError: bad options, or a checkpoint/dataset that does not fit them.
@@ -57,10 +72,20 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     options = _resolve(options, overrides)
     checkpoint = load_prompt(options.prompt) if options.prompt else None
     setting = _setting(options, checkpoint.metadata if checkpoint else {})
+    generation = setting["task"] == "generation"
     splits = load_dataset(
-        setting["dataset"], text_column=setting["text_column"], label_column=setting["label_column"]
+        setting["dataset"],
+        text_column=setting["text_column"],
+        label_column=None if generation else setting["label_column"],
+        target_column=setting["target_column"] if generation else None,
+        direction=setting["direction"],
     )
-    verbalizer = resolve_verbalizer(options.verbalizer, splits.labels or [], setting["verbalizer"])
+    if generation and not splits.target_column:
+        raise ValueError(
+            f"dataset {setting['dataset']!r}: a generation evaluation needs --target-column"
+        )
+    if not generation:
+        verbalizer = resolve_verbalizer(options.verbalizer, splits.labels or [], setting["verbalizer"])
     template = Template(setting["template"])
     records = splits.split(options.split)
     records = records[: options.max_examples] if options.max_examples else records
@@ -72,14 +97,25 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     dtype = resolve_dtype(options.dtype, options.device)
     base, tokenizer = load_model(setting["model"], dtype=dtype.dtype, device=options.device)
     frozen = FrozenModel(base.eval().requires_grad_(False), tokenizer)
-    tokenized = verbalizer.tokenize(tokenizer)
     prompt = None
     if checkpoint is not None:
         frozen.check_prompt_width(
             checkpoint.weights.shape[1], str(options.prompt), checkpoint.config.base_model_name_or_path
         )
         prompt = checkpoint.weights[: checkpoint.config.num_virtual_tokens].to(frozen.device)
-    context = _baseline_context(options, splits.train, template, verbalizer, setting["label_column"])
+    what = {
+        "prompt": str(options.prompt) if options.prompt else None,
+        "baseline": options.baseline,
+        "shots": options.shots if options.baseline == "few-shot" else None,
+        "split": options.split,
+        **{key: setting[key] for key in ("model", "dataset", "template", "max_length")},
+        **dtype.report_fields(),
+    }
+    if generation:
+        result = _evaluate_generation(options, setting, splits, records, frozen, prompt)
+        return _write({**result, **what}, options)
+    tokenized = verbalizer.tokenize(tokenizer)
+    context = _baseline_context(options, setting, splits.train, template, verbalizer)
     limit = input_limit(
         setting["max_length"], frozen.max_positions, 0 if prompt is None else prompt.shape[0],
         tokenized.continuation_room,
@@ -96,15 +132,66 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     if options.predictions:
         _write_predictions(options.predictions, records, scores, encoded.targets, tokenized.labels)
         result["predictions"] = str(options.predictions)
-    result.update({
-        "prompt": str(options.prompt) if options.prompt else None,
-        "baseline": options.baseline,
-        "shots": options.shots if options.baseline == "few-shot" else None,
-        "split": options.split,
-        **{key: setting[key] for key in ("model", "dataset", "template", "max_length")},
-        **dtype.report_fields(),
-    })
+    result.update(what)
     return _write(result, options)
+
+
+def _evaluate_generation(
+    options: EvalOptions,
+    setting: dict[str, Any],
+    splits: DatasetSplits,
+    records: list[Record],
+    frozen: Any,
+    prompt: Any,
+) -> dict[str, Any]:
+    """Greedy outputs of ``records`` behind the prompt (or a baseline's context), scored."""
+    template = Template(setting["template"])
+    context = ""
+    if options.baseline == "zero-shot" and options.chat_template:
+        template = chat_template(frozen.tokenizer, setting["instruction"], setting["text_column"])
+    elif options.baseline == "zero-shot":
+        context = setting["instruction"] + "\n"
+    elif options.baseline == "few-shot":
+        context = few_shot_pairs_context(
+            splits.train, template, splits.target_column, options.shots, options.seed,
+            setting["instruction"],
+        )
+    limit = input_limit(
+        setting["max_length"], frozen.max_positions, 0 if prompt is None else prompt.shape[0]
+    )
+    encoding = InputEncoding(
+        frozen.tokenizer, template, text_field_of(template, setting["text_column"]), limit,
+        context, keep_start=keeps_start("generation"),
+    )
+    references = [record[splits.target_column] for record in records]
+    stop = setting["stop"]
+    if stop is None:
+        stop = default_stop(record[splits.target_column] for record in splits.train + records)
+    hypotheses = generate_texts(
+        frozen, prompt, encoding.encode(records), setting["max_target_length"], options.batch_size,
+        stop, description=f"eval {options.split}",
+    )
+    groups = [record[splits.group_column] for record in records] if splits.group_column else None
+    result = generation_metrics(hypotheses, references, splits.target_language, groups)
+    if options.predictions:
+        lines = [
+            json.dumps({"record": record, "reference": reference, "prediction": hypothesis},
+                       ensure_ascii=False)
+            for record, reference, hypothesis in zip(records, references, hypotheses, strict=True)
+        ]
+        atomic_write_text(options.predictions, "".join(line + "\n" for line in lines))
+        result["predictions"] = str(options.predictions)
+    result.update({
+        "task": "generation",
+        "direction": splits.direction,
+        "group_column": splits.group_column,
+        "chat_template": options.chat_template,
+        "instruction": setting["instruction"] if options.baseline else None,
+        "stop": list(stop),
+        "max_target_length": setting["max_target_length"],
+        "template": template.format,
+    })
+    return result
 
 
 def _resolve(options: EvalOptions | None, overrides: dict[str, Any]) -> EvalOptions:
@@ -124,35 +211,45 @@ def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
         value = getattr(options, name)
         return value if value is not None else metadata.get(name, default)
 
-    task = options.task_type or metadata.get("task") or "classification"
-    if task != "classification":
-        raise ValueError(
-            f"{options.prompt or 'eval'}: task {task!r}: softprompt eval scores classification "
-            "prompts; a generation prompt's test metrics are in its run's report.json"
-        )
     dataset = pick("dataset", DEFAULT_DATASET)
+    task = options.task_type or metadata.get("task") or (
+        "generation" if dataset == HSK_NAME else "classification"
+    )
     text_column = pick("text_column", "text")
+    direction = pick("direction")
     return {
+        "task": task,
         "model": options.model or metadata.get("base_model") or DEFAULT_MODEL,
         "dataset": dataset,
         "text_column": text_column,
         "label_column": pick("label_column", "label"),
-        "template": pick("template") or default_template(dataset, text_column).format,
+        "target_column": pick("target_column"),
+        "direction": direction,
+        "template": pick("template") or default_template(dataset, text_column, direction).format,
         "verbalizer": metadata.get("verbalizer"),
         "max_length": pick("max_length"),
+        "max_target_length": pick("max_target_length", DEFAULT_MAX_TARGET_LENGTH),
+        "stop": metadata.get("stop"),
+        "instruction": options.instruction
+        or default_instruction(dataset, direction)
+        or DEFAULT_INIT_TEXT,
     }
 
 
 def _baseline_context(
-    options: EvalOptions, train: list, template: Template, verbalizer: Verbalizer, label_column: str
+    options: EvalOptions, setting: dict[str, Any], train: list, template: Template,
+    verbalizer: Verbalizer,
 ) -> str:
     """The text before every example: the instruction (zero-shot), examples (few-shot), or none."""
+    if options.chat_template:
+        raise ValueError("--chat-template is for generation datasets; this one is classification")
     if options.baseline == "zero-shot":
-        return options.instruction + "\n"
+        return setting["instruction"] + "\n"
     if options.baseline == "few-shot":
         words = {label: verbalizer.words(label)[0] for label in verbalizer.labels}
         return few_shot_context(
-            train, template, words, label_column, options.shots, options.seed, options.instruction
+            train, template, words, setting["label_column"], options.shots, options.seed,
+            setting["instruction"],
         )
     return ""
 
@@ -183,10 +280,15 @@ def _write(result: dict[str, Any], options: EvalOptions) -> dict[str, Any]:
 
 
 def format_metrics(result: dict[str, Any]) -> str:
-    """Accuracy, per-label table and confusion matrix as text."""
+    """Accuracy, per-label table and confusion matrix as text; chrF/BLEU per group for generation."""
     what = result["prompt"] or f"baseline {result['baseline']}" + (f" (K={result['shots']})" if result.get("shots") else "")
+    if result.get("chat_template"):
+        what += " (chat template)"
+    title = f"{what} on {result['dataset']}/{result['split']} ({result['examples']} examples, model {result['model']})"
+    if result.get("task") == "generation":
+        return _format_generation(title, result)
     lines = [
-        f"{what} on {result['dataset']}/{result['split']} ({result['examples']} examples, model {result['model']})",
+        title,
         f"accuracy: {result['accuracy']:.4f}",
         f"{'label':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}",
     ]
@@ -200,3 +302,21 @@ def format_metrics(result: dict[str, Any]) -> str:
         lines.append(f"  {label:<14} " + " ".join(f"{value:>6d}" for value in row))
     return "\n".join(lines)
 
+
+
+def _format_generation(title: str, result: dict[str, Any]) -> str:
+    lines = [
+        title + (f", direction {result['direction']}" if result.get("direction") else ""),
+        f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f} (tokenize {result['bleu_tokenize']})"
+        f"  exact match {result['exact_match']:.4f}",
+    ]
+    if result.get("per_group"):
+        lines.append(f"{result['group_column'] or 'group':<12}{'chrF':>8}{'BLEU':>8}{'exact':>8}{'examples':>10}")
+        for group, scores in result["per_group"].items():
+            lines.append(
+                f"{group:<12}{scores['chrf']:>8.2f}{scores['bleu']:>8.2f}"
+                f"{scores['exact_match']:>8.3f}{scores['examples']:>10d}"
+            )
+    if result.get("predictions"):
+        lines.append(f"predictions: {result['predictions']}")
+    return "\n".join(lines)

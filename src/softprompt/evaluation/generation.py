@@ -13,7 +13,7 @@ also reported per group value.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +126,12 @@ def generate_texts(
                                                requests), strict=True):
             texts[index] = output.text.strip()
     return texts
+
+
+def default_stop(targets: Iterable[str]) -> tuple[str, ...]:
+    """Strings that end a generated text besides EOS: a newline when every target is one line
+    (a model without a tuned prompt would go on to write more examples), else none."""
+    return () if any("\n" in target for target in targets) else ("\n",)
 
 
 def bleu_tokenizer(target_language: str | None) -> str:

@@ -46,6 +46,10 @@ class EvalOptions:
         default=None,
         metadata={"help": "Field holding the target text (generation)" + _FROM_CHECKPOINT},
     )
+    direction: str | None = field(
+        default=None,
+        metadata={"help": "Translation direction of hsk_translation, en-zh or zh-en" + _FROM_CHECKPOINT},
+    )
     task_type: str | None = field(
         default=None, metadata={"help": "Task kind" + _FROM_CHECKPOINT, "choices": TASK_KINDS}
     )
@@ -58,13 +62,26 @@ class EvalOptions:
     max_length: int | None = field(
         default=None, metadata={"help": "Max tokens of a rendered input" + _FROM_CHECKPOINT}
     )
+    max_target_length: int | None = field(
+        default=None,
+        metadata={"help": "Most tokens generated per example (generation)" + _FROM_CHECKPOINT + ", else 64"},
+    )
     split: str = field(default="test", metadata={"help": "train, validation or test"})
     baseline: str | None = field(
         default=None, metadata={"help": "Evaluate without a soft prompt", "choices": BASELINES}
     )
     shots: int = field(default=4, metadata={"help": "In-context examples of the few-shot baseline"})
-    instruction: str = field(
-        default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction of the zero-/few-shot baselines"}
+    instruction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instruction of the zero-/few-shot baselines (default: the dataset's, else "
+            f"{DEFAULT_INIT_TEXT!r})"
+        },
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "Zero-shot generation: put the instruction and text in the model's chat "
+                  "template (Qwen, SmolLM2 have one)"},
     )
     max_examples: int | None = field(default=None, metadata={"help": "Cap on scored examples"})
     batch_size: int = field(default=16, metadata={"help": "Examples per forward"})
@@ -76,14 +93,19 @@ class EvalOptions:
     )
     predictions: str | None = field(
         default=None,
-        metadata={"help": "JSONL path for per-example predictions (gold, label, probabilities)"},
+        metadata={"help": "JSONL path for per-example predictions (gold and predicted label with "
+                  "probabilities; or reference and generated text)"},
     )
     json: bool = field(default=False, metadata={"help": "Print the result as JSON"})
 
     def __post_init__(self) -> None:
         problems = choice_problems(self)
         problems += positive_problems(self, ("shots", "batch_size"))
-        problems += positive_problems(self, ("max_examples", "max_length"), optional=True)
+        problems += positive_problems(
+            self, ("max_examples", "max_length", "max_target_length"), optional=True
+        )
+        if self.chat_template and self.baseline != "zero-shot":
+            problems.append("chat_template applies to the zero-shot baseline only (--baseline zero-shot)")
         raise_problems("eval options", problems)
 
 

@@ -25,6 +25,7 @@ from softprompt.data import (
     load_dataset,
     resolve_verbalizer,
 )
+from softprompt.evaluation.generation import default_stop
 from softprompt.evaluation.options import DEFAULT_INIT_TEXT
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models.precision import DtypeChoice, resolve_dtype
@@ -221,8 +222,7 @@ def make_objective(options: TrainOptions, prepared: Prepared, tokenizer: Any) ->
         text_column=options.text_column,
         target_language=splits.target_language,
         group_column=splits.group_column,
-        # One-line targets: a generated text ends at a newline as well as at EOS.
-        stop=() if any("\n" in target for target in targets) else ("\n",),
+        stop=default_stop(targets),
     )
 
 
