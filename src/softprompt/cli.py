@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     report = result.report
     print(f"\nrun directory: {result.output_dir}")
     keys = ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy")
-    if report["task_type"] == "generation":  # chrF and BLEU are 0-100; accuracy is exact match
+    if report.get("task_type") == "generation":  # chrF and BLEU are 0-100; accuracy is exact match
         keys = ("zero_shot_chrf", "init_chrf", "test_chrf", "test_bleu", "best_validation_chrf",
                 "test_accuracy")
     for key in keys:

@@ -231,8 +231,8 @@ def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
         "max_target_length": pick("max_target_length", DEFAULT_MAX_TARGET_LENGTH),
         "stop": metadata.get("stop"),
         "instruction": options.instruction
-        or default_instruction(dataset, direction)
-        or DEFAULT_INIT_TEXT,
+        if options.instruction is not None
+        else default_instruction(dataset, direction) or DEFAULT_INIT_TEXT,
     }
 
 

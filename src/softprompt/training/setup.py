@@ -132,8 +132,8 @@ def prepare(options: TrainOptions) -> Prepared:
         target_column=splits.target_column,
         direction=splits.direction,
         init_text=options.init_text
-        or default_instruction(options.dataset, splits.direction)
-        or DEFAULT_INIT_TEXT,
+        if options.init_text is not None
+        else default_instruction(options.dataset, splits.direction) or DEFAULT_INIT_TEXT,
     )
     return Prepared(splits, template, verbalizer, resolved)
 
