@@ -14,8 +14,7 @@ import sacrebleu
 import softprompt.models
 from softprompt.cli import main
 from softprompt.core.checkpoint import load_prompt
-from softprompt.data import SPLITS, Template, default_template, load_dataset, preview_dataset
-from softprompt.data import hsk
+from softprompt.data import SPLITS, Template, default_template, hsk, load_dataset, preview_dataset
 from softprompt.evaluation.evaluate import evaluate_prompt
 from softprompt.evaluation.generation import (
     chat_template,
