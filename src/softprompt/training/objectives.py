@@ -226,4 +226,5 @@ class GenerationObjective(MeanLoss):
             encoded.groups,
         )
         metrics["loss"] = float(totals[0]) / max(1.0, float(totals[1]))
+        metrics["group_column"] = self.group_column
         return metrics
