@@ -51,8 +51,14 @@ def _train(args: argparse.Namespace) -> int:
     print(f"\nrun directory: {result.output_dir}")
     keys = ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy")
     if report.get("task_type") == "generation":  # chrF and BLEU are 0-100; accuracy is exact match
-        keys = ("zero_shot_chrf", "init_chrf", "test_chrf", "test_bleu", "best_validation_chrf",
-                "test_accuracy")
+        keys = (
+            "zero_shot_chrf",
+            "init_chrf",
+            "test_chrf",
+            "test_bleu",
+            "best_validation_chrf",
+            "test_accuracy",
+        )
     for key in keys:
         if key in report:
             print(f"  {key:<26} {report[key]:.4f}")
@@ -116,7 +122,9 @@ def _print_generated(engine: Any, options: PredictOptions, metadata: dict[str, A
         stop=list(metadata.get("stop") or []),
     )
     requests = [("task", text, params) for text in options.texts]
-    for text, result in zip(options.texts, engine.generate(requests, options.truncate), strict=True):
+    for text, result in zip(
+        options.texts, engine.generate(requests, options.truncate), strict=True
+    ):
         generated = result.text.strip()
         if options.json:
             print(json.dumps({"text": text, "generated": generated}, ensure_ascii=False))

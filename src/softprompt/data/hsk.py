@@ -162,13 +162,15 @@ def read_hsk(path: str | Path | None = None) -> HskCorpus:
             corpus.n_duplicates += 1
             continue
         seen.add((chinese, english))
-        corpus.pairs.append({
-            "english": english,
-            "chinese": chinese,
-            LEVEL_COLUMN: str(level),
-            "topic": str(record.get("topic") or ""),
-            "pinyin": str(record.get("pinyin") or ""),
-        })
+        corpus.pairs.append(
+            {
+                "english": english,
+                "chinese": chinese,
+                LEVEL_COLUMN: str(level),
+                "topic": str(record.get("topic") or ""),
+                "pinyin": str(record.get("pinyin") or ""),
+            }
+        )
     corpus.pairs.sort(key=lambda pair: hashlib.sha256(pair["chinese"].encode("utf-8")).digest())
     logger.info("%s: %s", path, corpus.summary())
     return corpus

@@ -48,7 +48,9 @@ class EvalOptions:
     )
     direction: str | None = field(
         default=None,
-        metadata={"help": "Translation direction of hsk_translation, en-zh or zh-en" + _FROM_CHECKPOINT},
+        metadata={
+            "help": "Translation direction of hsk_translation, en-zh or zh-en" + _FROM_CHECKPOINT
+        },
     )
     task_type: str | None = field(
         default=None, metadata={"help": "Task kind" + _FROM_CHECKPOINT, "choices": TASK_KINDS}
@@ -64,7 +66,11 @@ class EvalOptions:
     )
     max_target_length: int | None = field(
         default=None,
-        metadata={"help": "Most tokens generated per example (generation)" + _FROM_CHECKPOINT + ", else 64"},
+        metadata={
+            "help": "Most tokens generated per example (generation)"
+            + _FROM_CHECKPOINT
+            + ", else 64"
+        },
     )
     split: str = field(default="test", metadata={"help": "train, validation or test"})
     baseline: str | None = field(
@@ -80,8 +86,10 @@ class EvalOptions:
     )
     chat_template: bool = field(
         default=False,
-        metadata={"help": "Zero-shot generation: put the instruction and text in the model's chat "
-                  "template (Qwen, SmolLM2 have one)"},
+        metadata={
+            "help": "Zero-shot generation: put the instruction and text in the model's chat "
+            "template (Qwen, SmolLM2 have one)"
+        },
     )
     max_examples: int | None = field(default=None, metadata={"help": "Cap on scored examples"})
     batch_size: int = field(default=16, metadata={"help": "Examples per forward"})
@@ -93,8 +101,10 @@ class EvalOptions:
     )
     predictions: str | None = field(
         default=None,
-        metadata={"help": "JSONL path for per-example predictions (gold and predicted label with "
-                  "probabilities; or reference and generated text)"},
+        metadata={
+            "help": "JSONL path for per-example predictions (gold and predicted label with "
+            "probabilities; or reference and generated text)"
+        },
     )
     json: bool = field(default=False, metadata={"help": "Print the result as JSON"})
 
@@ -105,7 +115,9 @@ class EvalOptions:
             self, ("max_examples", "max_length", "max_target_length"), optional=True
         )
         if self.chat_template and self.baseline != "zero-shot":
-            problems.append("chat_template applies to the zero-shot baseline only (--baseline zero-shot)")
+            problems.append(
+                "chat_template applies to the zero-shot baseline only (--baseline zero-shot)"
+            )
         raise_problems("eval options", problems)
 
 

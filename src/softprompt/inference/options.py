@@ -35,13 +35,17 @@ class PredictOptions:
     )
     max_new_tokens: int | None = field(
         default=None,
-        metadata={"help": "Generation: most new tokens (default: the checkpoint's "
-                  "max_target_length, else 64)"},
+        metadata={
+            "help": "Generation: most new tokens (default: the checkpoint's "
+            "max_target_length, else 64)"
+        },
     )
     json: bool = field(default=False, metadata={"help": "Print one JSON object per text"})
 
     def __post_init__(self) -> None:
-        problems = choice_problems(self) + positive_problems(self, ("max_new_tokens",), optional=True)
+        problems = choice_problems(self) + positive_problems(
+            self, ("max_new_tokens",), optional=True
+        )
         if isinstance(self.texts, str) or not self.texts:
             problems.append(f"texts must be a non-empty list of texts, got {self.texts!r}")
         raise_problems("predict options", problems)

@@ -50,11 +50,15 @@ def prompt_metadata(
         (the strings that end a generated text in evaluation and ``predict``).
     """
     classification = options.task_type == "classification"
-    generation = {} if classification else {
-        "direction": options.direction,
-        "max_target_length": options.max_target_length,
-        "stop": list(stop),
-    }
+    generation = (
+        {}
+        if classification
+        else {
+            "direction": options.direction,
+            "max_target_length": options.max_target_length,
+            "stop": list(stop),
+        }
+    )
     return {
         "task": options.task_type,
         "base_model": options.model,
@@ -129,7 +133,10 @@ class PromptCheckpoints:
         """The current prompt is the best: keep it and save it with its validation."""
         self.best = self.model.get_prompt_embedding_to_save().cpu()
         self.save_prompt(
-            {"step": state.step, f"validation_{self.selection_metric}": state.best_validation_accuracy}
+            {
+                "step": state.step,
+                f"validation_{self.selection_metric}": state.best_validation_accuracy,
+            }
         )
 
     def save_state(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
