@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ NOUNS = ("movie", "film", "book", "food", "acting", "plot", "service", "experien
          "topic", "science", "sports")
 ADJECTIVES = ("great", "good", "wonderful", "fantastic", "loved", "terrible", "boring", "bad",
               "slow", "okay")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def _record(index: int, english: str, chinese: str, level: int = 1) -> dict[str, Any]:
@@ -178,10 +183,7 @@ def test_few_shot_context_and_chat_template(tokenizer):
         few_shot_pairs_context(train_records, template, "target", 11, 0)
     with pytest.raises(ValueError, match="has no chat template"):
         chat_template(tokenizer, "Translate:")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
+    tokenizer.chat_template = CHAT_TEMPLATE
     chat = chat_template(tokenizer, "Translate {x}:")
     assert chat.fields == ("text",)
     expected = tokenizer.apply_chat_template(
@@ -253,7 +255,7 @@ def test_translation_run_eval_predict_and_engine_agree(tiny, hsk_file, tmp_path,
     assert [row["generated"] for row in printed] == hypotheses[:2]
 
 
-def test_generation_baselines_zero_and_few_shot(tiny, hsk_file, tmp_path):
+def test_generation_baselines_zero_and_few_shot(tiny, hsk_file, tmp_path, tokenizer):
     zero = evaluate_prompt(model=str(tiny.model), dataset="hsk_translation", baseline="zero-shot",
                            max_examples=4, max_target_length=6, direction="zh-en",
                            output=str(tmp_path / "zero.json"))
@@ -266,6 +268,15 @@ def test_generation_baselines_zero_and_few_shot(tiny, hsk_file, tmp_path):
     with pytest.raises(ValueError, match="has no chat template"):
         evaluate_prompt(model=str(tiny.model), dataset="hsk_translation", baseline="zero-shot",
                         chat_template=True, max_examples=2)
+    chatty = tmp_path / "chatty"  # the tiny model, its tokenizer with a chat template
+    shutil.copytree(tiny.model, chatty)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(chatty))
+    chat = evaluate_prompt(model=str(chatty), dataset="hsk_translation", baseline="zero-shot",
+                           chat_template=True, max_examples=2, max_target_length=4)
+    assert chat["chat_template"] and chat["template"] == (
+        "<user>Translate the following English text to Chinese:\n{text}</s><assistant>"
+    )
     with pytest.raises(ValueError, match="chat_template applies to the zero-shot baseline only"):
         evaluate_prompt(model=str(tiny.model), dataset="hsk_translation", baseline="few-shot",
                         chat_template=True)

@@ -113,7 +113,7 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     }
     if generation:
         result = _evaluate_generation(options, setting, splits, records, frozen, prompt)
-        return _write({**result, **what}, options)
+        return _write({**what, **result}, options)  # result: the template in effect
     tokenized = verbalizer.tokenize(tokenizer)
     context = _baseline_context(options, setting, splits.train, template, verbalizer)
     limit = input_limit(
