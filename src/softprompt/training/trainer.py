@@ -184,6 +184,11 @@ def _run(
     logger.info(
         "test %s of the best prompt (step %d): %.4f", metric, loop.state.best_step, test[metric]
     )
+    if test.get("per_group"):
+        logger.info("test by %s: %s", test["group_column"], "; ".join(
+            f"{group}: chrF {scores['chrf']:.2f} BLEU {scores['bleu']:.2f} (n={scores['examples']})"
+            for group, scores in test["per_group"].items()
+        ))
     report = build_report(
         options,
         run.model,
