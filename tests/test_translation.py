@@ -20,6 +20,7 @@ from softprompt.evaluation.evaluate import evaluate_prompt
 from softprompt.evaluation.generation import (
     chat_template,
     few_shot_pairs_context,
+    finish_text,
     generation_metrics,
 )
 from softprompt.fastpath.decoding import GenerateParams
@@ -171,6 +172,12 @@ def test_generation_metrics_are_sacrebleus_overall_and_per_group():
     assert english["bleu"] == sacrebleu.corpus_bleu(["the cat sat"], [["the cat sat down"]]).score
 
 
+def test_finish_text_cuts_at_a_stop_string_after_leading_whitespace():
+    assert finish_text("\n 你好。\nEnglish: hi", ["\n"]) == "你好。"
+    assert finish_text("  a b \n", ()) == "a b"
+    assert finish_text("\n\n", ["\n"]) == ""
+
+
 def test_few_shot_context_and_chat_template(tokenizer):
     train_records = [{"text": f"t{i}", "target": f"z{i}"} for i in range(10)]
     template = Template("English: {text}\nChinese:")
@@ -246,9 +253,9 @@ def test_translation_run_eval_predict_and_engine_agree(tiny, hsk_file, tmp_path,
     texts = [row["record"]["text"] for row in rows]
     engine = Engine(str(tiny.model), device="cpu")
     engine.add_task("translate", str(out / "prompt"))
-    params = GenerateParams(max_new_tokens=meta["max_target_length"], stop=meta["stop"])
+    params = GenerateParams(max_new_tokens=meta["max_target_length"])
     generated = engine.generate([("translate", text, params) for text in texts])
-    assert [output.text.strip() for output in generated] == hypotheses
+    assert [finish_text(output.text, meta["stop"]) for output in generated] == hypotheses
     capsys.readouterr()
     assert main(["predict", "--prompt", str(out / "prompt"), "--json", *texts[:2]]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -115,17 +115,17 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _print_generated(engine: Any, options: PredictOptions, metadata: dict[str, Any]) -> int:
     """Greedy outputs of a generation prompt, ended as in its evaluation (its ``stop``)."""
+    from softprompt.evaluation.generation import finish_text
     from softprompt.fastpath.decoding import GenerateParams
 
     params = GenerateParams(
-        max_new_tokens=options.max_new_tokens or metadata.get("max_target_length") or 64,
-        stop=list(metadata.get("stop") or []),
+        max_new_tokens=options.max_new_tokens or metadata.get("max_target_length") or 64
     )
     requests = [("task", text, params) for text in options.texts]
     for text, result in zip(
         options.texts, engine.generate(requests, options.truncate), strict=True
     ):
-        generated = result.text.strip()
+        generated = finish_text(result.text, metadata.get("stop") or ())
         if options.json:
             print(json.dumps({"text": text, "generated": generated}, ensure_ascii=False))
         else:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from softprompt.data import Record, Template
 from softprompt.data.encoding import InputEncoding
-from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, decode
+from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, decode, find_stop
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import PromptKV, compute_prompt_kv, prefixed_batch
 
@@ -103,7 +103,7 @@ def generate_texts(
         inputs: encoded inputs.
         max_new_tokens: most tokens generated per input (fewer where the model's positions end).
         batch_size: inputs per decoding batch (batches are formed by length).
-        stop: strings that end a generation (the text is cut before them).
+        stop: strings that end a generated text (see `finish_text`).
         description: progress bar label; None hides the bar.
 
     Returns:
@@ -111,7 +111,9 @@ def generate_texts(
     """
     prefix = compute_prompt_kv(frozen, prompt) if isinstance(prompt, torch.Tensor) else prompt
     prompt_length = 0 if prefix is None else int(prefix.lengths.max())
-    params = GenerateParams(max_new_tokens=max_new_tokens, stop=list(stop))
+    # Stop strings are applied afterwards (`finish_text`): a model may begin with a newline, which
+    # as a stop string in the decoding loop would end its text before it starts.
+    params = GenerateParams(max_new_tokens=max_new_tokens)
     order = sorted(range(len(inputs)), key=lambda position: len(inputs[position]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     texts = [""] * len(inputs)
@@ -124,13 +126,21 @@ def generate_texts(
         encoded = [list(inputs[index]) for index in batch]
         for index, output in zip(batch, decode(frozen, prefixed_batch(frozen, prefix, encoded),
                                                requests), strict=True):
-            texts[index] = output.text.strip()
+            texts[index] = finish_text(output.text, stop)
     return texts
 
 
+def finish_text(text: str, stop: Sequence[str] = ()) -> str:
+    """A generated text as it is scored: leading whitespace dropped, cut before the first stop
+    string after that, stripped. ``predict`` and Engine users apply it to match evaluation."""
+    text = text.lstrip()
+    cut = find_stop(text, list(stop))
+    return (text if cut is None else text[:cut]).strip()
+
+
 def default_stop(targets: Iterable[str]) -> tuple[str, ...]:
-    """Strings that end a generated text besides EOS: a newline when every target is one line
-    (a model without a tuned prompt would go on to write more examples), else none."""
+    """Strings that end a generated text besides EOS (`finish_text`): a newline when every target
+    is one line (a model without a tuned prompt would go on to write more examples), else none."""
     return () if any("\n" in target for target in targets) else ("\n",)
 
 
