@@ -16,7 +16,7 @@ import softprompt.models
 from softprompt.cli import main
 from softprompt.core.checkpoint import load_prompt
 from softprompt.data import SPLITS, Template, default_template, hsk, load_dataset, preview_dataset
-from softprompt.evaluation.evaluate import evaluate_prompt
+from softprompt.evaluation.evaluate import evaluate_prompt, format_metrics
 from softprompt.evaluation.generation import (
     chat_template,
     few_shot_pairs_context,
@@ -28,6 +28,7 @@ from softprompt.inference import Engine
 from softprompt.training import train
 from softprompt.training import trainer as trainer_module
 from softprompt.training.options import TrainOptions
+from softprompt.training.setup import prepare
 
 NOUNS = ("movie", "film", "book", "food", "acting", "plot", "service", "experience", "music",
          "topic", "science", "sports")
@@ -247,6 +248,9 @@ def test_translation_run_eval_predict_and_engine_agree(tiny, hsk_file, tmp_path,
     assert result["bleu"] == sacrebleu.corpus_bleu(hypotheses, [references], tokenize="zh").score
     assert (result["chrf"], result["bleu"]) == (report["test_chrf"], report["test_bleu"])
     assert result["per_group"] == test["per_group"]
+    printed = format_metrics(result)
+    assert f"chrF {result['chrf']:.2f}  BLEU {result['bleu']:.2f} (tokenize zh)" in printed
+    assert "hsk_level" in printed and "direction en-zh" in printed
     assert sum(map(bool, hypotheses)) >= 3 and result["chrf"] > 0  # words of the targets
 
     # The Engine and softprompt predict give eval's greedy outputs for the same inputs.
@@ -289,10 +293,15 @@ def test_generation_baselines_zero_and_few_shot(tiny, hsk_file, tmp_path, tokeni
                         chat_template=True)
 
 
-def test_translation_preset_and_direction_option():
-    options = TrainOptions.from_preset("translation", direction="zh-en")
+def test_translation_preset_and_direction_option(tiny, hsk_file):
+    options = TrainOptions.from_preset("translation", direction="zh-en", model=str(tiny.model))
     assert (options.dataset, options.task_type, options.num_virtual_tokens) == ("hsk_translation", "generation", 12)
     assert options.direction == "zh-en" and options.init_text is None  # the direction's, at prepare
+    prepared = prepare(options)
+    assert prepared.options.init_text == "Translate the following Chinese text to English:"
+    assert (prepared.options.target_column, prepared.template.format) == ("target", "Chinese: {text}\nEnglish:")
+    default = prepare(TrainOptions.from_preset("translation", model=str(tiny.model))).options
+    assert (default.direction, default.init_text) == ("en-zh", "Translate the following English text to Chinese:")
 
 
 # ----------------------------------------------------------------------------- bad input
