@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import softprompt.models
+import softprompt.training.loop
 import softprompt.training.checkpoints as checkpoints_module
 import softprompt.training.trainer as trainer_module
 from softprompt.core.checkpoint import load_prompt
@@ -223,6 +224,20 @@ def test_best_prompt_survives_a_worse_later_validation(tiny, sizes, tmp_path, mo
     assert torch.equal(load_file(str(out / "state" / "prompt.safetensors"))["prompt"], validations[2].prompt)
     assert "zero_shot_accuracy" not in report  # baselines=False
     assert no_plots == [out / "curves.png"]
+
+
+def test_time_budget_ends_the_run_with_a_validation(tiny, tmp_path, monkeypatch, no_plots):
+    # Each optimizer step "takes" 5 s on a fake clock (read at its start and end), so a 12 s
+    # budget is spent by the third step, which is the last and validates.
+    clock = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(softprompt.training.loop, "_step_clock", lambda: float(next(clock)))
+    out = tmp_path / "run"
+    report = train(**tiny.options(out, steps=12, eval_every=5, baselines=False, time_budget=12)).report
+    assert report["steps"] == 3
+    records = _metrics(out / "metrics.jsonl")
+    assert [record["step"] for record in records if "validation_accuracy" in record] == [3]
+    with pytest.raises(ValueError, match="time_budget must be > 0"):
+        train(**tiny.options(tmp_path / "bad", time_budget=0))
 
 
 def test_base_model_weights_are_unchanged(main_run, tiny):

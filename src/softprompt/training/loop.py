@@ -30,6 +30,9 @@ from softprompt.training.state import LoopState
 
 logger = logging.getLogger(__name__)
 
+# The clock a time budget is measured with (read at each step's start and end).
+_step_clock = time.perf_counter
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
@@ -110,6 +113,8 @@ class LoopSettings:
         eval_every: steps between validations; the last step always validates.
         patience: stop after this many validations without improvement (None: never).
         log_every: steps per logged training-loss window; the last step always logs.
+        time_budget: seconds of optimizer steps (validation not counted) after which the step
+            in progress is the last one (None: no limit); a resumed run spends what is left.
     """
 
     total_steps: int
@@ -117,6 +122,11 @@ class LoopSettings:
     eval_every: int | None = None
     patience: int | None = None
     log_every: int = 10
+    time_budget: float | None = None
+
+    def out_of_time(self, state: LoopState) -> bool:
+        """Whether the steps so far have spent the time budget."""
+        return self.time_budget is not None and state.train_seconds >= self.time_budget
 
 
 @dataclass
@@ -157,13 +167,15 @@ def train_loop(
         while state.step < settings.total_steps:
             step_start = (state.step, state.epoch, state.batch_in_epoch)
             step_batches, batches = _take_batches(order, state, batches, settings.grad_accum)
+            step_began = _step_clock()
             loss = _step(trainable, step_batches, optimizer, scheduler, state, context)
+            state.train_seconds += _step_clock() - step_began
             examples = sum(len(batch) for batch in step_batches)
             result.examples_seen += examples
             rate = throughput.add(examples)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
-            last = state.step == settings.total_steps
+            last = state.step == settings.total_steps or settings.out_of_time(state)
             if state.step % settings.log_every == 0 or last:
                 _log_loss_window(state, hooks, scheduler.get_last_lr()[0], rate)
                 throughput.reset()
@@ -172,6 +184,10 @@ def train_loop(
             if due and _validate(state, hooks, settings.patience):
                 logger.info("early stop at step %d: no improvement in %d evaluations",
                             state.step, settings.patience)
+                break
+            if settings.out_of_time(state):
+                logger.info("time budget of %.0f s spent after step %d",
+                            settings.time_budget, state.step)
                 break
     except KeyboardInterrupt:
         if step_start is not None and state.step == step_start[0]:

@@ -90,6 +90,11 @@ class TrainOptions:
     epochs: float | None = field(
         default=None, metadata={"help": "Epochs over the train split (when steps is unset)"}
     )
+    time_budget: float | None = field(
+        default=None,
+        metadata={"help": "Stop after this many seconds of training steps (validation not "
+                  "counted); the last step validates"},
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples per forward"})
     grad_accum: int = field(default=1, metadata={"help": "Forwards per optimizer step"})
     eval_every: int = field(default=50, metadata={"help": "Steps between validation evaluations"})
@@ -164,6 +169,8 @@ class TrainOptions:
         )
         if self.steps is None and (self.epochs is None or self.epochs <= 0):
             problems.append("set steps, or epochs > 0")
+        if self.time_budget is not None and not self.time_budget > 0:
+            problems.append(f"time_budget must be > 0 seconds or unset, got {self.time_budget}")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:

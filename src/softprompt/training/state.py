@@ -38,6 +38,8 @@ class LoopState:
     # the same averages as an uninterrupted one.
     window_loss: float = 0.0
     window_steps: int = 0
+    # Seconds spent in optimizer steps (validation excluded): what a time budget counts.
+    train_seconds: float = 0.0
 
 
 def _flatten_optimizer(

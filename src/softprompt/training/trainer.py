@@ -253,7 +253,10 @@ def _optimise(
         count=lambda batch: run.objective.count(run.train_data, batch),
     )
     hooks = _hooks(run, checkpoints, optimizer, metrics, context)
-    settings = LoopSettings(steps, options.grad_accum, options.eval_every, options.patience)
+    settings = LoopSettings(
+        steps, options.grad_accum, options.eval_every, options.patience,
+        time_budget=options.time_budget,
+    )
     try:
         loop = train_loop(trainable, order, optimizer, scheduler, settings, hooks, state, context)
     except TrainingDivergedError as error:
