@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import softprompt.models
-import softprompt.training.loop
 import softprompt.training.checkpoints as checkpoints_module
+import softprompt.training.loop
 import softprompt.training.trainer as trainer_module
 from softprompt.core.checkpoint import load_prompt
 from softprompt.core.prompt_model import PromptTunedModel
