@@ -169,7 +169,49 @@ def load_gguf_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerBase:
         raise ValueError(f"{path}: transformers could not load this GGUF tokenizer ({error})") from error
     # Padding on the right everywhere, whatever the tokenizer class defaults to (Gemma: left).
     tokenizer.padding_side = "right"
+    keep_gguf_chat_template(tokenizer, path)
     return ensure_pad_token(tokenizer)
+
+
+def gguf_chat_template(gguf_path: str | Path) -> str | None:
+    """The chat template a GGUF file's metadata holds (``tokenizer.chat_template``), if any.
+
+    Args:
+        gguf_path (str | Path): a whole ``.gguf`` file (the ``gguf`` package reads it mapped,
+            tensor data untouched).
+
+    Returns:
+        str | None: the Jinja template, or None when the file has none (Gemma-3-270M's has
+        none; SmolLM2's and Qwen2.5-Coder's have one).
+    """
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    value = bytes(field.parts[field.data[0]]).decode("utf-8")
+    return value or None
+
+
+def keep_gguf_chat_template(tokenizer: PreTrainedTokenizerBase, gguf_path: str | Path) -> bool:
+    """Give a tokenizer built from a GGUF the file's chat template, when it came without one.
+
+    transformers usually carries the template over; this makes the converted checkpoint keep it
+    whatever the transformers version (``save_pretrained`` writes it to ``chat_template.jinja``).
+
+    Args:
+        tokenizer (PreTrainedTokenizerBase): the tokenizer read from ``gguf_path``.
+        gguf_path (str | Path): the ``.gguf`` file.
+
+    Returns:
+        bool: whether the tokenizer now has a chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        template = gguf_chat_template(gguf_path)
+        if template:
+            tokenizer.chat_template = template
+            logger.info("%s: chat template taken from the GGUF metadata", Path(gguf_path).name)
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def load_gguf(gguf_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -211,6 +253,7 @@ def convert_gguf(gguf_path: str | Path, output: Path) -> dict[str, Any]:
     return {
         "source_file": path.name,
         "architecture": type(model).__name__,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "convert_seconds": round(seconds, 1),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
