@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 import types
@@ -596,7 +597,12 @@ def _metadata_gguf(path: Path, chat_template: str | None) -> Path:
     return path
 
 
-def test_chat_template_is_taken_from_the_gguf_and_saved(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["transformers", "gguf"])
+def test_chat_template_is_taken_from_the_gguf_and_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    if reader == "gguf":  # transformers without its own GGUF reader: the gguf package reads it
+        monkeypatch.setitem(sys.modules, "transformers.integrations.gguf.reader", None)
     template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     with_template = _metadata_gguf(tmp_path / "chat.gguf", template)
     without = _metadata_gguf(tmp_path / "base.gguf", None)

@@ -176,20 +176,25 @@ def load_gguf_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerBase:
 def gguf_chat_template(gguf_path: str | Path) -> str | None:
     """The chat template a GGUF file's metadata holds (``tokenizer.chat_template``), if any.
 
+    Reads the header only, with transformers' GGUF reader where it has one (a fraction of a
+    second), else with the ``gguf`` package (which also maps every tensor: seconds).
+
     Args:
-        gguf_path (str | Path): a whole ``.gguf`` file (the ``gguf`` package reads it mapped,
-            tensor data untouched).
+        gguf_path (str | Path): a ``.gguf`` file.
 
     Returns:
         str | None: the Jinja template, or None when the file has none (Gemma-3-270M's has
         none; SmolLM2's and Qwen2.5-Coder's have one).
     """
-    from gguf import GGUFReader
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:  # transformers before its own GGUF reader
+        from gguf import GGUFReader
 
-    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
-    if field is None:
-        return None
-    value = bytes(field.parts[field.data[0]]).decode("utf-8")
+        field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+        value = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    else:
+        value = read_gguf_metadata(str(gguf_path))[0].get("tokenizer.chat_template")
     return value or None
 
 
