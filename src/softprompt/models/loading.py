@@ -203,6 +203,9 @@ def keep_gguf_chat_template(tokenizer: PreTrainedTokenizerBase, gguf_path: str |
 
     transformers usually carries the template over; this makes the converted checkpoint keep it
     whatever the transformers version (``save_pretrained`` writes it to ``chat_template.jinja``).
+    A cache entry converted earlier keeps what it has; for the bundled models that is already
+    right (SmolLM2's and Qwen's entries hold their template, Gemma-3-270M's GGUF has none).
+    Delete an entry to have it converted again.
 
     Args:
         tokenizer (PreTrainedTokenizerBase): the tokenizer read from ``gguf_path``.
