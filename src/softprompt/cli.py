@@ -48,7 +48,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     report = result.report
     print(f"\nrun directory: {result.output_dir}")
-    for key in ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy"):
+    for key in ("zero_shot_accuracy", "zero_shot_macro_f1", "init_accuracy", "init_macro_f1",
+                "test_accuracy", "test_macro_f1", "best_validation_accuracy"):
         if key in report:
             print(f"  {key:<26} {report[key]:.4f}")
     print(f"  {'train_examples_per_second':<26} {report['train_examples_per_second']:.2f}")

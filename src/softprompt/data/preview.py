@@ -73,6 +73,8 @@ def format_preview(
         + ", ".join(f"{split} {sizes[split]:,}" for split in SPLITS)
         + f" (total {sum(sizes.values()):,})",
     ]
+    if splits.cleaning:
+        lines.append(f"cleaning: {splits.cleaning}")
     if splits.labels is not None:
         lines.append(f"labels: {', '.join(splits.labels)}")
         for split in SPLITS:

@@ -1,7 +1,8 @@
 """Load a dataset into fixed train/validation/test splits of string records.
 
-`load_dataset` resolves ``name_or_path`` in this order: (1) ``rotten_tomatoes``, the bundled
-corpus (write ``./rotten_tomatoes`` for a local directory of that name); (2) an existing
+`load_dataset` resolves ``name_or_path`` in this order: (1) a bundled corpus,
+``rotten_tomatoes`` or ``tweet_sentiment`` (`BUNDLED_DATASETS`; write ``./rotten_tomatoes`` for
+a local directory of that name); (2) an existing
 ``.jsonl``/``.csv``/``.tsv`` file, split 80/10/10 by `text_bucket`; (3) an existing directory of
 ``train.*``, ``validation.*`` (or ``dev.*``/``valid.*``) and ``test.*`` files, used as given;
 (4) a path-like name (file suffix, or leading ``.``, ``/``, ``~``) that does not exist:
@@ -28,14 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from softprompt.data import rotten_tomatoes, tweet_sentiment
 from softprompt.data.files import FILE_FORMATS, SPLIT_STEMS, read_directory, read_file
 from softprompt.data.records import ROLES, Columns, Record, clean_rows
-from softprompt.data.rotten_tomatoes import RECORD_FIELDS, RT_NAME, read_rotten_tomatoes
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 DATASETS_INSTALL_HINT = 'pip install "softprompt[datasets]"'
+# Bundled corpus name -> (reader of its cleaned records, the fields of each record).
+BUNDLED_DATASETS = {
+    rotten_tomatoes.RT_NAME: (rotten_tomatoes.read_rotten_tomatoes, rotten_tomatoes.RECORD_FIELDS),
+    tweet_sentiment.TWEETS_NAME: (
+        tweet_sentiment.read_tweet_sentiment,
+        tweet_sentiment.RECORD_FIELDS,
+    ),
+}
 
 
 def normalize_text(text: str) -> str:
@@ -74,6 +83,7 @@ class DatasetSplits:
         text_column: Field holding the input text.
         label_column: Field holding the class label, or None.
         target_column: Field holding a free-text target, or None.
+        cleaning: For a bundled corpus, one line on what cleaning dropped or repaired.
     """
 
     name: str
@@ -84,6 +94,7 @@ class DatasetSplits:
     text_column: str = "text"
     label_column: str | None = "label"
     target_column: str | None = None
+    cleaning: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -143,8 +154,8 @@ def _load_hub(name: str, columns: Columns) -> tuple[dict[str, list[Record]], Col
         import datasets
     except ImportError:
         raise ImportError(
-            f"{name!r} is neither the bundled {RT_NAME!r} nor an existing local file or directory, "
-            "so it is treated as a Hugging Face dataset name, which needs the optional 'datasets' "
+            f"{name!r} is neither a bundled dataset ({', '.join(BUNDLED_DATASETS)}) nor an "
+            "existing local file or directory, so it is treated as a Hugging Face dataset name, which needs the optional 'datasets' "
             f"package: {DATASETS_INSTALL_HINT}"
         ) from None
     path, _, config = name.partition(":")
@@ -205,7 +216,7 @@ def load_dataset(
     """Loads a dataset into fixed train/validation/test splits (see the module docstring).
 
     Args:
-        name_or_path: ``rotten_tomatoes``, a .jsonl/.csv/.tsv file, a directory of split files,
+        name_or_path: A bundled name (``rotten_tomatoes``, ``tweet_sentiment``), a .jsonl/.csv/.tsv file, a directory of split files,
             or a Hugging Face dataset name (``name`` or ``name:config``).
         text_column: Field with the input text (required).
         label_column: Field with the class label; None for no labels. Optional when
@@ -235,10 +246,13 @@ def load_dataset(
         raise ValueError(f"text_column, label_column and target_column must differ: {columns}")
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
-    if name == RT_NAME:
-        corpus = read_rotten_tomatoes()
-        columns = columns.resolve(RECORD_FIELDS, f"{RT_NAME} ({corpus.path})")
+    cleaning = None
+    if name in BUNDLED_DATASETS:
+        read, fields = BUNDLED_DATASETS[name]
+        corpus = read()
+        columns = columns.resolve(fields, f"{name} ({corpus.path})")
         parts = hash_split(corpus.records, columns.text)
+        cleaning = corpus.summary()
     elif path.is_dir():
         parts, columns = read_directory(path, columns)
         _fill_missing(parts, columns.text, str(path))
@@ -272,4 +286,5 @@ def load_dataset(
         text_column=columns.text,
         label_column=columns.label,
         target_column=columns.target,
+        cleaning=cleaning,
     )

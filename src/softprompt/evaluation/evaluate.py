@@ -1,8 +1,8 @@
 """`evaluate_prompt()`: the ``softprompt eval`` command and its Python API.
 
 Scores a tuned prompt, or a baseline without one (zero-shot instruction, few-shot in-context
-examples), on a dataset split, and reports accuracy, per-label precision/recall and the
-confusion matrix. A checkpoint remembers how it was trained (dataset, columns, template,
+examples), on a dataset split, and reports accuracy, macro-F1, per-label precision/recall and
+the confusion matrix. A checkpoint remembers how it was trained (dataset, columns, template,
 verbalizer, input length limit: its ``softprompt.json``), so ``--prompt DIR`` alone reproduces
 training's setting; any of them can be overridden. Inputs are encoded and cut exactly as the
 Engine and the server do (:mod:`softprompt.data.encoding`).
@@ -21,6 +21,7 @@ from softprompt.data import (
     SPLITS,
     Template,
     Verbalizer,
+    default_instruction,
     default_template,
     load_dataset,
     resolve_verbalizer,
@@ -79,7 +80,13 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
             checkpoint.weights.shape[1], str(options.prompt), checkpoint.config.base_model_name_or_path
         )
         prompt = checkpoint.weights[: checkpoint.config.num_virtual_tokens].to(frozen.device)
-    context = _baseline_context(options, splits.train, template, verbalizer, setting["label_column"])
+    instruction = options.instruction  # "" is no instruction; None is the dataset's default
+    if instruction is None:
+        words = [verbalizer.words(label)[0].strip() for label in verbalizer.labels]
+        instruction = default_instruction(setting["dataset"], words)
+    context = _baseline_context(
+        options, instruction, splits.train, template, verbalizer, setting["label_column"]
+    )
     limit = input_limit(
         setting["max_length"], frozen.max_positions, 0 if prompt is None else prompt.shape[0],
         tokenized.continuation_room,
@@ -100,6 +107,7 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
         "prompt": str(options.prompt) if options.prompt else None,
         "baseline": options.baseline,
         "shots": options.shots if options.baseline == "few-shot" else None,
+        "instruction": instruction if options.baseline else None,
         "split": options.split,
         **{key: setting[key] for key in ("model", "dataset", "template", "max_length")},
         **dtype.report_fields(),
@@ -144,15 +152,20 @@ def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def _baseline_context(
-    options: EvalOptions, train: list, template: Template, verbalizer: Verbalizer, label_column: str
+    options: EvalOptions,
+    instruction: str,
+    train: list,
+    template: Template,
+    verbalizer: Verbalizer,
+    label_column: str,
 ) -> str:
     """The text before every example: the instruction (zero-shot), examples (few-shot), or none."""
     if options.baseline == "zero-shot":
-        return options.instruction + "\n"
+        return instruction + "\n"
     if options.baseline == "few-shot":
         words = {label: verbalizer.words(label)[0] for label in verbalizer.labels}
         return few_shot_context(
-            train, template, words, label_column, options.shots, options.seed, options.instruction
+            train, template, words, label_column, options.shots, options.seed, instruction
         )
     return ""
 
@@ -183,11 +196,11 @@ def _write(result: dict[str, Any], options: EvalOptions) -> dict[str, Any]:
 
 
 def format_metrics(result: dict[str, Any]) -> str:
-    """Accuracy, per-label table and confusion matrix as text."""
+    """Accuracy, macro-F1, per-label table and confusion matrix as text."""
     what = result["prompt"] or f"baseline {result['baseline']}" + (f" (K={result['shots']})" if result.get("shots") else "")
     lines = [
         f"{what} on {result['dataset']}/{result['split']} ({result['examples']} examples, model {result['model']})",
-        f"accuracy: {result['accuracy']:.4f}",
+        f"accuracy: {result['accuracy']:.4f}  macro-F1: {result['macro_f1']:.4f}",
         f"{'label':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}",
     ]
     for label, values in result["per_label"].items():

@@ -17,8 +17,6 @@ from softprompt.options import (
     raise_problems,
 )
 
-# The default instruction: TEXT init's text when training, the zero-/few-shot baselines' context.
-DEFAULT_INIT_TEXT = "Classify if the movie review is positive or negative:"
 TASK_KINDS = ("classification", "generation")
 BASELINES = ("zero-shot", "few-shot")
 
@@ -63,8 +61,12 @@ class EvalOptions:
         default=None, metadata={"help": "Evaluate without a soft prompt", "choices": BASELINES}
     )
     shots: int = field(default=4, metadata={"help": "In-context examples of the few-shot baseline"})
-    instruction: str = field(
-        default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction of the zero-/few-shot baselines"}
+    instruction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instruction of the zero-/few-shot baselines (default: the dataset's, "
+            "else one naming its labels)"
+        },
     )
     max_examples: int | None = field(default=None, metadata={"help": "Cap on scored examples"})
     batch_size: int = field(default=16, metadata={"help": "Examples per forward"})

@@ -277,13 +277,20 @@ def _validate(state: LoopState, hooks: LoopHooks, patience: int | None) -> bool:
     else:
         state.evals_without_improvement += 1
     state.history.append({"step": state.step, "validation_accuracy": accuracy})
+    macro_f1 = {"validation_macro_f1": result["macro_f1"]} if "macro_f1" in result else {}
     hooks.log(
-        {"step": state.step, "validation_accuracy": accuracy, "validation_loss": result["loss"]}
+        {
+            "step": state.step,
+            "validation_accuracy": accuracy,
+            **macro_f1,
+            "validation_loss": result["loss"],
+        }
     )
     logger.info(
-        "step %d: validation accuracy %.4f (best %.4f at step %d)",
+        "step %d: validation accuracy %.4f%s (best %.4f at step %d)",
         state.step,
         accuracy,
+        f", macro-F1 {result['macro_f1']:.4f}" if macro_f1 else "",
         state.best_validation_accuracy,
         state.best_step,
     )

@@ -96,7 +96,8 @@ def build_report(
         initial_prompt: ``(n, hidden)`` prompt before training; the drift is measured from it.
         loop: where the training loop stopped and how many examples it trained on.
         test: the test split's metrics (``accuracy``, ``examples``, ...).
-        baselines: ``zero_shot_accuracy`` and ``init_accuracy`` when measured.
+        baselines: ``zero_shot_accuracy``, ``init_accuracy`` and their ``*_macro_f1`` when
+            measured.
         train_examples: examples in the (capped) train split.
         padding: fraction of pad tokens in the training batches.
         seconds: ``(wall, training)`` seconds.
@@ -129,6 +130,7 @@ def build_report(
         "padding_fraction": padding,
         **baselines,
         "test_accuracy": test["accuracy"],
+        **({"test_macro_f1": test["macro_f1"]} if "macro_f1" in test else {}),
         "test_examples": test["examples"],
         "test_metrics": test,
         "best_validation_accuracy": state.best_validation_accuracy,
@@ -147,9 +149,12 @@ def training_summary(report: dict[str, Any]) -> dict[str, Any]:
         "steps",
         "best_step",
         "test_accuracy",
+        "test_macro_f1",
         "best_validation_accuracy",
         "zero_shot_accuracy",
+        "zero_shot_macro_f1",
         "init_accuracy",
+        "init_macro_f1",
         "lr",
         "optimizer",
     )

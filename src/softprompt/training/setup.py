@@ -18,6 +18,7 @@ from softprompt.data import (
     Record,
     Template,
     Verbalizer,
+    default_instruction,
     default_template,
     load_dataset,
     resolve_verbalizer,
@@ -34,11 +35,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
-    """What the options resolve to without a model: the data, the template, the verbalizer."""
+    """What the options resolve to without a model: the data, the template, the verbalizer,
+    the instruction (TEXT init's text and the zero-shot baseline's context)."""
 
     splits: DatasetSplits
     template: Template
     verbalizer: Verbalizer | None  # None for generation
+    instruction: str = ""
 
 
 @dataclass
@@ -114,7 +117,11 @@ def prepare(options: TrainOptions) -> Prepared:
             verbalizer = _verbalizer(options, splits, problems)
     if problems:
         raise ValueError("cannot start training:\n  - " + "\n  - ".join(problems))
-    return Prepared(splits, template, verbalizer)
+    words = None
+    if verbalizer is not None:
+        words = [verbalizer.words(label)[0].strip() for label in verbalizer.labels]
+    instruction = options.init_text or default_instruction(options.dataset, words)
+    return Prepared(splits, template, verbalizer, instruction)
 
 
 def _verbalizer(
@@ -208,7 +215,7 @@ def prompt_config(options: TrainOptions, prepared: Prepared) -> PromptTuningConf
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=options.num_virtual_tokens,
         prompt_tuning_init=options.init,
-        prompt_tuning_init_text=options.init_text,
+        prompt_tuning_init_text=prepared.instruction,
         prompt_tuning_init_labels=labels,
         tokenizer_name_or_path=options.model,
         base_model_name_or_path=options.model,

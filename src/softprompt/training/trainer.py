@@ -166,7 +166,7 @@ def _run(
     )
     baselines = {}
     if options.baselines and options.task_type == "classification" and not options.resume:
-        baselines = _baselines(options, run, context)
+        baselines = _baselines(prepared.instruction, run, context)
     metadata = prompt_metadata(options, prepared.template, prepared.verbalizer, run.initial_prompt)
     checkpoints = PromptCheckpoints(output_dir, run.model, metadata, context)
     train_started = time.perf_counter()
@@ -177,7 +177,10 @@ def _run(
         run.frozen, run.model.prompt, run.test_data, description="test", context=context
     )
     logger.info(
-        "test accuracy of the best prompt (step %d): %.4f", loop.state.best_step, test["accuracy"]
+        "test accuracy of the best prompt (step %d): %.4f%s",
+        loop.state.best_step,
+        test["accuracy"],
+        f", macro-F1 {test['macro_f1']:.4f}" if "macro_f1" in test else "",
     )
     report = build_report(
         options,
@@ -204,10 +207,11 @@ def _run(
 
 
 def _baselines(
-    options: TrainOptions, run: RunSetup, context: distributed.DistContext
+    instruction: str, run: RunSetup, context: distributed.DistContext
 ) -> dict[str, float]:
-    """Test accuracy without a prompt (the init text leads the input) and with the initial one."""
-    instructed = run.objective.encode(run.test_records, context=options.init_text + "\n")
+    """Test accuracy and macro-F1 without a prompt (the instruction leads the input) and with
+    the initial one."""
+    instructed = run.objective.encode(run.test_records, context=instruction + "\n")
     zero_shot = run.objective.evaluate(
         run.frozen, None, instructed, description="zero-shot", context=context
     )
@@ -215,11 +219,18 @@ def _baselines(
         run.frozen, run.model.prompt, run.test_data, description="initial prompt", context=context
     )
     logger.info(
-        "test accuracy: zero-shot %.4f, initial prompt %.4f",
+        "test accuracy (macro-F1): zero-shot %.4f (%.4f), initial prompt %.4f (%.4f)",
         zero_shot["accuracy"],
+        zero_shot["macro_f1"],
         initial["accuracy"],
+        initial["macro_f1"],
     )
-    return {"zero_shot_accuracy": zero_shot["accuracy"], "init_accuracy": initial["accuracy"]}
+    return {
+        "zero_shot_accuracy": zero_shot["accuracy"],
+        "zero_shot_macro_f1": zero_shot["macro_f1"],
+        "init_accuracy": initial["accuracy"],
+        "init_macro_f1": initial["macro_f1"],
+    }
 
 
 def _optimise(
