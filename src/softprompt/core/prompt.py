@@ -58,6 +58,10 @@ class PromptEmbedding(nn.Module):
 
     Shapes:
         forward: indices ``(batch, total_virtual_tokens)`` -> ``(batch, total_virtual_tokens, token_dim)``.
+
+    A training run may set ``reparameterization`` (a row-wise module, e.g.
+    :class:`~softprompt.core.reparameterize.ResidualReparameterization`): the prompt is then its
+    output over the embedding rows, and `rows` (what is saved) is that output, folded.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class PromptEmbedding(nn.Module):
         weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        self.reparameterization: nn.Module | None = None
         embedding_dim = word_embeddings.weight.shape[1]
         if config.token_dim is None:
             config.token_dim = embedding_dim
@@ -100,7 +105,23 @@ class PromptEmbedding(nn.Module):
         Returns:
             ``(batch, total_virtual_tokens, token_dim)`` fp32 embeddings.
         """
-        return self.embedding(indices)
+        rows = self.embedding(indices)
+        return rows if self.reparameterization is None else self.reparameterization(rows)
+
+    def rows(self) -> torch.Tensor:
+        """``(total_virtual_tokens, token_dim)`` fp32 prompt: the reparameterized rows where a
+        reparameterization is set (differentiable), else the parameter itself."""
+        weight = self.embedding.weight
+        return weight if self.reparameterization is None else self.reparameterization(weight)
+
+    def fold(self) -> None:
+        """Replace the parameter by `rows` and drop the reparameterization (same prompt after)."""
+        if self.reparameterization is None:
+            return
+        with torch.no_grad():
+            folded = self.rows().detach().clone()
+            self.reparameterization = None
+            self.embedding.weight.copy_(folded)
 
 
 def load_tokenizer(name_or_path: str | None, kwargs: dict | None = None) -> Any:

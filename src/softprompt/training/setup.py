@@ -13,6 +13,7 @@ import torch
 
 from softprompt.core.config import PromptTuningConfig, TaskType
 from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
+from softprompt.core.reparameterize import ResidualReparameterization
 from softprompt.data import (
     DatasetSplits,
     Record,
@@ -148,6 +149,10 @@ def load_run(
     logger.info("loaded %s in %.1f s", options.model, time.perf_counter() - started)
     objective = make_objective(options, prepared, tokenizer)
     model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
+    if options.reparameterize == "residual":  # trained through an MLP, saved folded
+        model.prompt_encoder.reparameterization = ResidualReparameterization(
+            model.peft_config.token_dim, options.residual_bottleneck, options.seed
+        ).to(model.device)
     shared_prefix = options.shared_prefix
     if options.shard_base:
         blocks = distributed.shard_frozen_base(base, context)
