@@ -46,8 +46,9 @@ class ResidualReparameterization(nn.Module):
                 f"residual reparameterization needs hidden > 0 and bottleneck > 0, "
                 f"got hidden={hidden}, bottleneck={bottleneck}"
             )
-        self.down = nn.Linear(hidden, bottleneck, dtype=torch.float32)
-        self.up = nn.Linear(bottleneck, hidden, dtype=torch.float32)
+        # skip_init: built without drawing from the global RNG (the run's data order uses it).
+        self.down = nn.utils.skip_init(nn.Linear, hidden, bottleneck, dtype=torch.float32)
+        self.up = nn.utils.skip_init(nn.Linear, bottleneck, hidden, dtype=torch.float32)
         self.norm = nn.LayerNorm(hidden, dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
