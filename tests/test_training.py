@@ -25,8 +25,8 @@ from softprompt.evaluation.inspection import inspect_prompt
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models.tiny import HIDDEN
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
-from softprompt.training.objectives import ClassificationObjective, GenerationObjective
 from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
+from softprompt.training.objectives import ClassificationObjective, GenerationObjective
 from softprompt.training.optim import make_optimizer, make_scheduler
 
 # ====================================================================== fixtures and recorders

@@ -88,6 +88,8 @@ def build_report(
     world_size: int,
     dtype: DtypeChoice,
     trained_parameters: int | None = None,
+    verbalizer: dict[str, str] | None = None,
+    label_words: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's ``report.json``.
 
@@ -107,6 +109,8 @@ def build_report(
         trained_parameters: parameters the optimizer updated (the prompt, and a
             reparameterization's MLP, which is folded away before saving); default: the
             prompt's.
+        verbalizer: label -> word of a classifier.
+        label_words: the label-word search's choice (``--verbalizer auto``).
     """
     saved, total = model.get_nb_trainable_parameters()
     trainable = trained_parameters or saved
@@ -129,6 +133,8 @@ def build_report(
         "saved_parameters": saved,
         "prompt_bytes": saved_prompt.numel() * saved_prompt.element_size(),
         "max_grad_norm": options.max_grad_norm,
+        "verbalizer": verbalizer,
+        **({"label_words": label_words} if label_words else {}),
         "steps": state.step,
         "best_step": state.best_step,
         "train_examples": train_examples,

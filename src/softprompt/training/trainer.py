@@ -194,6 +194,8 @@ def _run(
         world_size=context.world_size,
         dtype=run.dtype,
         trained_parameters=trained_parameters,
+        verbalizer=metadata["verbalizer"],
+        label_words=run.label_words,
     )
     if context.is_main:
         atomic_write_json(output_dir / "report.json", report)
