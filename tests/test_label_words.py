@@ -12,7 +12,9 @@ from softprompt.core.checkpoint import load_prompt
 from softprompt.data import Template, load_dataset
 from softprompt.data.encoding import InputEncoding
 from softprompt.evaluation.classification import score_split
+from softprompt.evaluation import label_words
 from softprompt.evaluation.label_words import (
+    assignment_score,
     choose_label_words,
     sample_per_class,
     select_label_words,
@@ -37,20 +39,40 @@ def _planted(num_classes: int = 3, per_class: int = 20, vocab: int = 12, seed: i
     return logits.log_softmax(dim=-1), targets
 
 
-def test_planted_signal_is_found_and_generic_words_are_excluded():
+@pytest.mark.parametrize("exhaustive", [True, False], ids=["exhaustive", "ascent"])
+def test_planted_signal_is_found_and_generic_words_are_not_chosen(monkeypatch, exhaustive):
+    if not exhaustive:
+        monkeypatch.setattr(label_words, "EXHAUSTIVE", 0)
     log_probs, targets = _planted()
     chosen, candidates = select_label_words(log_probs, targets, 3, top_k=4)
     assert chosen == [2, 5, 8]
-    assert all(0 not in row and 1 not in row for row in candidates)  # top for every class
-    assert [row[0] for row in candidates] == [2, 5, 8]
+    assert all(planted in row for planted, row in zip((2, 5, 8), candidates, strict=True))
+    # A word is a candidate of a class only where it is likelier there: never of every class.
+    assert not set.intersection(*(set(row) for row in candidates))
     # Deterministic: the same scores give the same choice.
     assert select_label_words(log_probs, targets, 3, top_k=4) == (chosen, candidates)
 
 
-def test_a_word_best_for_two_classes_goes_to_at_most_one_and_the_search_fixes_the_start():
+def test_a_word_prior_does_not_decide():
+    # Word 0 scores high on every example (a strong prior) and a little higher on class 0's; word
+    # 1 is rare but clearly higher on class 0's; word 2 marks class 1. Raw argmax would call
+    # everything class 0 with word 0; with the priors removed word 1 separates better.
+    targets = torch.tensor([0, 0, 0, 1, 1, 1])
+    logits = torch.tensor([[5.0, -2.0, -3.0]] * 3 + [[4.9, -4.0, -1.0]] * 3)
+    logits[:, 0] += torch.tensor([0.3, -0.3, 0.0, 0.3, -0.3, 0.0])  # noise on word 0 only
+    chosen, _ = select_label_words(logits.log_softmax(-1), targets, 2, top_k=3)
+    assert chosen == [1, 2]
+    likelihood, accuracy = assignment_score(logits.log_softmax(-1), targets, chosen)
+    assert accuracy == 1.0 and likelihood > assignment_score(logits.log_softmax(-1), targets, [0, 2])[0]
+
+
+@pytest.mark.parametrize("exhaustive", [True, False], ids=["exhaustive", "ascent"])
+def test_a_word_best_for_two_classes_goes_to_at_most_one(monkeypatch, exhaustive):
     # Word 2 is the likeliest word of classes 0 and 1 (not of class 2); words 4, 3 and 5 are
-    # weaker but each marks one class. The margin start gives word 2 to class 0 and word 3 to
-    # class 1 (accuracy 4/6: class 1's examples go to word 2); the ascent swaps class 0 to word 4.
+    # weaker but each marks one class. The ascent's margin start gives word 2 to class 0 and word
+    # 3 to class 1 (class 1's examples then go to word 2); it then moves class 0 to word 4.
+    if not exhaustive:
+        monkeypatch.setattr(label_words, "EXHAUSTIVE", 0)
     targets = torch.tensor([0, 0, 1, 1, 2, 2])
     logits = -5.0 - 0.01 * torch.arange(6.0).repeat(6, 1)  # distinct low scores elsewhere
     logits[:4, 2], logits[4:, 2] = 6.0, -6.0
@@ -101,7 +123,8 @@ def test_choose_on_the_tiny_model_is_distinct_deterministic_and_scored(tiny):
     sample = sample_per_class(records, ["positive", "negative"], "label", 8, seed=0)
     scores = score_split(frozen, None, encoding.encode(sample), tokenized)
     targets = torch.tensor([0 if record["label"] == "positive" else 1 for record in sample])
-    assert float((scores.argmax(1) == targets).double().mean()) == pytest.approx(choice.sample_accuracy)
+    calibrated = scores - (scores[targets == 0].mean(0) + scores[targets == 1].mean(0)) / 2  # priors removed
+    assert float((calibrated.argmax(1) == targets).double().mean()) == pytest.approx(choice.sample_accuracy)
 
 
 def test_auto_verbalizer_run_records_uses_and_resumes_the_words(tiny, tmp_path, no_plots):  # noqa: F811
