@@ -11,8 +11,8 @@ import torch
 from softprompt.core.checkpoint import load_prompt
 from softprompt.data import Template, load_dataset
 from softprompt.data.encoding import InputEncoding
-from softprompt.evaluation.classification import score_split
 from softprompt.evaluation import label_words
+from softprompt.evaluation.classification import score_split
 from softprompt.evaluation.label_words import (
     assignment_score,
     choose_label_words,
