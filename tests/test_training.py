@@ -19,6 +19,7 @@ import softprompt.models
 import softprompt.training.checkpoints as checkpoints_module
 import softprompt.training.trainer as trainer_module
 from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prompt import embedding_std
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, load_dataset
 from softprompt.evaluation.inspection import inspect_prompt
@@ -27,7 +28,7 @@ from softprompt.models.tiny import HIDDEN
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
 from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective
-from softprompt.training.optim import make_optimizer, make_scheduler
+from softprompt.training.optim import REFERENCE_EMBEDDING_STD, make_optimizer, make_scheduler
 
 # ====================================================================== fixtures and recorders
 REPORT_FIELDS = (
@@ -398,6 +399,19 @@ def test_gradient_norm_is_clipped_before_each_step():
     assert unclipped[0] == pytest.approx(first_norm, rel=1e-5)
     _, loose, _ = _quadratic_run(max_grad_norm=1e6)  # a bound above the norm changes nothing
     assert loose == pytest.approx(unclipped, rel=1e-6)
+
+
+# ====================================================================== learning rate scaled to the embeddings
+def test_embedding_lr_scale_carries_the_lr_over_by_the_embedding_std(tiny, tmp_path, no_plots):
+    report = train(**tiny.options(tmp_path / "run", lr_scale="embedding", steps=4, baselines=False)).report
+    model, _ = softprompt.models.load_model(str(tiny.model))
+    std = embedding_std(model.get_input_embeddings())
+    # The tiny Llama's table has std 0.1 (initializer_range) and no scaling in its embedding module.
+    assert std == pytest.approx(0.1, rel=0.05)
+    assert report["lr"] == pytest.approx(0.3 * std / REFERENCE_EMBEDDING_STD)
+    assert report["lr_scale"] == "embedding"
+    # The optimizer ran at it (the schedule is constant after the warmup).
+    assert _metrics(tmp_path / "run" / "metrics.jsonl")[-2]["lr"] == pytest.approx(report["lr"])
 
 
 # ====================================================================== divergence

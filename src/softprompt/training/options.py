@@ -25,6 +25,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INITS = tuple(item.value for item in PromptTuningInit)
 REPARAMETERIZATIONS = ("none", "residual")  # core.reparameterize
+LR_SCALES = ("none", "embedding")  # optim.scaled_learning_rate
 AUTO_VERBALIZER = "auto"  # label words chosen from the train split (evaluation.label_words)
 
 # Named option sets, applied by `TrainOptions.from_preset` (``softprompt train --preset``).
@@ -95,6 +96,14 @@ class TrainOptions:
     )
     lr: float | None = field(
         default=None, metadata={"help": "Learning rate (default: per optimizer)"}
+    )
+    lr_scale: str = field(
+        default="none",
+        metadata={
+            "help": "embedding: multiply lr by the model's embedding std / SmolLM2-135M's (0.135), "
+            "so the default carries over (Gemma-3-270M: x7.6)",
+            "choices": LR_SCALES,
+        },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay on the prompt"})
     schedule: str = field(

@@ -88,6 +88,7 @@ def build_report(
     world_size: int,
     dtype: DtypeChoice,
     trained_parameters: int | None = None,
+    learning_rate: float | None = None,
     verbalizer: dict[str, str] | None = None,
     label_words: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -109,6 +110,7 @@ def build_report(
         trained_parameters: parameters the optimizer updated (the prompt, and a
             reparameterization's MLP, which is folded away before saving); default: the
             prompt's.
+        learning_rate: the learning rate in effect (``lr_scale`` applied); default: the options'.
         verbalizer: label -> word of a classifier.
         label_words: the label-word search's choice (``--verbalizer auto``).
     """
@@ -125,7 +127,8 @@ def build_report(
         "num_virtual_tokens": options.num_virtual_tokens,
         "init": str(options.init).upper(),
         "optimizer": options.optimizer,
-        "lr": options.learning_rate,
+        "lr": learning_rate or options.learning_rate,
+        "lr_scale": options.lr_scale,
         "batch_size": options.batch_size,
         "reparameterize": options.reparameterize,
         "trainable_parameters": trainable,

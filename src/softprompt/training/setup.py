@@ -14,6 +14,7 @@ import torch
 
 from softprompt.core.checkpoint import load_prompt
 from softprompt.core.config import PromptTuningConfig, TaskType
+from softprompt.core.prompt import embedding_std
 from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
 from softprompt.core.reparameterize import ResidualReparameterization
 from softprompt.data import (
@@ -32,6 +33,7 @@ from softprompt.models.precision import DtypeChoice, resolve_dtype
 from softprompt.training import distributed
 from softprompt.training.distributed import DistContext
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
+from softprompt.training.optim import scaled_learning_rate
 from softprompt.training.options import AUTO_VERBALIZER, TrainOptions
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class RunSetup:
     test_records: list[Record]
     dtype: DtypeChoice  # the frozen model's dtype, and why (recorded in report.json)
     label_words: dict[str, Any] | None = None  # --verbalizer auto: the search's choice and why
+    learning_rate: float = 0.0  # in effect (options.learning_rate, scaled by --lr-scale)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,6 +190,7 @@ def load_run(
         test_records,
         dtype,
         label_words,
+        learning_rate(options, model),
     )
     logger.info(
         "examples: train %d, validation %d, test %d",
@@ -230,6 +234,17 @@ def _auto_verbalizer(
         ", ".join(f"{label}={word!r}" for label, word in choice["words"].items()),
     )
     return resolve_verbalizer(None, labels, choice["words"]), choice
+
+
+def learning_rate(options: TrainOptions, model: PromptTunedModel) -> float:
+    """The run's learning rate: the given or default one, scaled to the model's embeddings with
+    ``lr_scale="embedding"`` (`optim.scaled_learning_rate`)."""
+    if options.lr_scale == "embedding":
+        scale = embedding_std(model.word_embeddings)
+        rate = scaled_learning_rate(options.learning_rate, scale)
+        logger.info("learning rate %.4g (embedding std %.4f)", rate, scale)
+        return rate
+    return options.learning_rate
 
 
 def make_objective(options: TrainOptions, prepared: Prepared, tokenizer: Any) -> Objective:

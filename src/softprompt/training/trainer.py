@@ -194,6 +194,7 @@ def _run(
         world_size=context.world_size,
         dtype=run.dtype,
         trained_parameters=trained_parameters,
+        learning_rate=run.learning_rate,
         verbalizer=metadata["verbalizer"],
         label_words=run.label_words,
     )
@@ -237,7 +238,7 @@ def _optimise(
     padding fraction of the training batches."""
     parameters = list(checkpoints.trained().values())
     optimizer = make_optimizer(
-        parameters, options.optimizer, options.learning_rate, options.weight_decay
+        parameters, options.optimizer, run.learning_rate, options.weight_decay
     )
     state = checkpoints.begin(optimizer, resume=bool(options.resume))
     steps = total_steps(options, len(run.train_data))
@@ -269,7 +270,7 @@ def _optimise(
     except TrainingDivergedError as error:
         raise TrainingDivergedError(
             f"{error} The best prompt so far is in {checkpoints.prompt_dir}. "
-            f"Try a lower --lr (now {options.learning_rate})."
+            f"Try a lower --lr (now {run.learning_rate:.4g})."
         ) from None
     except KeyboardInterrupt:
         logger.warning("interrupted at step %d; state saved. Continue with: softprompt train "
