@@ -5,8 +5,8 @@ ACL 2021), with the frozen model and the task's template.
    with the template (behind an optional context, e.g. the instruction the prompt starts from)
    and run once through the frozen model. The scores of every *word token* (one token that is a
    whole word after a space: ``" great"``) at the label position are read with the verbalizer
-   scorer (:func:`~softprompt.fastpath.scoring.label_scores`), the word tokens acting as labels,
-   so no full-vocabulary logits are formed.
+   scorer (:func:`~softprompt.evaluation.classification.score_split`), the word tokens acting as
+   labels, so no full-vocabulary logits are formed; log-probabilities are among the word tokens.
 2. Each class's candidates are the ``top_k`` word tokens by mean probability over its examples,
    among those likelier on its examples than on the other classes' (a generic continuation such
    as ``" The"``, or the other label's word, cannot mark the class).
@@ -209,7 +209,7 @@ def sample_per_class(
     kept = []
     for label in labels:
         indices = by_label[label]
-        kept += sorted(generator.sample(indices, min(per_class, len(indices))))
+        kept += generator.sample(indices, min(per_class, len(indices)))
     return [records[index] for index in sorted(kept)]
 
 
