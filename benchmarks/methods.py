@@ -9,7 +9,8 @@ Methods (``--methods``; default all):
 * ``prefix``: deep prompts, ``--method prefix`` (keys and values at every layer);
 * ``lora``: LoRA r=8 on q_proj/v_proj through PEFT, trained with the same verbalizer objective,
   batch order and loop as the prompts;
-* ``full``: full fine-tuning of every weight (fp32 weights, AdamW lr 1e-5), same objective.
+* ``full``: full fine-tuning of every weight (fp32 weights, AdamW lr 1e-5), same objective
+  (LoRA and full fine-tuning clip the gradient norm at 1.0, as the prompts do by default).
 
 Every trained method gets the same ``--budget-seconds`` of optimizer steps (validation not
 counted; validation every ``--eval-every`` steps keeps the best state), on the same model, data,
@@ -188,7 +189,8 @@ def run_weights_method(method: str, seed: int, settings: Settings) -> dict[str, 
     )
     order = BatchOrder(objective.lengths(train_data), settings.batch_size, seed)
     loop_settings = LoopSettings(
-        1_000_000, eval_every=settings.eval_every, time_budget=settings.budget_seconds
+        1_000_000, eval_every=settings.eval_every, max_grad_norm=1.0,
+        time_budget=settings.budget_seconds,
     )
     result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks)
     with torch.no_grad():

@@ -43,7 +43,8 @@ def prompt_metadata(
     Returns:
         ``task``, ``base_model``, ``dataset``, ``text_column``, ``label_column`` and
         ``target_column`` (None where the task has none), ``template``, ``verbalizer`` (label ->
-        word; None for generation), ``max_length`` and ``initial_prompt_norm``.
+        word; None for generation), ``max_length``, ``initial_prompt_norm`` and
+        ``reparameterize`` (how the prompt was trained; it is saved folded, a plain prompt).
     """
     classification = options.task_type == "classification"
     return {
@@ -61,6 +62,11 @@ def prompt_metadata(
         ),
         "max_length": options.max_length,
         "initial_prompt_norm": float(initial_prompt.norm()),
+        "reparameterize": (
+            {"method": options.reparameterize, "bottleneck": options.residual_bottleneck}
+            if options.reparameterize != "none"
+            else None
+        ),
     }
 
 
@@ -93,7 +99,20 @@ class PromptCheckpoints:
 
     @property
     def parameter(self) -> torch.nn.Parameter:
+        """The prompt's own parameter ``(n, hidden)`` (before any reparameterization)."""
         return self.model.prompt_encoder.embedding.weight
+
+    def trained(self) -> dict[str, torch.nn.Parameter]:
+        """Every trained tensor by name, in the optimizer's order: ``prompt``, then the
+        reparameterization's weights (``reparameterization.down.weight``, ...) where set."""
+        tensors = {"prompt": self.parameter}
+        reparameterization = self.model.prompt_encoder.reparameterization
+        if reparameterization is not None:
+            tensors.update(
+                (f"reparameterization.{name}", parameter)
+                for name, parameter in reparameterization.named_parameters()
+            )
+        return tensors
 
     def begin(self, optimizer: torch.optim.Optimizer, resume: bool) -> LoopState:
         """The loop's starting state.
@@ -105,9 +124,16 @@ class PromptCheckpoints:
         if not resume:
             self.save_prompt()
             return LoopState()
-        prompt, state = load_state(self.output_dir, optimizer)
+        saved, state = load_state(self.output_dir, optimizer)
+        trained = self.trained()
+        if saved.keys() != trained.keys():
+            raise ValueError(
+                f"{self.output_dir}: the saved state holds {sorted(saved)}, this run trains "
+                f"{sorted(trained)}"
+            )
         with torch.no_grad():
-            self.parameter.copy_(prompt.to(self.parameter.device))
+            for name, parameter in trained.items():
+                parameter.copy_(saved[name].to(parameter.device))
         self.best = load_prompt(self.prompt_dir).weights
         logger.info("resumed %s at step %d", self.output_dir, state.step)
         return state
@@ -122,10 +148,15 @@ class PromptCheckpoints:
     def save_state(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
         """Write the current prompt, the optimizer and the counters to ``OUT/state`` (rank 0)."""
         if self.context.is_main:
-            save_state(self.output_dir, self.parameter, optimizer, state)
+            save_state(self.output_dir, self.trained(), optimizer, state)
 
     def restore_best(self) -> None:
-        """Put the best prompt back into the model (to score the test split with it)."""
+        """Put the best prompt back into the model (to score the test split with it).
+
+        A reparameterized prompt is folded first: the model then holds the plain prompt that
+        ``OUT/prompt`` holds, and training cannot go on after this.
+        """
+        self.model.prompt_encoder.fold()
         with torch.no_grad():
             self.parameter.copy_(self.best.to(self.parameter.device))
 

@@ -113,6 +113,8 @@ class LoopSettings:
         eval_every: steps between validations; the last step always validates.
         patience: stop after this many validations without improvement (None: never).
         log_every: steps per logged training-loss window; the last step always logs.
+        max_grad_norm: clip the global gradient norm (over every parameter, after the sum over
+            ranks) to this before each step; 0 turns clipping off.
         time_budget: seconds of optimizer steps (validation not counted) after which the step
             in progress is the last one (None: no limit); a resumed run spends what is left.
     """
@@ -122,6 +124,7 @@ class LoopSettings:
     eval_every: int | None = None
     patience: int | None = None
     log_every: int = 10
+    max_grad_norm: float = 0.0
     time_budget: float | None = None
 
     def out_of_time(self, state: LoopState) -> bool:
@@ -168,7 +171,8 @@ def train_loop(
             step_start = (state.step, state.epoch, state.batch_in_epoch)
             step_batches, batches = _take_batches(order, state, batches, settings.grad_accum)
             step_began = _step_clock()
-            loss = _step(trainable, step_batches, optimizer, scheduler, state, context)
+            loss = _step(trainable, step_batches, optimizer, scheduler, state, context,
+                         settings.max_grad_norm)
             state.train_seconds += _step_clock() - step_began
             examples = sum(len(batch) for batch in step_batches)
             result.examples_seen += examples
@@ -208,12 +212,25 @@ def _step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: LoopState,
     context: DistContext,
+    max_grad_norm: float = 0.0,
 ) -> float:
-    """One optimizer step on ``batches``; returns its mean loss (NaN/inf stops before the step)."""
+    """One optimizer step on ``batches``; returns its mean loss (NaN/inf stops before the step).
+
+    With ``max_grad_norm`` > 0 the gradient is scaled down to that global norm where it is
+    longer; the norm before clipping is kept for the logged window (``grad_norm``: its maximum).
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = _backward(trainable, batches, context)
     if not math.isfinite(loss):
         raise TrainingDivergedError(f"loss is {loss} at step {state.step + 1}; stopped.")
+    norm = float(
+        torch.nn.utils.clip_grad_norm_(trainable.parameters, max_grad_norm)
+        if max_grad_norm > 0
+        else torch.nn.utils.get_total_norm([p.grad for p in trainable.parameters])
+    )
+    if not math.isfinite(norm):
+        raise TrainingDivergedError(f"gradient norm is {norm} at step {state.step + 1}; stopped.")
+    state.window_grad_norm = max(state.window_grad_norm, norm)
     optimizer.step()
     scheduler.step()
     state.step += 1
@@ -225,8 +242,9 @@ def _step(
 def _log_loss_window(state: LoopState, hooks: LoopHooks, lr: float, rate: float) -> None:
     """Log the mean training loss since the last logged line, and start a new window."""
     loss = state.window_loss / state.window_steps
-    hooks.log({"step": state.step, "loss": loss, "lr": lr, "examples_per_second": rate})
-    state.window_loss, state.window_steps = 0.0, 0
+    hooks.log({"step": state.step, "loss": loss, "lr": lr, "grad_norm": state.window_grad_norm,
+               "examples_per_second": rate})
+    state.window_loss, state.window_steps, state.window_grad_norm = 0.0, 0, 0.0
 
 
 def _take_batches(

@@ -24,6 +24,9 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INITS = tuple(item.value for item in PromptTuningInit)
+REPARAMETERIZATIONS = ("none", "residual")  # core.reparameterize
+LR_SCALES = ("none", "embedding")  # optim.scaled_learning_rate
+AUTO_VERBALIZER = "auto"  # label words chosen from the train split (evaluation.label_words)
 
 # Named option sets, applied by `TrainOptions.from_preset` (``softprompt train --preset``).
 # "demo" is the default run (fits 10 minutes on 2 CPU cores); "full" is the long run: 50 tokens,
@@ -76,7 +79,10 @@ class TrainOptions:
     template: str | None = field(
         default=None, metadata={"help": "Format string over record fields"}
     )
-    verbalizer: str | None = field(default=None, metadata={"help": "JSON or label=word,label=word"})
+    verbalizer: str | None = field(
+        default=None,
+        metadata={"help": "JSON, label=word,label=word, or auto (words chosen from the train split)"},
+    )
     num_virtual_tokens: int = field(default=20, metadata={"help": "Length of the soft prompt"})
     init: str = field(default="TEXT", metadata={"help": "Prompt init (any case)", "choices": INITS})
     init_text: str | None = field(
@@ -86,11 +92,30 @@ class TrainOptions:
             "dataset's, else one naming its labels)"
         },
     )
+    reparameterize: str = field(
+        default="none",
+        metadata={
+            "help": "residual: train the prompt through a shared MLP with a skip connection "
+            "(saved folded, a plain prompt)",
+            "choices": REPARAMETERIZATIONS,
+        },
+    )
+    residual_bottleneck: int = field(
+        default=128, metadata={"help": "Inner size of the residual reparameterization's MLP"}
+    )
     optimizer: str = field(
         default="adamw", metadata={"help": "adafactor is the paper's", "choices": OPTIMIZERS}
     )
     lr: float | None = field(
         default=None, metadata={"help": "Learning rate (default: per optimizer)"}
+    )
+    lr_scale: str = field(
+        default="none",
+        metadata={
+            "help": "embedding: multiply lr by the model's embedding std / SmolLM2-135M's (0.135), "
+            "so the default carries over (Gemma-3-270M: x7.6)",
+            "choices": LR_SCALES,
+        },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay on the prompt"})
     schedule: str = field(
@@ -98,6 +123,9 @@ class TrainOptions:
         metadata={"help": "Learning-rate decay after warmup", "choices": SCHEDULES},
     )
     warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps"})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the gradient's global norm to this (0: no clipping)"}
+    )
     steps: int | None = field(default=150, metadata={"help": "Optimizer steps (overrides epochs)"})
     epochs: float | None = field(
         default=None, metadata={"help": "Epochs over the train split (when steps is unset)"}
@@ -166,7 +194,15 @@ class TrainOptions:
         """Every problem with these options (checks that need no data or model)."""
         problems = choice_problems(self)
         problems += positive_problems(
-            self, ("num_virtual_tokens", "batch_size", "grad_accum", "eval_every", "max_length")
+            self,
+            (
+                "num_virtual_tokens",
+                "batch_size",
+                "grad_accum",
+                "eval_every",
+                "max_length",
+                "residual_bottleneck",
+            ),
         )
         problems += positive_problems(
             self,
@@ -185,12 +221,16 @@ class TrainOptions:
             problems.append(f"time_budget must be > 0 seconds or unset, got {self.time_budget}")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if not self.max_grad_norm >= 0:
+            problems.append(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.task_type == "generation" and not self.target_column:
             problems.append(
                 "task_type='generation' needs target_column (the field with the target text)"
             )
+        if self.verbalizer == AUTO_VERBALIZER and self.task_type != "classification":
+            problems.append("verbalizer='auto' needs task_type='classification'")
         if self.init == "TEXT" and self.init_text is not None and not self.init_text.strip():
             problems.append("init='TEXT' needs init_text")
         if self.resume is not None and not (Path(self.resume) / "state").is_dir():

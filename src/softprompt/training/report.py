@@ -87,6 +87,10 @@ def build_report(
     device: torch.device,
     world_size: int,
     dtype: DtypeChoice,
+    trained_parameters: int | None = None,
+    learning_rate: float | None = None,
+    verbalizer: dict[str, str] | None = None,
+    label_words: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's ``report.json``.
 
@@ -104,8 +108,16 @@ def build_report(
         device: where the run ran.
         world_size: processes in the job.
         dtype: the frozen model's dtype and why (``dtype``, ``dtype_reason``, ``cpu_model``).
+        trained_parameters: parameters the optimizer updated (the prompt, and a
+            reparameterization's MLP, which is folded away before saving); default: the
+            prompt's.
+        learning_rate: the learning rate in effect (``lr_scale`` applied); default: the options'.
+        verbalizer: label -> word of a classifier.
+        label_words: the label-word search's choice (``--verbalizer auto``).
     """
-    trainable, total = model.get_nb_trainable_parameters()
+    saved, total = model.get_nb_trainable_parameters()
+    trainable = trained_parameters or saved
+    saved_prompt = model.get_prompt_embedding_to_save()
     drift = model.get_prompt_embedding_to_save().cpu() - initial_prompt.cpu()
     wall_seconds, train_seconds = seconds
     state = loop.state
@@ -116,10 +128,17 @@ def build_report(
         "num_virtual_tokens": options.num_virtual_tokens,
         "init": str(options.init).upper(),
         "optimizer": options.optimizer,
-        "lr": options.learning_rate,
+        "lr": learning_rate or options.learning_rate,
+        "lr_scale": options.lr_scale,
         "batch_size": options.batch_size,
+        "reparameterize": options.reparameterize,
         "trainable_parameters": trainable,
-        "total_parameters": total,
+        "total_parameters": total - saved + trainable,
+        "saved_parameters": saved,
+        "prompt_bytes": saved_prompt.numel() * saved_prompt.element_size(),
+        "max_grad_norm": options.max_grad_norm,
+        "verbalizer": verbalizer,
+        **({"label_words": label_words} if label_words else {}),
         "steps": state.step,
         "best_step": state.best_step,
         "train_examples": train_examples,

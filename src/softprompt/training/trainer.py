@@ -169,6 +169,7 @@ def _run(
         baselines = _baselines(prepared.instruction, run, context)
     metadata = prompt_metadata(options, prepared.template, prepared.verbalizer, run.initial_prompt)
     checkpoints = PromptCheckpoints(output_dir, run.model, metadata, context)
+    trained_parameters = sum(tensor.numel() for tensor in checkpoints.trained().values())
     train_started = time.perf_counter()
     loop, padding = _optimise(options, run, checkpoints, metrics, context)
     train_seconds = time.perf_counter() - train_started
@@ -195,6 +196,10 @@ def _run(
         device=device,
         world_size=context.world_size,
         dtype=run.dtype,
+        trained_parameters=trained_parameters,
+        learning_rate=run.learning_rate,
+        verbalizer=metadata["verbalizer"],
+        label_words=run.label_words,
     )
     if context.is_main:
         atomic_write_json(output_dir / "report.json", report)
@@ -242,9 +247,9 @@ def _optimise(
 ) -> tuple[LoopResult, float]:
     """Train the prompt from scratch or from the saved state; returns the loop's result and the
     padding fraction of the training batches."""
-    parameter = checkpoints.parameter
+    parameters = list(checkpoints.trained().values())
     optimizer = make_optimizer(
-        [parameter], options.optimizer, options.learning_rate, options.weight_decay
+        parameters, options.optimizer, run.learning_rate, options.weight_decay
     )
     state = checkpoints.begin(optimizer, resume=bool(options.resume))
     steps = total_steps(options, len(run.train_data))
@@ -257,7 +262,7 @@ def _optimise(
                 options.grad_accum, 100 * padding)
     run.model.eval()  # the frozen base runs without dropout; only the prompt learns
     trainable = Trainable(
-        [parameter],
+        parameters,
         loss_sum=lambda batch: run.objective.loss_sum(
             run.frozen, run.model.prompt, run.train_data, batch, run.shared_prefix
         ),
@@ -265,7 +270,11 @@ def _optimise(
     )
     hooks = _hooks(run, checkpoints, optimizer, metrics, context)
     settings = LoopSettings(
-        steps, options.grad_accum, options.eval_every, options.patience,
+        steps,
+        options.grad_accum,
+        options.eval_every,
+        options.patience,
+        max_grad_norm=options.max_grad_norm,
         time_budget=options.time_budget,
     )
     try:
@@ -273,7 +282,7 @@ def _optimise(
     except TrainingDivergedError as error:
         raise TrainingDivergedError(
             f"{error} The best prompt so far is in {checkpoints.prompt_dir}. "
-            f"Try a lower --lr (now {options.learning_rate})."
+            f"Try a lower --lr (now {run.learning_rate:.4g})."
         ) from None
     except KeyboardInterrupt:
         logger.warning("interrupted at step %d; state saved. Continue with: softprompt train "
