@@ -87,6 +87,11 @@ class PromptTunedModel(nn.Module):
         """``(total_virtual_tokens, token_dim)`` detached copy of the prompt, as PEFT saves it."""
         return self.prompt_encoder.embedding.weight.detach().clone()
 
+    def set_prompt_weights(self, weights: torch.Tensor) -> None:
+        """Put saved prompt rows in place (the best ones, or a resumed run's)."""
+        with torch.no_grad():
+            self.prompt_encoder.embedding.weight.copy_(weights.to(self.device))
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, the base model's included in total."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

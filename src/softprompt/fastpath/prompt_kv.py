@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from softprompt.core.prefix import DeepPrompt
+from softprompt.core.prefix import DeepPrompt, flatten_layers
 from softprompt.fastpath.frozen import FrozenModel
 
 
@@ -143,6 +143,21 @@ def prompt_cache_supported(frozen: FrozenModel) -> bool:
     except PromptCacheUnsupportedError:
         return False
     return True
+
+
+def prefix_from_prompt(frozen: FrozenModel, prompt: torch.Tensor) -> torch.Tensor:
+    """The keys and values a plain prompt produces at every layer, as a prefix to start from.
+
+    Args:
+        frozen: the frozen model.
+        prompt: ``(n, H)`` prompt embeddings (e.g. the TEXT init's token embeddings).
+
+    Returns:
+        ``(n, num_layers * 2 * kv_heads * head_dim)`` fp32 in PEFT's layout (see
+        :mod:`softprompt.core.prefix`); as a prefix it gives the text exactly what the prompt did.
+    """
+    with torch.no_grad():
+        return flatten_layers(compute_prompt_kv(frozen, prompt).layers).cpu()
 
 
 def check_prompt(

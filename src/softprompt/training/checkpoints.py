@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, Verbalizer
 from softprompt.training.distributed import DistContext
@@ -69,7 +70,7 @@ class PromptCheckpoints:
 
     Args:
         output_dir: the run's directory.
-        model: the prompted model being trained.
+        model: the prompted (or prefixed) model being trained.
         metadata: `prompt_metadata` of the run; each save adds a ``training`` summary to it.
         context: this process's place in the job (rank 0 writes).
     """
@@ -77,7 +78,7 @@ class PromptCheckpoints:
     def __init__(
         self,
         output_dir: Path,
-        model: PromptTunedModel,
+        model: PromptTunedModel | PrefixTunedModel,
         metadata: dict[str, Any],
         context: DistContext,
     ) -> None:
@@ -92,8 +93,9 @@ class PromptCheckpoints:
         return self.output_dir / PROMPT_DIR
 
     @property
-    def parameter(self) -> torch.nn.Parameter:
-        return self.model.prompt_encoder.embedding.weight
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates: the prompt, or a prefix (and its MLP when reparameterized)."""
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
     def begin(self, optimizer: torch.optim.Optimizer, resume: bool) -> LoopState:
         """The loop's starting state.
@@ -106,8 +108,7 @@ class PromptCheckpoints:
             self.save_prompt()
             return LoopState()
         prompt, state = load_state(self.output_dir, optimizer)
-        with torch.no_grad():
-            self.parameter.copy_(prompt.to(self.parameter.device))
+        self.model.set_prompt_weights(prompt)
         self.best = load_prompt(self.prompt_dir).weights
         logger.info("resumed %s at step %d", self.output_dir, state.step)
         return state
@@ -122,12 +123,11 @@ class PromptCheckpoints:
     def save_state(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
         """Write the current prompt, the optimizer and the counters to ``OUT/state`` (rank 0)."""
         if self.context.is_main:
-            save_state(self.output_dir, self.parameter, optimizer, state)
+            save_state(self.output_dir, self.model.get_prompt_embedding_to_save(), optimizer, state)
 
     def restore_best(self) -> None:
         """Put the best prompt back into the model (to score the test split with it)."""
-        with torch.no_grad():
-            self.parameter.copy_(self.best.to(self.parameter.device))
+        self.model.set_prompt_weights(self.best)
 
     def save_prompt(self, training: dict[str, Any] | None = None) -> None:
         """Write the model's current prompt to ``OUT/prompt`` with the metadata (rank 0)."""

@@ -24,6 +24,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INITS = tuple(item.value for item in PromptTuningInit)
+METHODS = ("prompt", "prefix")
 
 # Named option sets, applied by `TrainOptions.from_preset` (``softprompt train --preset``).
 # "demo" is the default run (fits 10 minutes on 2 CPU cores); "full" is the long run: 50 tokens,
@@ -73,6 +74,16 @@ class TrainOptions:
     init: str = field(default="TEXT", metadata={"help": "Prompt init (any case)", "choices": INITS})
     init_text: str = field(
         default=DEFAULT_INIT_TEXT, metadata={"help": "Instruction for TEXT init"}
+    )
+    method: str = field(
+        default="prompt",
+        metadata={"help": "prompt: input embeddings; prefix: keys/values at every layer", "choices": METHODS},
+    )
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "Train a prefix through an MLP (folded away on save)"}
+    )
+    encoder_hidden_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of the prefix MLP (default: its token_dim)"}
     )
     optimizer: str = field(
         default="adamw", metadata={"help": "adafactor is the paper's", "choices": OPTIMIZERS}
@@ -174,11 +185,25 @@ class TrainOptions:
             )
         if self.init == "TEXT" and not self.init_text:
             problems.append("init='TEXT' needs init_text")
+        problems += self._prefix_problems()
         if self.resume is not None and not (Path(self.resume) / "state").is_dir():
             problems.append(
                 f"resume={self.resume!r}: no resumable run there "
                 f"(missing {Path(self.resume) / 'state'})"
             )
+        return problems
+
+    def _prefix_problems(self) -> list[str]:
+        """Options a deep prompt (``method='prefix'``) cannot be combined with."""
+        if self.method != "prefix":
+            return ["prefix_projection needs method='prefix'"] if self.prefix_projection else []
+        problems = []
+        if not self.shared_prefix or self.shard_base:
+            problems.append("method='prefix' is keys/values: it needs shared_prefix and no shard_base")
+        if self.prefix_projection and self.resume:
+            problems.append("resume is not supported with prefix_projection (only the folded prefix is saved)")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            problems.append(f"encoder_hidden_size must be >= 1, got {self.encoder_hidden_size}")
         return problems
 
     @property

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from softprompt.core.config import PromptTuningConfig, TaskType
+from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
 from softprompt.data import (
     DatasetSplits,
@@ -28,6 +29,7 @@ from softprompt.training import distributed
 from softprompt.training.distributed import DistContext
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
 from softprompt.training.options import TrainOptions
+from softprompt.training.prefix import get_prefix_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +47,11 @@ class Prepared:
 class RunSetup:
     """The loaded pieces of a run: the prompted model, its objective and the encoded splits."""
 
-    model: PromptTunedModel
+    model: PromptTunedModel | PrefixTunedModel
     frozen: FrozenModel  # the model's frozen base, as the objective runs it
     objective: Objective
     shared_prefix: bool  # compute the prompt's keys/values once per training batch
-    initial_prompt: torch.Tensor  # (n, hidden), before any step
+    initial_prompt: torch.Tensor  # (n, hidden) or a prefix's (n, layers * 2 * token_dim), before any step
     train_data: Any
     validation_data: Any
     test_data: Any
@@ -147,7 +149,11 @@ def load_run(
     )
     logger.info("loaded %s in %.1f s", options.model, time.perf_counter() - started)
     objective = make_objective(options, prepared, tokenizer)
-    model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
+    frozen = FrozenModel(base, tokenizer)
+    if options.method == "prefix":
+        model = get_prefix_model(base, frozen, prompt_config(options, prepared), options, tokenizer)
+    else:
+        model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
     shared_prefix = options.shared_prefix
     if options.shard_base:
         blocks = distributed.shard_frozen_base(base, context)
@@ -160,7 +166,7 @@ def load_run(
     train_data, validation_data, test_records = _split_records(options, prepared.splits)
     setup = RunSetup(
         model,
-        FrozenModel(base, tokenizer),
+        frozen,
         objective,
         shared_prefix,
         model.get_prompt_embedding_to_save(),

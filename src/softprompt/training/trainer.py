@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from softprompt.core.checkpoint import atomic_write_json
+from softprompt.core.checkpoint import WEIGHTS_NAME, atomic_write_json
 from softprompt.training import distributed
 from softprompt.training.checkpoints import PromptCheckpoints, prompt_metadata
 from softprompt.training.loop import (
@@ -194,6 +194,8 @@ def _run(
         dtype=run.dtype,
     )
     if context.is_main:
+        # The best prompt is on disk already (saved when it was found): its weights file's size.
+        report["adapter_bytes"] = (checkpoints.prompt_dir / WEIGHTS_NAME).stat().st_size
         atomic_write_json(output_dir / "report.json", report)
         checkpoints.save_prompt(training_summary(report))
         plot_curves(
@@ -231,9 +233,9 @@ def _optimise(
 ) -> tuple[LoopResult, float]:
     """Train the prompt from scratch or from the saved state; returns the loop's result and the
     padding fraction of the training batches."""
-    parameter = checkpoints.parameter
+    parameters = checkpoints.parameters
     optimizer = make_optimizer(
-        [parameter], options.optimizer, options.learning_rate, options.weight_decay
+        parameters, options.optimizer, options.learning_rate, options.weight_decay
     )
     state = checkpoints.begin(optimizer, resume=bool(options.resume))
     steps = total_steps(options, len(run.train_data))
@@ -246,7 +248,7 @@ def _optimise(
                 options.grad_accum, 100 * padding)
     run.model.eval()  # the frozen base runs without dropout; only the prompt learns
     trainable = Trainable(
-        [parameter],
+        parameters,
         loss_sum=lambda batch: run.objective.loss_sum(
             run.frozen, run.model.prompt, run.train_data, batch, run.shared_prefix
         ),
