@@ -125,3 +125,140 @@ def test_a_prefix_for_another_model_is_refused(tmp_path):
     other = FrozenModel(tiny_llama(num_hidden_layers=3))
     with pytest.raises(ValueError, match="the prefix has .* = \\(2, 2, 8\\) but the model has \\(3, 2, 8\\)"):
         check_prompt(other, servable_prompt(load_prompt(tmp_path / "p")), "p")
+
+
+# ----------------------------------------------------------------------------- the Engine
+SENTIMENT = {
+    "template": "{text} : answer",
+    "verbalizer": {"positive": " positive", "negative": " negative"},
+    "task": "classification",
+}
+TOPIC = {"template": "classify the topic : {text}", "verbalizer": {"sports": " sports", "music": " music"},
+         "task": "classification"}
+REVIEWS = ["the movie was great and the acting was very good", "a boring plot", "bad"]
+
+
+@pytest.fixture
+def served(tmp_path, tokenizer):
+    """A tiny Llama, a prefix task (6 tokens) and a prompt task (3 tokens) saved for the Engine."""
+    from softprompt.core.checkpoint import save_prompt
+
+    model = tiny_llama(initializer_range=0.1)
+    generator = torch.Generator().manual_seed(5)
+    config = PrefixTuningConfig(num_virtual_tokens=6).fill_from_model(model)
+    prefix_dir = save_prompt(tmp_path / "prefix", torch.randn(config.weights_shape, generator=generator),
+                             config, SENTIMENT)
+    prompt_config = PromptTuningConfig(num_virtual_tokens=3, token_dim=model.config.hidden_size)
+    prompt_dir = save_prompt(tmp_path / "prompt", 0.3 * torch.randn(3, model.config.hidden_size, generator=generator),
+                             prompt_config, TOPIC)
+    return model, tokenizer, prefix_dir, prompt_dir
+
+
+def _probabilities(result) -> torch.Tensor:
+    return torch.tensor(list(result.probabilities.values()))
+
+
+def test_engine_serves_a_prefix_as_peft_does_mixed_with_a_prompt(served):
+    from peft import PeftModel
+
+    from softprompt.inference import Engine
+    from softprompt.inference.tasks import encode_input
+
+    model, tokenizer, prefix_dir, prompt_dir = served
+    engine = Engine(model_and_tokenizer=(model, tokenizer))
+    engine.add_task("sentiment", prefix_dir)
+    engine.add_task("topic", prompt_dir)
+    requests = [(task, text) for text in REVIEWS for task in ("sentiment", "topic")]
+    mixed = engine.classify(requests)
+    for request, result in zip(requests, mixed, strict=True):
+        (alone,) = engine.classify([request])
+        torch.testing.assert_close(_probabilities(result), _probabilities(alone), atol=1e-5, rtol=0)
+    # The prefix task alone gives PEFT's probabilities (single-token label words).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(tiny_llama(initializer_range=0.1), str(prefix_dir)).eval()
+    task = engine._registry.snapshot()["sentiment"]
+    label_ids = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in (" positive", " negative")]
+    assert all(len(ids) == 1 for ids in label_ids)
+    for text, result in zip(REVIEWS, mixed[::2], strict=True):
+        ids = encode_input(engine.frozen, task, task.members[0], text, kind="classification", truncate=False)
+        logits = _peft_logits(peft_model, [ids])[0, len(ids) - 1, [ids[0] for ids in label_ids]]
+        torch.testing.assert_close(_probabilities(result), logits.softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_engine_without_a_kv_cache_refuses_a_prefix(served):
+    from softprompt.inference import Engine, TaskLoadError
+
+    model, tokenizer, prefix_dir, _ = served
+    engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=False)
+    with pytest.raises(TaskLoadError, match="prefix .* needs the prompt KV cache"):
+        engine.add_task("sentiment", prefix_dir)
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def prefix_run(tiny, tmp_path_factory):
+    from softprompt.training.trainer import train
+
+    out = tmp_path_factory.mktemp("prefix-run")
+    return out, train(**tiny.options(out, method="prefix", lr=0.01, steps=4)).report
+
+
+def test_untrained_prefix_gives_what_its_init_prompt_gives(tiny, tmp_path, tokenizer):
+    """The TEXT-init prefix is the TEXT-init prompt's keys/values: same initial test accuracy."""
+    from softprompt.training.trainer import train
+
+    common = tiny.options(tmp_path, steps=1, lr=1e-12, max_eval_examples=40)
+    prompt = train(**{**common, "output_dir": str(tmp_path / "prompt")}).report
+    prefix = train(**{**common, "output_dir": str(tmp_path / "prefix"), "method": "prefix"}).report
+    assert prefix["init_accuracy"] == prompt["init_accuracy"]
+    assert prefix["test_metrics"]["loss"] == pytest.approx(prompt["test_metrics"]["loss"], abs=1e-4)
+
+
+def test_prefix_run_trains_and_records_the_method(prefix_run, tiny):
+    out, report = prefix_run
+    layers, kv_width = 2, 2 * 8  # tiny Llama: 2 layers, 2 key/value heads of 8
+    assert report["method"] == "prefix"
+    assert report["trainable_parameters"] == 4 * layers * 2 * kv_width
+    assert report["adapter_bytes"] == (out / "prompt" / "adapter_model.safetensors").stat().st_size
+    assert report["prompt_drift_norm"] > 0
+    metadata = json.loads((out / "prompt" / "softprompt.json").read_text())
+    assert metadata["method"] == "prefix" and metadata["training"]["method"] == "prefix"
+    assert metadata["init_report"]["strategy"] == "TEXT"
+    assert load_prompt(out / "prompt").weights.shape == (4, layers * 2 * kv_width)
+
+
+def test_projection_trains_the_mlp_and_saves_the_folded_prefix(tiny, tmp_path):
+    from softprompt.training.trainer import train
+
+    report = train(**tiny.options(tmp_path, method="prefix", prefix_projection=True, encoder_hidden_size=8,
+                                  lr=0.01, steps=2, baselines=False)).report
+    # embedding (4 x 16) + Linear(16, 8) + Linear(8, 64)
+    assert report["trainable_parameters"] == 4 * 16 + (16 * 8 + 8) + (8 * 64 + 64)
+    checkpoint = load_prompt(tmp_path / "prompt")
+    assert checkpoint.config.prefix_projection and checkpoint.weights.shape == (4, 64)
+
+
+def test_prefix_options_that_cannot_work_are_refused(tiny, tmp_path):
+    from softprompt.training.options import TrainOptions
+
+    with pytest.raises(ValueError, match="prefix_projection needs method='prefix'"):
+        TrainOptions(prefix_projection=True)
+    with pytest.raises(ValueError, match="needs shared_prefix and no shard_base"):
+        TrainOptions(method="prefix", shared_prefix=False)
+
+
+def test_eval_and_inspect_a_trained_prefix(prefix_run, tiny):
+    from softprompt.evaluation.evaluate import evaluate_prompt
+    from softprompt.evaluation.inspection import format_inspection, inspect_prompt
+
+    out, report = prefix_run
+    result = evaluate_prompt(prompt=str(out / "prompt"), split="test", max_examples=report["test_examples"],
+                             output=str(out / "eval.json"))
+    assert result["accuracy"] == report["test_accuracy"]
+    inspected = inspect_prompt(out / "prompt")
+    assert inspected["method"] == "prefix" and inspected["drift"]["available"]
+    assert [layer["layer"] for layer in inspected["layers"]] == [0, 1]
+    drift = [(layer["key_drift"] ** 2 + layer["value_drift"] ** 2) for layer in inspected["layers"]]
+    assert sum(drift) ** 0.5 == pytest.approx(report["prompt_drift_norm"], rel=1e-4)
+    assert "key drift" in format_inspection(inspected)
