@@ -334,11 +334,9 @@ class PrefixTuningConfig:
                 raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
         if self.num_transformer_submodules not in (None, 1):
             raise ValueError("num_transformer_submodules must be 1: softprompt serves decoder-only prefixes")
-        if self.token_dim is not None and self.num_attention_heads is not None:
-            if self.token_dim % self.num_attention_heads:
-                raise ValueError(
-                    f"token_dim={self.token_dim} is not a multiple of num_attention_heads={self.num_attention_heads}"
-                )
+        heads = self.num_attention_heads
+        if self.token_dim is not None and heads is not None and self.token_dim % heads:
+            raise ValueError(f"token_dim={self.token_dim} is not a multiple of num_attention_heads={heads}")
 
     @property
     def head_dim(self) -> int:
