@@ -262,3 +262,18 @@ def test_eval_and_inspect_a_trained_prefix(prefix_run, tiny):
     drift = [(layer["key_drift"] ** 2 + layer["value_drift"] ** 2) for layer in inspected["layers"]]
     assert sum(drift) ** 0.5 == pytest.approx(report["prompt_drift_norm"], rel=1e-4)
     assert "key drift" in format_inspection(inspected)
+
+
+def test_a_resumed_prefix_run_ends_where_a_straight_one_ends(tiny, tmp_path):
+    from safetensors.torch import load_file as load_tensors
+
+    from softprompt.training.trainer import train
+
+    options = {"eval_every": 2, "baselines": False, "schedule": "constant", "method": "prefix", "lr": 0.01}
+    train(**tiny.options(tmp_path / "straight", steps=4, **options))
+    train(**tiny.options(tmp_path / "extended", steps=2, **options))
+    report = train(resume=str(tmp_path / "extended"), steps=4).report
+    assert report["steps"] == 4
+    final = [load_tensors(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"]
+             for name in ("straight", "extended")]
+    assert final[0].shape == (4, 64) and torch.allclose(final[0], final[1], atol=1e-6, rtol=0)
