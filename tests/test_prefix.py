@@ -239,13 +239,15 @@ def test_projection_trains_the_mlp_and_saves_the_folded_prefix(tiny, tmp_path):
     assert checkpoint.config.prefix_projection and checkpoint.weights.shape == (4, 64)
 
 
-def test_prefix_options_that_cannot_work_are_refused(tiny, tmp_path):
+def test_prefix_options_that_cannot_work_are_refused():
     from softprompt.training.options import TrainOptions
 
     with pytest.raises(ValueError, match="prefix_projection needs method='prefix'"):
         TrainOptions(prefix_projection=True)
     with pytest.raises(ValueError, match="needs shared_prefix and no shard_base"):
         TrainOptions(method="prefix", shared_prefix=False)
+    assert TrainOptions(method="prefix").learning_rate == 0.01
+    assert TrainOptions(method="prefix", prefix_projection=True).learning_rate == 1e-4
 
 
 def test_eval_and_inspect_a_trained_prefix(prefix_run, tiny):
