@@ -186,6 +186,33 @@ def test_engine_serves_a_prefix_as_peft_does_mixed_with_a_prompt(served):
         torch.testing.assert_close(_probabilities(result), logits.softmax(-1), atol=1e-5, rtol=0)
 
 
+def test_engine_generates_behind_a_prefix_as_peft_does(served):
+    from peft import PeftModel
+
+    from softprompt.inference import Engine, GenerateParams
+    from softprompt.inference.tasks import encode_input
+
+    model, tokenizer, prefix_dir, prompt_dir = served
+    engine = Engine(model_and_tokenizer=(model, tokenizer))
+    engine.add_task("sentiment", prefix_dir)
+    engine.add_task("topic", prompt_dir)
+    params = GenerateParams(max_new_tokens=6)
+    requests = [(task, text, params) for text in REVIEWS[:2] for task in ("sentiment", "topic")]
+    mixed = engine.generate(requests)
+    for request, result in zip(requests, mixed, strict=True):
+        assert result.token_ids == engine.generate([request])[0].token_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(tiny_llama(initializer_range=0.1), str(prefix_dir)).eval()
+    task = engine._registry.snapshot()["sentiment"]
+    for text, result in zip(REVIEWS[:2], mixed[::2], strict=True):
+        sequence = encode_input(engine.frozen, task, task.members[0], text, kind="generation", truncate=False)
+        greedy = []
+        for _ in range(len(result.token_ids)):  # PEFT's forward over the whole sequence, step by step
+            greedy.append(int(_peft_logits(peft_model, [sequence + greedy])[0, -1].argmax()))
+        assert len(greedy) >= 3 and result.token_ids == greedy
+
+
 def test_engine_without_a_kv_cache_refuses_a_prefix(served):
     from softprompt.inference import Engine, TaskLoadError
 
