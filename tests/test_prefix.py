@@ -306,3 +306,29 @@ def test_a_resumed_prefix_run_ends_where_a_straight_one_ends(tiny, tmp_path):
     final = [load_tensors(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"]
              for name in ("straight", "extended")]
     assert final[0].shape == (4, 64) and torch.allclose(final[0], final[1], atol=1e-6, rtol=0)
+
+
+def test_generation_loss_behind_a_prefix_is_peft_target_token_cross_entropy(tmp_path, tokenizer):
+    from peft import PeftModel
+
+    from softprompt.data import Template
+    from softprompt.training.objectives import GenerationObjective
+    from tests.test_training import _generation_rows
+
+    base = tiny_llama(initializer_range=0.1)
+    config = PrefixTuningConfig(num_virtual_tokens=3).fill_from_model(base)
+    start = torch.randn(config.weights_shape, generator=torch.Generator().manual_seed(4))
+    model = PrefixTunedModel(base, config, start)
+    model.save_pretrained(tmp_path / "prefix")
+    objective = GenerationObjective(tokenizer, Template("{text} :"), "target", max_length=256)
+    encoded = objective.encode(_generation_rows()[:4])
+    loss = objective.loss(FrozenModel(base, tokenizer), model.prompt, encoded, [0, 1, 2, 3])
+    assert loss.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(tiny_llama(initializer_range=0.1), str(tmp_path / "prefix")).eval()
+    losses = []
+    for inputs, targets in zip(encoded.inputs[:4], encoded.targets[:4], strict=True):
+        log_probs = _peft_logits(peft_model, [inputs + targets])[0].log_softmax(dim=-1)
+        losses += [-log_probs[len(inputs) - 1 + k, token] for k, token in enumerate(targets)]
+    torch.testing.assert_close(loss.detach(), torch.stack(losses).mean(), atol=1e-5, rtol=0)
