@@ -259,11 +259,12 @@ def test_projection_trains_the_mlp_and_saves_the_folded_prefix(tiny, tmp_path):
     from softprompt.training.trainer import train
 
     report = train(**tiny.options(tmp_path, method="prefix", prefix_projection=True, encoder_hidden_size=8,
-                                  lr=0.01, steps=2, baselines=False)).report
+                                  init="RANDOM", lr=0.01, steps=2, baselines=False)).report
     # embedding (4 x 16) + Linear(16, 8) + Linear(8, 64)
     assert report["trainable_parameters"] == 4 * 16 + (16 * 8 + 8) + (8 * 64 + 64)
     checkpoint = load_prompt(tmp_path / "prompt")
     assert checkpoint.config.prefix_projection and checkpoint.weights.shape == (4, 64)
+    assert checkpoint.metadata["init_report"]["strategy"] == "RANDOM"
 
 
 def test_prefix_options_that_cannot_work_are_refused():
