@@ -333,3 +333,24 @@ def test_generation_loss_behind_a_prefix_is_peft_target_token_cross_entropy(tmp_
         log_probs = _peft_logits(peft_model, [inputs + targets])[0].log_softmax(dim=-1)
         losses += [-log_probs[len(inputs) - 1 + k, token] for k, token in enumerate(targets)]
     torch.testing.assert_close(loss.detach(), torch.stack(losses).mean(), atol=1e-5, rtol=0)
+
+
+def test_server_classifies_with_a_prefix_task(served):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from softprompt.inference import Engine
+    from softprompt.server.app import create_app
+    from softprompt.server.options import ServeOptions
+    from tests.test_server import running_server
+
+    model, tokenizer, prefix_dir, prompt_dir = served
+    engine = Engine(model_and_tokenizer=(model, tokenizer))
+    engine.add_task("sentiment", prefix_dir)
+    expected = engine.classify([("sentiment", text) for text in REVIEWS])
+    with running_server(create_app(engine, ServeOptions(max_wait_ms=0))) as running:
+        running.wait_ready()
+        with running.client() as client:
+            response = client.post("/v1/classify", json={"task": "sentiment", "inputs": REVIEWS})
+    assert response.status_code == 200, response.text
+    for result, reference in zip(response.json()["results"], expected, strict=True):
+        assert result["probabilities"] == pytest.approx(reference.probabilities, abs=1e-6)
