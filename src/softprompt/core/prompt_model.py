@@ -90,6 +90,13 @@ class PromptTunedModel(nn.Module):
         with torch.no_grad():
             return self.prompt_encoder.rows().detach().clone()
 
+    def set_prompt_weights(self, weights: torch.Tensor) -> None:
+        """Put saved (plain) prompt rows in place, the best ones: a reparameterization is folded
+        away first, so that the model holds exactly ``weights``."""
+        self.prompt_encoder.fold()
+        with torch.no_grad():
+            self.prompt_encoder.embedding.weight.copy_(weights.to(self.device))
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, the base model's included in total."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

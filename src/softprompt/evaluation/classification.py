@@ -62,7 +62,8 @@ def score_split(
 
     Args:
         frozen: the frozen model.
-        prompt: ``(n, H)`` the soft prompt, or None for the frozen model alone (baselines).
+        prompt: ``(n, H)`` the soft prompt or a deep prompt (``shared_prefix`` only), or None for
+            the frozen model alone (baselines).
         sequences: encoded examples.
         verbalizer: the label words.
         batch_size: examples per forward (batches are formed by length).

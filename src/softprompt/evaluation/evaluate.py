@@ -66,7 +66,9 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     records = splits.split(options.split)
     records = records[: options.max_examples] if options.max_examples else records
 
+    from softprompt.core.prefix import servable_prompt
     from softprompt.fastpath.frozen import FrozenModel
+    from softprompt.fastpath.prompt_kv import check_prompt
     from softprompt.models import load_model
     from softprompt.models.precision import resolve_dtype
 
@@ -76,10 +78,8 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     tokenized = verbalizer.tokenize(tokenizer)
     prompt = None
     if checkpoint is not None:
-        frozen.check_prompt_width(
-            checkpoint.weights.shape[1], str(options.prompt), checkpoint.config.base_model_name_or_path
-        )
-        prompt = checkpoint.weights[: checkpoint.config.num_virtual_tokens].to(frozen.device)
+        prompt = servable_prompt(checkpoint).to(frozen.device)
+        check_prompt(frozen, prompt, str(options.prompt), checkpoint.config.base_model_name_or_path)
     instruction = options.instruction  # "" is no instruction; None is the dataset's default
     if instruction is None:
         words = [verbalizer.words(label)[0].strip() for label in verbalizer.labels]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, Verbalizer
 from softprompt.training.distributed import DistContext
@@ -75,7 +76,7 @@ class PromptCheckpoints:
 
     Args:
         output_dir: the run's directory.
-        model: the prompted model being trained.
+        model: the prompted (or prefixed) model being trained.
         metadata: `prompt_metadata` of the run; each save adds a ``training`` summary to it.
         context: this process's place in the job (rank 0 writes).
     """
@@ -83,7 +84,7 @@ class PromptCheckpoints:
     def __init__(
         self,
         output_dir: Path,
-        model: PromptTunedModel,
+        model: PromptTunedModel | PrefixTunedModel,
         metadata: dict[str, Any],
         context: DistContext,
     ) -> None:
@@ -97,22 +98,15 @@ class PromptCheckpoints:
     def prompt_dir(self) -> Path:
         return self.output_dir / PROMPT_DIR
 
-    @property
-    def parameter(self) -> torch.nn.Parameter:
-        """The prompt's own parameter ``(n, hidden)`` (before any reparameterization)."""
-        return self.model.prompt_encoder.embedding.weight
-
     def trained(self) -> dict[str, torch.nn.Parameter]:
-        """Every trained tensor by name, in the optimizer's order: ``prompt``, then the
-        reparameterization's weights (``reparameterization.down.weight``, ...) where set."""
-        tensors = {"prompt": self.parameter}
-        reparameterization = self.model.prompt_encoder.reparameterization
-        if reparameterization is not None:
-            tensors.update(
-                (f"reparameterization.{name}", parameter)
-                for name, parameter in reparameterization.named_parameters()
-            )
-        return tensors
+        """Every trained tensor by name, in the optimizer's order: ``prompt`` (the prompt's or
+        the prefix's own tensor), then a reparameterization's weights by their module names
+        (``reparameterization.down.weight``, ``transform.0.weight``, ...) where one is set."""
+        return {
+            ("prompt" if name.startswith("embedding") else name): parameter
+            for name, parameter in self.model.prompt_encoder.named_parameters()
+            if parameter.requires_grad
+        }
 
     def begin(self, optimizer: torch.optim.Optimizer, resume: bool) -> LoopState:
         """The loop's starting state.
@@ -153,12 +147,10 @@ class PromptCheckpoints:
     def restore_best(self) -> None:
         """Put the best prompt back into the model (to score the test split with it).
 
-        A reparameterized prompt is folded first: the model then holds the plain prompt that
-        ``OUT/prompt`` holds, and training cannot go on after this.
+        A reparameterized prompt is folded: the model then holds the plain prompt (or prefix)
+        that ``OUT/prompt`` holds, and training cannot go on after this.
         """
-        self.model.prompt_encoder.fold()
-        with torch.no_grad():
-            self.parameter.copy_(self.best.to(self.parameter.device))
+        self.model.set_prompt_weights(self.best)
 
     def save_prompt(self, training: dict[str, Any] | None = None) -> None:
         """Write the model's current prompt to ``OUT/prompt`` with the metadata (rank 0)."""

@@ -38,8 +38,9 @@ from softprompt.training.distributed import SINGLE, DistContext, gather_rows
 class Objective(Protocol):
     """What the training loop needs from a task kind.
 
-    ``prompt`` is the ``(n, H)`` fp32 soft prompt (trainable in ``loss_sum``), or None for the
-    frozen model alone (baselines, and the LoRA comparison, whose adapters live in the model).
+    ``prompt`` is the ``(n, H)`` fp32 soft prompt or a deep prompt (:class:`~softprompt.core.prefix.DeepPrompt`, whose
+    keys/values need ``shared_prefix``), trainable in ``loss_sum``; or None for the frozen model
+    alone (baselines, and the LoRA comparison, whose adapters live in the model).
     """
 
     def encode(self, records: Sequence[Record], context: str = "") -> Any: ...

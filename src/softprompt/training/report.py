@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.models.precision import DtypeChoice
 from softprompt.training.loop import LoopResult
@@ -75,7 +76,7 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
 
 def build_report(
     options: TrainOptions,
-    model: PromptTunedModel,
+    model: PromptTunedModel | PrefixTunedModel,
     initial_prompt: torch.Tensor,
     loop: LoopResult,
     test: dict[str, Any],
@@ -126,6 +127,7 @@ def build_report(
         "dataset": options.dataset,
         "task_type": options.task_type,
         "num_virtual_tokens": options.num_virtual_tokens,
+        "method": options.method,
         "init": str(options.init).upper(),
         "optimizer": options.optimizer,
         "lr": learning_rate or options.learning_rate,
@@ -176,5 +178,8 @@ def training_summary(report: dict[str, Any]) -> dict[str, Any]:
         "init_macro_f1",
         "lr",
         "optimizer",
+        "method",
+        "trainable_parameters",
+        "adapter_bytes",
     )
     return {key: report[key] for key in keys if key in report}

@@ -14,6 +14,7 @@ import torch
 
 from softprompt.core.checkpoint import load_prompt
 from softprompt.core.config import PromptTuningConfig, TaskType
+from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt import embedding_std
 from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
 from softprompt.core.reparameterize import ResidualReparameterization
@@ -36,6 +37,7 @@ from softprompt.training.distributed import DistContext
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
 from softprompt.training.optim import scaled_learning_rate
 from softprompt.training.options import AUTO_VERBALIZER, TrainOptions
+from softprompt.training.prefix import get_prefix_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,11 @@ class Prepared:
 class RunSetup:
     """The loaded pieces of a run: the prompted model, its objective and the encoded splits."""
 
-    model: PromptTunedModel
+    model: PromptTunedModel | PrefixTunedModel
     frozen: FrozenModel  # the model's frozen base, as the objective runs it
     objective: Objective
     shared_prefix: bool  # compute the prompt's keys/values once per training batch
-    initial_prompt: torch.Tensor  # (n, hidden), before any step
+    initial_prompt: torch.Tensor  # (n, hidden) or a prefix's (n, layers * 2 * token_dim), before any step
     train_data: Any
     validation_data: Any
     test_data: Any
@@ -171,7 +173,11 @@ def load_run(
             options, prepared, train_data, FrozenModel(base, tokenizer), context
         )
     objective = make_objective(options, prepared, tokenizer)
-    model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
+    frozen = FrozenModel(base, tokenizer)
+    if options.method == "prefix":
+        model = get_prefix_model(base, frozen, prompt_config(options, prepared), options, tokenizer)
+    else:
+        model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
     if options.reparameterize == "residual":  # trained through an MLP, saved folded
         model.prompt_encoder.reparameterization = ResidualReparameterization(
             model.peft_config.token_dim, options.residual_bottleneck, options.seed
@@ -187,7 +193,7 @@ def load_run(
         objective.shared_prefix = shared_prefix
     setup = RunSetup(
         model,
-        FrozenModel(base, tokenizer),
+        frozen,
         objective,
         shared_prefix,
         model.get_prompt_embedding_to_save(),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from softprompt.core.checkpoint import atomic_write_json
+from softprompt.core.checkpoint import WEIGHTS_NAME, atomic_write_json
 from softprompt.training import distributed
 from softprompt.training.checkpoints import PromptCheckpoints, prompt_metadata
 from softprompt.training.loop import (
@@ -202,6 +202,8 @@ def _run(
         label_words=run.label_words,
     )
     if context.is_main:
+        # The best prompt is on disk already (saved when it was found): its weights file's size.
+        report["adapter_bytes"] = (checkpoints.prompt_dir / WEIGHTS_NAME).stat().st_size
         atomic_write_json(output_dir / "report.json", report)
         checkpoints.save_prompt(training_summary(report))
         plot_curves(
