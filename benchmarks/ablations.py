@@ -226,7 +226,10 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
     from softprompt.training.optim import make_optimizer, make_scheduler
 
     frozen, parameters = _lora_model(config, settings)
-    objective, (train_data, validation, test) = _lora_data(frozen.tokenizer, settings)
+    cap = settings.max_eval_examples
+    objective, (train_data, validation, test) = _lora_data(
+        frozen.tokenizer, settings.dataset, settings.max_train_examples, cap, cap
+    )
     steps = settings.budget_steps
     optimizer = make_optimizer(parameters, "adamw", settings.lora_lr)
     scheduler = make_scheduler(optimizer, steps, min(10, steps - 1), "constant")
@@ -287,23 +290,28 @@ def _lora_model(config: Config, settings: Settings) -> tuple[Any, list[Any]]:
     return frozen, parameters
 
 
-def _lora_data(tokenizer: Any, settings: Settings) -> tuple[Any, tuple[Any, Any, Any]]:
-    """The prompt runs' objective (default template and verbalizer) and encoded splits."""
+def _lora_data(
+    tokenizer: Any,
+    dataset: str,
+    train_cap: int | None,
+    validation_cap: int | None,
+    test_cap: int | None,
+) -> tuple[Any, tuple[Any, Any, Any]]:
+    """The prompt runs' objective (default template and verbalizer) and encoded splits, each
+    cut to its first ``*_cap`` examples (None: all)."""
     from softprompt.data import Verbalizer, default_template, load_dataset
     from softprompt.training.objectives import ClassificationObjective
     from softprompt.training.options import TrainOptions
 
-    splits = load_dataset(settings.dataset)
+    splits = load_dataset(dataset)
     verbalizer = Verbalizer.default_for(splits.labels).tokenize(tokenizer)
     objective = ClassificationObjective(
-        tokenizer, default_template(settings.dataset), verbalizer, "label", TrainOptions.max_length
+        tokenizer, default_template(dataset), verbalizer, "label", TrainOptions.max_length
     )
-    cap = settings.max_eval_examples
-    train = splits.train[: settings.max_train_examples or None]
     return objective, (
-        objective.encode(train),
-        objective.encode(splits.validation[:cap]),
-        objective.encode(splits.test[:cap]),
+        objective.encode(splits.train[:train_cap]),
+        objective.encode(splits.validation[:validation_cap]),
+        objective.encode(splits.test[:test_cap]),
     )
 
 

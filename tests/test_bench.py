@@ -77,6 +77,7 @@ INFER_FIELDS = (
     "softprompt_one_forward_requests_per_second",
     "length_bucket_speedup",
     "predictions_identical",
+    "predictions_agree",
     "max_probability_difference",
     "requests",
     "tasks",
@@ -88,6 +89,7 @@ GENERATE_FIELDS = (
     "uncached_tokens_per_second",
     "ratio",
     "outputs_identical",
+    "outputs_agree",
     "generated_tokens",
     "auto_vs_fp32_output_agreement",
 )
@@ -306,3 +308,34 @@ def test_generate_quick_real(capsys: pytest.CaptureFixture[str]) -> None:
     result = _run(capsys, "generate", "--repeats", "1")
     _check_fields(result, GENERATE_FIELDS)
     assert result["outputs_identical"] is True
+
+
+def test_reduced_precision_checks_tolerate_near_ties_only():
+    from softprompt.bench import generate_bench, infer_bench
+
+    def infer_fields(peft_label_probabilities, dtype):
+        ours = [{"a": 0.9, "b": 0.1}, {"a": 0.52, "b": 0.48}]
+        outputs = {"softprompt": ours, "peft": peft_label_probabilities, "one_forward": ours}
+        return infer_bench._dtype_fields(outputs, {k: [1.0] for k in ("softprompt", "peft", "one_forward")}, 2, dtype)
+
+    near_tie = [{"a": 0.9, "b": 0.1}, {"a": 0.47, "b": 0.53}]  # the 0.52/0.48 request flips
+    clear_flip = [{"a": 0.2, "b": 0.8}, {"a": 0.52, "b": 0.48}]  # the 0.9/0.1 request flips
+    assert infer_fields(near_tie, "bfloat16")["predictions_agree"] is True
+    assert infer_fields(near_tie, "bfloat16")["predictions_identical"] is False
+    assert infer_fields(near_tie, "float32")["predictions_agree"] is False  # float32: exact
+    assert infer_fields(clear_flip, "bfloat16")["predictions_agree"] is False
+
+    class Generated:
+        def __init__(self, ids):
+            self.token_ids, self.num_tokens, self.text = ids, len(ids), ""
+
+    def generate_fields(differing, dtype):
+        cached = [Generated([1, 2, 3]) for _ in range(8)]
+        uncached = [Generated([1, 2, 4] if i < differing else [1, 2, 3]) for i in range(8)]
+        outputs = {"cached": cached, "uncached": uncached}
+        return generate_bench._dtype_fields(outputs, {"cached": [1.0], "uncached": [1.0]}, dtype)
+
+    assert generate_fields(2, "bfloat16")["outputs_agree"] is True  # 6 of 8 identical
+    assert generate_fields(3, "bfloat16")["outputs_agree"] is False
+    assert generate_fields(1, "float32")["outputs_agree"] is False
+    assert generate_fields(0, "float32")["outputs_agree"] is True

@@ -322,7 +322,7 @@ def test_invalid_metadata_json_names_the_file(saved):
 
 def test_not_a_prompt_tuning_adapter(saved):
     (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    with pytest.raises(ValueError, match=r"adapter_config.json: .*only loads PROMPT_TUNING"):
+    with pytest.raises(ValueError, match=r"adapter_config.json: .*loads PROMPT_TUNING and PREFIX_TUNING"):
         load_prompt(saved)
 
 

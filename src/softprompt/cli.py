@@ -49,7 +49,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     report = result.report
     print(f"\nrun directory: {result.output_dir}")
-    keys = ("zero_shot_accuracy", "init_accuracy", "test_accuracy", "best_validation_accuracy")
+    keys = ("zero_shot_accuracy", "zero_shot_macro_f1", "init_accuracy", "init_macro_f1",
+            "test_accuracy", "test_macro_f1", "best_validation_accuracy")
     if report.get("task_type") == "generation":  # chrF and BLEU are 0-100; accuracy is exact match
         keys = (
             "zero_shot_chrf",

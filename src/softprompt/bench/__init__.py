@@ -73,14 +73,14 @@ BENCHES = {
         "mixed-task classification: Engine vs PEFT adapters",
         InferBenchOptions,
         "softprompt.bench.infer_bench",
-        "predictions_identical",
+        "predictions_agree",
         needs_peft=True,
     ),
     "generate": Bench(
         "generation with vs without the prompt KV cache",
         GenerateBenchOptions,
         "softprompt.bench.generate_bench",
-        "outputs_identical",
+        "outputs_agree",
         needs_peft=False,
     ),
 }

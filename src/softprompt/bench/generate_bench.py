@@ -7,8 +7,10 @@ loaded once per dtype of :func:`~softprompt.bench.compare.bench_dtypes` (the one
 resolves to, and float32), each serving the same prompts. The same mixed batches of greedy
 requests go to every engine; each first generates them all once untimed (every shape warmed
 up), then the repeats alternate. Throughput is generated tokens per second (median of repeats).
-Within each dtype the greedy outputs must be identical; across dtypes near ties may pick other
-tokens, so only the fraction of identical outputs is reported.
+Within float32 the greedy outputs must be identical; in bf16 at least
+:data:`~softprompt.bench.compare.MIN_IDENTICAL_GENERATIONS` of them (``outputs_agree``; a near
+tie rounded differently changes the rest of a sequence). Across dtypes only the fraction of
+identical outputs is reported.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from softprompt.bench.common import (
 )
 from softprompt.bench.compare import (
     FLOAT32,
+    MIN_IDENTICAL_GENERATIONS,
     agreement,
     bench_dtypes,
     dtype_summary,
@@ -64,8 +67,8 @@ def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
             for dtype, (model, tokenizer) in models.items()
         }
     outputs, seconds = time_workloads(workloads, options.repeats, device)
-    by_dtype = {dtype: _dtype_fields(outputs[dtype], seconds[dtype]) for dtype in dtypes}
-    summary = dtype_summary(by_dtype, choice.dtype, "cached_tokens_per_second", "outputs_identical")
+    by_dtype = {dtype: _dtype_fields(outputs[dtype], seconds[dtype], dtype) for dtype in dtypes}
+    summary = dtype_summary(by_dtype, choice.dtype, "cached_tokens_per_second", "outputs_agree")
     return {
         "bench": "generate",
         "model": options.model,
@@ -104,8 +107,10 @@ def _engines(
     return runs
 
 
-def _dtype_fields(outputs: dict[str, list[Any]], seconds: dict[str, list[float]]) -> dict[str, Any]:
-    """One dtype's figures; its two engines' outputs must be identical (same dtype only)."""
+def _dtype_fields(
+    outputs: dict[str, list[Any]], seconds: dict[str, list[float]], dtype: str
+) -> dict[str, Any]:
+    """One dtype's figures; its two engines' outputs must agree (same dtype only)."""
     cached, uncached = outputs["cached"], outputs["uncached"]
     differing = [
         slot
@@ -124,6 +129,9 @@ def _dtype_fields(outputs: dict[str, list[Any]], seconds: dict[str, list[float]]
         "cached_seconds": seconds["cached"],
         "uncached_seconds": seconds["uncached"],
         "outputs_identical": not differing,
+        "outputs_agree": not differing or (
+            dtype != FLOAT32 and 1 - len(differing) / len(cached) >= MIN_IDENTICAL_GENERATIONS
+        ),
         "differing_requests": differing,
         "sample_output": cached[0].text if cached else None,
     }

@@ -138,7 +138,7 @@ class TrainSetup:
     def _softprompt_model(self) -> Any:
         from softprompt.core.config import PromptTuningConfig
         from softprompt.core.prompt_model import PromptTunedModel
-        from softprompt.training.options import DEFAULT_INIT_TEXT
+        from softprompt.data.templates import DEFAULT_INSTRUCTIONS
 
         options = self.options
         init = options.init.upper()
@@ -146,7 +146,7 @@ class TrainSetup:
             task_type="CAUSAL_LM",
             num_virtual_tokens=options.num_virtual_tokens,
             prompt_tuning_init=init,
-            prompt_tuning_init_text=DEFAULT_INIT_TEXT if init == "TEXT" else None,
+            prompt_tuning_init_text=DEFAULT_INSTRUCTIONS["rotten_tomatoes"] if init == "TEXT" else None,
             prompt_tuning_init_labels=[word for word in VERBALIZER.values()]
             if init == "CLASS_LABEL"
             else None,

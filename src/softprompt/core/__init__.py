@@ -1,5 +1,5 @@
 """The PEFT-compatible core: config, prompt embedding and its inits, combining a prompt with the
-input, the prompt-tuned model wrapper and PEFT-format checkpoints.
+input, the prompt-tuned model wrapper, deep prompts (prefix tuning) and PEFT-format checkpoints.
 
 The names import on first use (PEP 562), so that the torch-free ``core.config`` can be imported
 (by the options dataclasses behind the command line) without loading torch.
@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from softprompt.core.checkpoint import PromptCheckpoint, load_prompt, save_prompt
-    from softprompt.core.config import PeftType, PromptTuningConfig, PromptTuningInit, TaskType
+    from softprompt.core.config import (
+        PeftType,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
+    )
+    from softprompt.core.prefix import DeepPrompt, PrefixTunedModel
     from softprompt.core.prompt import PromptEmbedding
     from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
 
@@ -22,6 +29,9 @@ _MODULES = {
     "save_prompt": "checkpoint",
     "PeftType": "config",
     "PromptTuningConfig": "config",
+    "PrefixTuningConfig": "config",
+    "DeepPrompt": "prefix",
+    "PrefixTunedModel": "prefix",
     "PromptTuningInit": "config",
     "TaskType": "config",
     "PromptEmbedding": "prompt",
@@ -30,7 +40,10 @@ _MODULES = {
 }
 
 __all__ = [
+    "DeepPrompt",
     "PeftType",
+    "PrefixTunedModel",
+    "PrefixTuningConfig",
     "PromptCheckpoint",
     "PromptEmbedding",
     "PromptTunedModel",

@@ -4,7 +4,9 @@ A checkpoint directory holds:
   - ``adapter_config.json``: PEFT's keys only, so ``PeftModel.from_pretrained`` reads it;
   - ``adapter_model.safetensors``: one tensor ``prompt_embeddings``
     ``(num_virtual_tokens * num_transformer_submodules, token_dim)`` (for SEQ_CLS also the frozen
-    classification head, as PEFT's ``modules_to_save``, without which PEFT cannot load it);
+    classification head, as PEFT's ``modules_to_save``, without which PEFT cannot load it); for a
+    prefix (PREFIX_TUNING) the same key holds ``(num_virtual_tokens, num_layers * 2 * token_dim)``,
+    the keys and values of every layer (:mod:`softprompt.core.prefix`), as PEFT saves it;
   - ``softprompt.json``: our metadata (init details, template, verbalizer, training summary).
 Only safetensors are read: a pickle can run code, so ``.bin`` checkpoints are refused.
 """
@@ -23,7 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.core.config import ADAPTER_CONFIG_NAME, PromptTuningConfig
+from softprompt.core.config import (
+    ADAPTER_CONFIG_NAME,
+    AdapterConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    read_adapter_config,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_NAME = "softprompt.json"
@@ -33,9 +41,9 @@ _BACKUP_SUFFIX = ".previous"
 
 @dataclass
 class PromptCheckpoint:
-    """A loaded prompt: its config, its ``(total_virtual_tokens, token_dim)`` fp32 weights, metadata."""
+    """A loaded prompt or prefix: its config, its fp32 weights (``config.weights_shape``), metadata."""
 
-    config: PromptTuningConfig
+    config: AdapterConfig
     weights: torch.Tensor
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -68,7 +76,7 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
 def save_prompt(
     directory: str | Path,
     weights: torch.Tensor,
-    config: PromptTuningConfig,
+    config: AdapterConfig,
     metadata: dict[str, Any] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
@@ -80,8 +88,8 @@ def save_prompt(
 
     Args:
         directory: target checkpoint directory.
-        weights: ``(total_virtual_tokens, token_dim)`` prompt matrix.
-        config: its config (``token_dim`` set).
+        weights: the prompt matrix, ``config.weights_shape``.
+        config: its config (model-derived fields set).
         metadata: JSON-serialisable softprompt metadata.
         extra_tensors: more tensors for the weights file, by PEFT key (the frozen classification
             head of a SEQ_CLS model, which PEFT needs to load the checkpoint).
@@ -90,7 +98,7 @@ def save_prompt(
         The checkpoint directory.
     """
     directory = Path(directory)
-    expected = (config.total_virtual_tokens, config.token_dim)
+    expected = config.weights_shape
     if tuple(weights.shape) != expected:
         raise ValueError(f"prompt weights have shape {tuple(weights.shape)}, config expects {expected}")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +161,7 @@ def replace_directory(staging: Path, directory: Path) -> None:
 
 
 def load_prompt(directory: str | Path) -> PromptCheckpoint:
-    """Load a checkpoint saved by softprompt or by PEFT (prompt tuning).
+    """Load a checkpoint saved by softprompt or by PEFT (prompt tuning or prefix tuning).
 
     Raises:
         FileNotFoundError: the directory or its files are missing (the message lists what is there).
@@ -176,10 +184,10 @@ def load_prompt(directory: str | Path) -> PromptCheckpoint:
                 "safetensors only. Re-save it with PEFT's save_pretrained(safe_serialization=True)"
             )
         raise FileNotFoundError(f"{weights_path}: missing; not a prompt checkpoint (found: {found})")
-    config = PromptTuningConfig.from_json_file(config_path)
+    config = read_adapter_config(config_path)
     metadata = _read_metadata(directory / METADATA_NAME)
     extra = metadata.get("config") or {}
-    if extra:
+    if extra and isinstance(config, PromptTuningConfig):
         config = PromptTuningConfig.from_dict(config.to_peft_dict() | {"inference_mode": config.inference_mode}, extra)
     try:
         tensors = load_file(str(weights_path))
@@ -190,6 +198,10 @@ def load_prompt(directory: str | Path) -> PromptCheckpoint:
     weights = tensors[PROMPT_KEY].to(torch.float32)
     if weights.ndim != 2:
         raise ValueError(f"{weights_path}: '{PROMPT_KEY}' has shape {tuple(weights.shape)}, expected 2-D")
+    if isinstance(config, PrefixTuningConfig):
+        _check_prefix_shape(config, weights, weights_path)
+        extra = {key: tensor for key, tensor in tensors.items() if key != PROMPT_KEY}
+        return PromptCheckpoint(config, weights, metadata, directory, extra_tensors=extra)
     rows, width = weights.shape
     submodules = config.num_transformer_submodules or 1
     if rows != config.num_virtual_tokens * submodules:
@@ -203,6 +215,19 @@ def load_prompt(directory: str | Path) -> PromptCheckpoint:
     config.num_transformer_submodules = submodules
     extra = {key: tensor for key, tensor in tensors.items() if key != PROMPT_KEY}
     return PromptCheckpoint(config, weights, metadata, directory, extra_tensors=extra)
+
+
+def _check_prefix_shape(config: PrefixTuningConfig, weights: torch.Tensor, weights_path: Path) -> None:
+    """A prefix's weights must be ``(num_virtual_tokens, num_layers * 2 * token_dim)``."""
+    missing = [name for name in ("token_dim", "num_attention_heads", "num_layers") if getattr(config, name) is None]
+    if missing:
+        raise ValueError(f"{weights_path.parent / ADAPTER_CONFIG_NAME}: a prefix needs {', '.join(missing)}")
+    config.num_transformer_submodules = config.num_transformer_submodules or 1
+    if tuple(weights.shape) != config.weights_shape:
+        raise ValueError(
+            f"{weights_path}: '{PROMPT_KEY}' has shape {tuple(weights.shape)}, but {ADAPTER_CONFIG_NAME} "
+            f"says num_virtual_tokens x num_layers * 2 * token_dim = {config.weights_shape}"
+        )
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:

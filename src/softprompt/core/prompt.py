@@ -58,6 +58,10 @@ class PromptEmbedding(nn.Module):
 
     Shapes:
         forward: indices ``(batch, total_virtual_tokens)`` -> ``(batch, total_virtual_tokens, token_dim)``.
+
+    A training run may set ``reparameterization`` (a row-wise module, e.g.
+    :class:`~softprompt.core.reparameterize.ResidualReparameterization`): the prompt is then its
+    output over the embedding rows, and `rows` (what is saved) is that output, folded.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class PromptEmbedding(nn.Module):
         weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        self.reparameterization: nn.Module | None = None
         embedding_dim = word_embeddings.weight.shape[1]
         if config.token_dim is None:
             config.token_dim = embedding_dim
@@ -100,7 +105,23 @@ class PromptEmbedding(nn.Module):
         Returns:
             ``(batch, total_virtual_tokens, token_dim)`` fp32 embeddings.
         """
-        return self.embedding(indices)
+        rows = self.embedding(indices)
+        return rows if self.reparameterization is None else self.reparameterization(rows)
+
+    def rows(self) -> torch.Tensor:
+        """``(total_virtual_tokens, token_dim)`` fp32 prompt: the reparameterized rows where a
+        reparameterization is set (differentiable), else the parameter itself."""
+        weight = self.embedding.weight
+        return weight if self.reparameterization is None else self.reparameterization(weight)
+
+    def fold(self) -> None:
+        """Replace the parameter by `rows` and drop the reparameterization (same prompt after)."""
+        if self.reparameterization is None:
+            return
+        with torch.no_grad():
+            folded = self.rows().detach().clone()
+            self.reparameterization = None
+            self.embedding.weight.copy_(folded)
 
 
 def load_tokenizer(name_or_path: str | None, kwargs: dict | None = None) -> Any:
@@ -151,12 +172,23 @@ def _embed(word_embeddings: nn.Module, token_ids: list[int] | torch.Tensor) -> t
         return word_embeddings(ids).detach().to(device="cpu", dtype=torch.float32).clone()
 
 
+def _sample_rows(word_embeddings: nn.Module, generator: torch.Generator, count: int = 8192) -> torch.Tensor:
+    """``(min(count, V), H)`` embeddings of randomly chosen vocabulary rows, as the module outputs them."""
+    vocab_size = word_embeddings.weight.shape[0]
+    sample = torch.randperm(vocab_size, generator=generator)[: min(vocab_size, count)]
+    return _embed(word_embeddings, sample)
+
+
+def embedding_std(word_embeddings: nn.Module) -> float:
+    """Standard deviation of the input embeddings' entries (a fixed sample of rows, the module's
+    own scaling included, e.g. Gemma's ``sqrt(hidden)``): the scale a prompt's entries live on."""
+    return float(_sample_rows(word_embeddings, torch.Generator().manual_seed(0)).std())
+
+
 def _random_init(total: int, word_embeddings: nn.Module, generator: torch.Generator) -> torch.Tensor:
     # PEFT's N(0, 1) lands far from real embeddings (whose per-dimension std is ~0.02-0.1);
     # matching the table's per-dimension mean and std keeps the prompt on the same scale.
-    vocab_size = word_embeddings.weight.shape[0]
-    sample = torch.randperm(vocab_size, generator=generator)[: min(vocab_size, 8192)]
-    rows = _embed(word_embeddings, sample)
+    rows = _sample_rows(word_embeddings, generator)
     mean, std = rows.mean(dim=0), rows.std(dim=0)
     noise = torch.randn(total, rows.shape[1], generator=generator)
     return mean + noise * std

@@ -80,12 +80,22 @@ class PromptTunedModel(nn.Module):
 
     @property
     def prompt(self) -> torch.Tensor:
-        """``(num_virtual_tokens, token_dim)`` fp32 prompt rows (the trainable parameter itself)."""
-        return self.prompt_encoder.embedding.weight[: self.num_virtual_tokens]
+        """``(num_virtual_tokens, token_dim)`` fp32 prompt rows (the trainable parameter itself,
+        or its reparameterization during a run that sets one)."""
+        return self.prompt_encoder.rows()[: self.num_virtual_tokens]
 
     def get_prompt_embedding_to_save(self) -> torch.Tensor:
-        """``(total_virtual_tokens, token_dim)`` detached copy of the prompt, as PEFT saves it."""
-        return self.prompt_encoder.embedding.weight.detach().clone()
+        """``(total_virtual_tokens, token_dim)`` detached copy of the prompt, as PEFT saves it
+        (a reparameterized prompt is saved folded: a plain prompt)."""
+        with torch.no_grad():
+            return self.prompt_encoder.rows().detach().clone()
+
+    def set_prompt_weights(self, weights: torch.Tensor) -> None:
+        """Put saved (plain) prompt rows in place, the best ones: a reparameterization is folded
+        away first, so that the model holds exactly ``weights``."""
+        self.prompt_encoder.fold()
+        with torch.no_grad():
+            self.prompt_encoder.embedding.weight.copy_(weights.to(self.device))
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, the base model's included in total."""

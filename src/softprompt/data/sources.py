@@ -1,9 +1,9 @@
 """Load a dataset into fixed train/validation/test splits of string records.
 
-`load_dataset` resolves ``name_or_path`` in this order: (1) ``rotten_tomatoes`` or
-``hsk_translation``, the bundled corpora (write ``./rotten_tomatoes`` for a local directory of
-that name; ``hsk_translation`` takes a ``direction``, en-zh or zh-en, and its target column
-defaults to ``target``); (2) an existing
+`load_dataset` resolves ``name_or_path`` in this order: (1) a bundled corpus,
+``rotten_tomatoes``, ``tweet_sentiment`` (`BUNDLED_DATASETS`) or ``hsk_translation`` (write
+``./rotten_tomatoes`` for a local directory of that name; ``hsk_translation`` takes a
+``direction``, en-zh or zh-en, and its target column defaults to ``target``); (2) an existing
 ``.jsonl``/``.csv``/``.tsv`` file, split 80/10/10 by `text_bucket`; (3) an existing directory of
 ``train.*``, ``validation.*`` (or ``dev.*``/``valid.*``) and ``test.*`` files, used as given;
 (4) a path-like name (file suffix, or leading ``.``, ``/``, ``~``) that does not exist:
@@ -31,15 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from softprompt.data import hsk
+from softprompt.data import hsk, rotten_tomatoes, tweet_sentiment
 from softprompt.data.files import FILE_FORMATS, SPLIT_STEMS, read_directory, read_file
 from softprompt.data.records import ROLES, Columns, Record, clean_rows
-from softprompt.data.rotten_tomatoes import RECORD_FIELDS, RT_NAME, read_rotten_tomatoes
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 DATASETS_INSTALL_HINT = 'pip install "softprompt[datasets]"'
+# Bundled corpus name -> (reader of its cleaned records, the fields of each record).
+BUNDLED_DATASETS = {
+    rotten_tomatoes.RT_NAME: (rotten_tomatoes.read_rotten_tomatoes, rotten_tomatoes.RECORD_FIELDS),
+    tweet_sentiment.TWEETS_NAME: (
+        tweet_sentiment.read_tweet_sentiment,
+        tweet_sentiment.RECORD_FIELDS,
+    ),
+}
 
 
 def normalize_text(text: str) -> str:
@@ -82,7 +89,7 @@ class DatasetSplits:
             BLEU tokenizer.
         group_column: Field by whose values metrics are also reported (``hsk_level``), or None.
         direction: The translation direction of a bundled pair dataset, or None.
-        cleaning: What reading the source dropped, in words (the bundled corpora), or None.
+        cleaning: For a bundled corpus, one line on what cleaning dropped or repaired.
     """
 
     name: str
@@ -156,8 +163,9 @@ def _load_hub(name: str, columns: Columns) -> tuple[dict[str, list[Record]], Col
         import datasets
     except ImportError:
         raise ImportError(
-            f"{name!r} is neither the bundled {RT_NAME!r} nor an existing local file or directory, "
-            "so it is treated as a Hugging Face dataset name, which needs the optional 'datasets' "
+            f"{name!r} is neither a bundled dataset "
+            f"({', '.join([*BUNDLED_DATASETS, hsk.HSK_NAME])}) nor an "
+            "existing local file or directory, so it is treated as a Hugging Face dataset name, which needs the optional 'datasets' "
             f"package: {DATASETS_INSTALL_HINT}"
         ) from None
     path, _, config = name.partition(":")
@@ -219,8 +227,9 @@ def load_dataset(
     """Loads a dataset into fixed train/validation/test splits (see the module docstring).
 
     Args:
-        name_or_path: ``rotten_tomatoes``, a .jsonl/.csv/.tsv file, a directory of split files,
-            or a Hugging Face dataset name (``name`` or ``name:config``).
+        name_or_path: A bundled name (``rotten_tomatoes``, ``tweet_sentiment``,
+            ``hsk_translation``), a .jsonl/.csv/.tsv file, a directory of split files, or a
+            Hugging Face dataset name (``name`` or ``name:config``).
         text_column: Field with the input text (required).
         label_column: Field with the class label; None for no labels. Optional when
             ``target_column`` is set.
@@ -271,10 +280,12 @@ def load_dataset(
             "direction": direction,
             "cleaning": corpus.summary(),
         }
-    elif name == RT_NAME:
-        corpus = read_rotten_tomatoes()
-        columns = columns.resolve(RECORD_FIELDS, f"{RT_NAME} ({corpus.path})")
+    elif name in BUNDLED_DATASETS:
+        read, fields = BUNDLED_DATASETS[name]
+        corpus = read()
+        columns = columns.resolve(fields, f"{name} ({corpus.path})")
         parts = hash_split(corpus.records, columns.text)
+        bundled = {"cleaning": corpus.summary()}
     elif path.is_dir():
         parts, columns = read_directory(path, columns)
         _fill_missing(parts, columns.text, str(path))

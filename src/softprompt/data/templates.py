@@ -10,18 +10,32 @@ Defaults: `DEFAULT_TEMPLATES` per dataset name (``hsk_translation``: one per dir
 ``"English: {text}\nChinese:"`` for en-zh); any other dataset gets `GENERIC_TEMPLATE`,
 ``"Input: {text}\\nOutput:"``, with ``{text}`` replaced by the dataset's text column. "Output"
 reads naturally both before a class word and before a free-text target.
+
+The instruction (TEXT init's text, and the context of the zero-/few-shot baselines) defaults to
+`default_instruction`: the dataset's own (`DEFAULT_INSTRUCTIONS`; ``hsk_translation``: one per
+direction), else one naming the task's labels, ``"Classify the text as one of: acq, crude,
+earn:"``, so that a CSV of news topics does not start from an instruction about movie reviews.
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from softprompt.data import hsk
 
-DEFAULT_TEMPLATES: dict[str, str] = {"rotten_tomatoes": "Review: {text}\nSentiment:"}
+DEFAULT_TEMPLATES: dict[str, str] = {
+    "rotten_tomatoes": "Review: {text}\nSentiment:",
+    "tweet_sentiment": "Tweet: {text}\nSentiment:",
+}
 GENERIC_TEMPLATE = "Input: {text}\nOutput:"
+DEFAULT_INSTRUCTIONS: dict[str, str] = {
+    "rotten_tomatoes": "Classify if the movie review is positive or negative:",
+    "tweet_sentiment": "Classify if the text is positive, neutral or negative:",
+}
+GENERATION_INSTRUCTION = "Read the input and write the output:"
+MAX_NAMED_LABELS = 30  # an instruction names at most this many labels, then "..."
 _FORMATTER = string.Formatter()
 _BRACE_HINT = "write literal braces as '{{' and '}}'"
 
@@ -134,12 +148,29 @@ def default_template(
     return Template(GENERIC_TEMPLATE.replace("{text}", "{" + text_column + "}"))
 
 
-def default_instruction(dataset_name: str, direction: str | None = None) -> str | None:
-    """The dataset's own instruction (TEXT init, zero-/few-shot baselines), or None.
+def default_instruction(
+    dataset_name: str, labels: Sequence[str] | None = None, direction: str | None = None
+) -> str:
+    """Returns the default instruction of a dataset (TEXT init, zero-/few-shot baselines).
 
-    ``hsk_translation`` has one per direction (``"Translate the following English text to
-    Chinese:"`` for en-zh); other datasets have none and callers use their general default.
+    Args:
+        dataset_name: A `DEFAULT_INSTRUCTIONS` key (e.g. ``tweet_sentiment``),
+            ``hsk_translation`` or any other name.
+        labels: The task's labels in verbalizer order; None for a generation task.
+        direction: ``hsk_translation``'s direction (None: its default); ignored for others.
+
+    Returns:
+        str: The dataset's own instruction (``hsk_translation``: one per direction,
+        ``"Translate the following English text to Chinese:"`` for en-zh); else ``"Classify
+        the text as one of: a, b, c:"`` naming the labels (the first `MAX_NAMED_LABELS`, then
+        ``...``); else, without labels, `GENERATION_INSTRUCTION`.
     """
     if dataset_name == hsk.HSK_NAME:
         return hsk.INSTRUCTIONS[hsk.check_direction(direction)]
-    return None
+    if dataset_name in DEFAULT_INSTRUCTIONS:
+        return DEFAULT_INSTRUCTIONS[dataset_name]
+    if not labels:
+        return GENERATION_INSTRUCTION
+    named = ", ".join(labels[:MAX_NAMED_LABELS])
+    more = ", ..." if len(labels) > MAX_NAMED_LABELS else ""
+    return f"Classify the text as one of: {named}{more}:"

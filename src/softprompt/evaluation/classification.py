@@ -62,7 +62,8 @@ def score_split(
 
     Args:
         frozen: the frozen model.
-        prompt: ``(n, H)`` the soft prompt, or None for the frozen model alone (baselines).
+        prompt: ``(n, H)`` the soft prompt or a deep prompt (``shared_prefix`` only), or None for
+            the frozen model alone (baselines).
         sequences: encoded examples.
         verbalizer: the label words.
         batch_size: examples per forward (batches are formed by length).
@@ -86,7 +87,16 @@ def score_split(
 
 
 def classification_metrics(scores: torch.Tensor, targets: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, per-label precision/recall/F1 and the confusion matrix (rows: gold)."""
+    """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix (rows: gold).
+
+    Macro-F1 is the unweighted mean of the labels' F1 (a label never predicted and never gold
+    counts as 0), so a minority class weighs as much as a majority one.
+
+    Args:
+        scores: ``(N, C)`` label scores; the prediction is the argmax.
+        targets: ``N`` gold label indices.
+        labels: ``C`` label names.
+    """
     predicted = scores.argmax(dim=1).tolist()
     count = len(labels)
     confusion = [[0] * count for _ in range(count)]
@@ -104,6 +114,7 @@ def classification_metrics(scores: torch.Tensor, targets: Sequence[int], labels:
     correct = sum(confusion[position][position] for position in range(count))
     return {
         "accuracy": correct / max(1, len(targets)),
+        "macro_f1": sum(values["f1"] for values in per_label.values()) / max(1, count),
         "examples": len(targets),
         "per_label": per_label,
         "confusion_matrix": {"labels": list(labels), "rows_gold_columns_predicted": confusion},

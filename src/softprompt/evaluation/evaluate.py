@@ -2,12 +2,12 @@
 
 Scores a tuned prompt, or a baseline without one (zero-shot instruction, optionally in the
 model's chat template; few-shot in-context examples), on a dataset split. Classification reports
-accuracy, per-label precision/recall and the confusion matrix; generation reports chrF, BLEU and
-exact match of greedy outputs, overall and per group (HSK level), computed by
-:mod:`softprompt.evaluation.generation` like training's. A checkpoint remembers how it was trained (dataset, columns, template,
-verbalizer, input length limit: its ``softprompt.json``), so ``--prompt DIR`` alone reproduces
-training's setting; any of them can be overridden. Inputs are encoded and cut exactly as the
-Engine and the server do (:mod:`softprompt.data.encoding`).
+accuracy, macro-F1, per-label precision/recall and the confusion matrix; generation reports
+chrF, BLEU and exact match of greedy outputs, overall and per group (HSK level), computed by
+:mod:`softprompt.evaluation.generation` like training's. A checkpoint remembers how it was
+trained (dataset, columns, template, verbalizer, input length limit: its ``softprompt.json``), so
+``--prompt DIR`` alone reproduces training's setting; any of them can be overridden. Inputs are
+encoded and cut exactly as the Engine and the server do (:mod:`softprompt.data.encoding`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from softprompt.evaluation.generation import (
     generate_texts,
     generation_metrics,
 )
-from softprompt.evaluation.options import DEFAULT_INIT_TEXT, EvalOptions
+from softprompt.evaluation.options import EvalOptions
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +84,19 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
         raise ValueError(
             f"dataset {setting['dataset']!r}: a generation evaluation needs --target-column"
         )
+    words = None
     if not generation:
         verbalizer = resolve_verbalizer(options.verbalizer, splits.labels or [], setting["verbalizer"])
+        words = [verbalizer.words(label)[0].strip() for label in verbalizer.labels]
+    if setting["instruction"] is None:  # "" is no instruction; None is the dataset's default
+        setting["instruction"] = default_instruction(setting["dataset"], words, setting["direction"])
     template = Template(setting["template"])
     records = splits.split(options.split)
     records = records[: options.max_examples] if options.max_examples else records
 
+    from softprompt.core.prefix import servable_prompt
     from softprompt.fastpath.frozen import FrozenModel
+    from softprompt.fastpath.prompt_kv import check_prompt
     from softprompt.models import load_model
     from softprompt.models.precision import resolve_dtype
 
@@ -99,14 +105,13 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     frozen = FrozenModel(base.eval().requires_grad_(False), tokenizer)
     prompt = None
     if checkpoint is not None:
-        frozen.check_prompt_width(
-            checkpoint.weights.shape[1], str(options.prompt), checkpoint.config.base_model_name_or_path
-        )
-        prompt = checkpoint.weights[: checkpoint.config.num_virtual_tokens].to(frozen.device)
+        prompt = servable_prompt(checkpoint).to(frozen.device)
+        check_prompt(frozen, prompt, str(options.prompt), checkpoint.config.base_model_name_or_path)
     what = {
         "prompt": str(options.prompt) if options.prompt else None,
         "baseline": options.baseline,
         "shots": options.shots if options.baseline == "few-shot" else None,
+        "instruction": setting["instruction"] if options.baseline else None,
         "split": options.split,
         **{key: setting[key] for key in ("model", "dataset", "template", "max_length")},
         **dtype.report_fields(),
@@ -186,7 +191,6 @@ def _evaluate_generation(
         "direction": splits.direction,
         "group_column": splits.group_column,
         "chat_template": options.chat_template,
-        "instruction": setting["instruction"] if options.baseline else None,
         "stop": list(stop),
         "max_target_length": setting["max_target_length"],
         "template": template.format,
@@ -230,9 +234,7 @@ def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
         "max_length": pick("max_length"),
         "max_target_length": pick("max_target_length", DEFAULT_MAX_TARGET_LENGTH),
         "stop": metadata.get("stop"),
-        "instruction": options.instruction
-        if options.instruction is not None
-        else default_instruction(dataset, direction) or DEFAULT_INIT_TEXT,
+        "instruction": options.instruction,  # None: resolved once the labels are known
     }
 
 
@@ -280,7 +282,8 @@ def _write(result: dict[str, Any], options: EvalOptions) -> dict[str, Any]:
 
 
 def format_metrics(result: dict[str, Any]) -> str:
-    """Accuracy, per-label table and confusion matrix as text; chrF/BLEU per group for generation."""
+    """Accuracy, macro-F1, per-label table and confusion matrix as text; chrF/BLEU per group for
+    generation."""
     what = result["prompt"] or f"baseline {result['baseline']}" + (f" (K={result['shots']})" if result.get("shots") else "")
     if result.get("chat_template"):
         what += " (chat template)"
@@ -289,7 +292,7 @@ def format_metrics(result: dict[str, Any]) -> str:
         return _format_generation(title, result)
     lines = [
         title,
-        f"accuracy: {result['accuracy']:.4f}",
+        f"accuracy: {result['accuracy']:.4f}  macro-F1: {result['macro_f1']:.4f}",
         f"{'label':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}",
     ]
     for label, values in result["per_label"].items():

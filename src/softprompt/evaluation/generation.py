@@ -21,6 +21,7 @@ import sacrebleu
 import torch
 from tqdm.auto import tqdm
 
+from softprompt.core.prefix import DeepPrompt
 from softprompt.data import Record, Template
 from softprompt.data.encoding import InputEncoding
 from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, decode, find_stop
@@ -88,7 +89,7 @@ def encode_generation(
 @torch.no_grad()
 def generate_texts(
     frozen: FrozenModel,
-    prompt: torch.Tensor | PromptKV | None,
+    prompt: torch.Tensor | DeepPrompt | PromptKV | None,
     inputs: Sequence[Sequence[int]],
     max_new_tokens: int,
     batch_size: int = 8,
@@ -99,7 +100,8 @@ def generate_texts(
 
     Args:
         frozen: the frozen model.
-        prompt: ``(n, H)`` soft prompt, its keys/values, or None (the model alone: baselines).
+        prompt: ``(n, H)`` soft prompt, a deep prompt, their keys/values, or None (the model
+            alone: baselines).
         inputs: encoded inputs.
         max_new_tokens: most tokens generated per input (fewer where the model's positions end).
         batch_size: inputs per decoding batch (batches are formed by length).
@@ -109,7 +111,9 @@ def generate_texts(
     Returns:
         The generated texts, stripped, in the order of ``inputs``.
     """
-    prefix = compute_prompt_kv(frozen, prompt) if isinstance(prompt, torch.Tensor) else prompt
+    prefix = prompt
+    if isinstance(prompt, (torch.Tensor, DeepPrompt)):
+        prefix = compute_prompt_kv(frozen, prompt)
     prompt_length = 0 if prefix is None else int(prefix.lengths.max())
     # Stop strings are applied afterwards (`finish_text`): a model may begin with a newline, which
     # as a stop string in the decoding loop would end its text before it starts.

@@ -1,7 +1,9 @@
 """What a prompt learned: how it was initialised, how far it drifted, its nearest vocabulary tokens.
 
 The initial prompt is recomputed from the checkpoint's config (every init is deterministic under
-its seed), so no extra file is needed to measure drift.
+its seed), so no extra file is needed to measure drift. A prefix (deep prompt) is shown per
+layer: the norms of its keys and values and, when ``softprompt.json`` records its init, how far
+each moved from the keys/values that init produces (recomputed through the model).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Any
 
 import torch
 
-from softprompt.core.checkpoint import load_prompt
-from softprompt.core.config import check_prompt_width
+from softprompt.core.checkpoint import PromptCheckpoint, load_prompt
+from softprompt.core.config import PrefixTuningConfig, PromptTuningConfig, check_prompt_width
+from softprompt.core.prefix import DeepPrompt, servable_prompt
 from softprompt.core.prompt import initial_prompt
 
 
@@ -67,6 +70,8 @@ def inspect_prompt(prompt_dir: str | Path, model: str | None = None, top_k: int 
     if not model_name:
         raise ValueError(f"{prompt_dir}: the checkpoint does not name its base model; pass --model")
     base, tokenizer = load_model(model_name)
+    if isinstance(checkpoint.config, PrefixTuningConfig):
+        return _inspect_prefix(checkpoint, prompt_dir, model_name, base, tokenizer)
     embeddings = base.get_input_embeddings()
     check_prompt_width(
         checkpoint.weights.shape[1], embeddings.weight.shape[1], str(prompt_dir), str(model_name)
@@ -114,9 +119,65 @@ def inspect_prompt(prompt_dir: str | Path, model: str | None = None, top_k: int 
     }
 
 
+def _inspect_prefix(
+    checkpoint: PromptCheckpoint, prompt_dir: str | Path, model_name: str, base: Any, tokenizer: Any
+) -> dict[str, Any]:
+    """Per-layer norms of a prefix's keys and values, and their drift from the recorded init."""
+    from softprompt.fastpath.frozen import FrozenModel
+    from softprompt.fastpath.prompt_kv import check_prompt, prefix_from_prompt
+
+    frozen = FrozenModel(base.eval().requires_grad_(False), tokenizer)
+    prefix = servable_prompt(checkpoint)
+    check_prompt(frozen, prefix, str(prompt_dir), model_name)
+    init_report = checkpoint.metadata.get("init_report") or {}
+    recipe = init_report.get("prompt_config")
+    initial = None
+    if recipe:
+        init = PromptTuningConfig(num_virtual_tokens=prefix.shape[0], **recipe)
+        start = prefix_from_prompt(frozen, initial_prompt(init, frozen.embeddings, tokenizer)[0])
+        initial = DeepPrompt(start, prefix.num_layers, prefix.kv_heads).layers()
+    layers = []
+    for index, (keys, values) in enumerate(prefix.layers()):
+        entry = {"layer": index, "key_norm": float(keys.norm()), "value_norm": float(values.norm())}
+        if initial is not None:
+            entry["key_drift"] = float((keys - initial[index][0]).norm())
+            entry["value_drift"] = float((values - initial[index][1]).norm())
+        layers.append(entry)
+    config = checkpoint.config
+    return {
+        "prompt_dir": str(prompt_dir),
+        "model": model_name,
+        "method": "prefix",
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": config.token_dim,
+        "init": {"strategy": init_report.get("strategy"), "text": (recipe or {}).get("prompt_tuning_init_text")},
+        "drift": {"available": initial is not None},
+        "layers": layers,
+    }
+
+
+def _format_prefix(result: dict[str, Any]) -> list[str]:
+    """The per-layer table of a prefix."""
+    drift = result["drift"]["available"]
+    lines = [f"{'layer':>5}  {'|keys|':>9} {'|values|':>9}" + (f"  {'key drift':>10} {'value drift':>11}" if drift else "")]
+    for layer in result["layers"]:
+        line = f"{layer['layer']:>5}  {layer['key_norm']:>9.3f} {layer['value_norm']:>9.3f}"
+        if drift:
+            line += f"  {layer['key_drift']:>10.4f} {layer['value_drift']:>11.4f}"
+        lines.append(line)
+    if not drift:
+        lines.append("drift: unavailable (softprompt.json records no init for this prefix)")
+    return lines
+
+
 def format_inspection(result: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_prompt`'s result."""
     init = result["init"]
+    if result.get("method") == "prefix":
+        head = f"prefix {result['prompt_dir']}  ({result['num_virtual_tokens']} tokens x {len(result['layers'])} layers"
+        head += f" x keys/values of {result['token_dim']}, model {result['model']})"
+        strategy = f"init: {init['strategy'] or 'unknown'}" + (f"  text={init['text']!r}" if init["text"] else "")
+        return "\n".join([head, strategy, *_format_prefix(result)])
     lines = [
         f"prompt {result['prompt_dir']}  ({result['num_virtual_tokens']} x {result['token_dim']}, model {result['model']})",
         f"init: {init['strategy']}" + (f"  text={init['text']!r}" if init["text"] else ""),

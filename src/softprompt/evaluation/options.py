@@ -17,8 +17,6 @@ from softprompt.options import (
     raise_problems,
 )
 
-# The default instruction: TEXT init's text when training, the zero-/few-shot baselines' context.
-DEFAULT_INIT_TEXT = "Classify if the movie review is positive or negative:"
 TASK_KINDS = ("classification", "generation")
 BASELINES = ("zero-shot", "few-shot")
 
@@ -80,8 +78,8 @@ class EvalOptions:
     instruction: str | None = field(
         default=None,
         metadata={
-            "help": "Instruction of the zero-/few-shot baselines (default: the dataset's, else "
-            f"{DEFAULT_INIT_TEXT!r})"
+            "help": "Instruction of the zero-/few-shot baselines (default: the dataset's, "
+            "else one naming its labels)"
         },
     )
     chat_template: bool = field(

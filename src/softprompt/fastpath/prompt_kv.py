@@ -21,6 +21,12 @@ what it would see alone. Real tokens stay contiguous, which also keeps sliding-w
 :func:`uncached_batch` builds the same layout out of embeddings (the prompt runs through the
 model with the text): the reference the cached path is tested against, and the fallback for
 models whose cache is not plain keys/values.
+
+A deep prompt (prefix tuning, :class:`~softprompt.core.prefix.DeepPrompt`) *is* keys and values:
+:func:`compute_prompt_kv` only reshapes it into the same :class:`PromptKV`, so everything that takes
+a prompt's keys/values (training objectives, scoring, decoding, the Engine's mixed batches) takes a
+prefix unchanged. Its keys carry no rotary embedding and the text still counts from ``n_i``, which
+is what PEFT does with a prefix.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from softprompt.core.prefix import DeepPrompt, flatten_layers
 from softprompt.fastpath.frozen import FrozenModel
 
 
@@ -92,7 +99,7 @@ class PrefixedBatch:
         return self.text_offset + self.text_lengths - 1
 
 
-def compute_prompt_kv(frozen: FrozenModel, prompt: torch.Tensor) -> PromptKV:
+def compute_prompt_kv(frozen: FrozenModel, prompt: torch.Tensor | DeepPrompt) -> PromptKV:
     """Run the body on a prompt alone (positions ``0 .. n - 1``) and keep its keys and values.
 
     Differentiable with respect to ``prompt`` when gradients are enabled (training); call it
@@ -100,7 +107,8 @@ def compute_prompt_kv(frozen: FrozenModel, prompt: torch.Tensor) -> PromptKV:
 
     Args:
         frozen: the frozen model.
-        prompt: ``(n, H)`` prompt embeddings (any float dtype; cast to the model's).
+        prompt: ``(n, H)`` prompt embeddings (any float dtype; cast to the model's), or a deep
+            prompt, whose keys and values are taken as they are.
 
     Returns:
         A one-row :class:`PromptKV`.
@@ -111,6 +119,11 @@ def compute_prompt_kv(frozen: FrozenModel, prompt: torch.Tensor) -> PromptKV:
     """
     length = prompt.shape[0]
     device = frozen.device
+    if isinstance(prompt, DeepPrompt):
+        layers = tuple(
+            (keys.to(device, frozen.dtype), values.to(device, frozen.dtype)) for keys, values in prompt.layers()
+        )
+        return PromptKV(layers, torch.tensor([length], device=device))
     cache = frozen.new_cache(sliding=False)  # every position of every layer, read back below
     frozen.hidden_states(
         prompt.to(device=device, dtype=frozen.dtype).unsqueeze(0),
@@ -130,6 +143,46 @@ def prompt_cache_supported(frozen: FrozenModel) -> bool:
     except PromptCacheUnsupportedError:
         return False
     return True
+
+
+def prefix_from_prompt(frozen: FrozenModel, prompt: torch.Tensor) -> torch.Tensor:
+    """The keys and values a plain prompt produces at every layer, as a prefix to start from.
+
+    Args:
+        frozen: the frozen model.
+        prompt: ``(n, H)`` prompt embeddings (e.g. the TEXT init's token embeddings).
+
+    Returns:
+        ``(n, num_layers * 2 * kv_heads * head_dim)`` fp32 in PEFT's layout (see
+        :mod:`softprompt.core.prefix`); as a prefix it gives the text exactly what the prompt did.
+    """
+    with torch.no_grad():
+        return flatten_layers(compute_prompt_kv(frozen, prompt).layers).cpu()
+
+
+def check_prompt(
+    frozen: FrozenModel, prompt: torch.Tensor | DeepPrompt, source: str, base_model: str | None = None
+) -> None:
+    """Refuse a prompt the model cannot take: a plain prompt of another width, or a prefix whose
+    layers, key/value heads or head size are not the model's.
+
+    Raises:
+        ValueError: naming ``source`` (a checkpoint directory) and, if known, ``base_model``.
+    """
+    if not isinstance(prompt, DeepPrompt):
+        frozen.check_prompt_width(prompt.shape[1], source, base_model)
+        return
+    with torch.no_grad():
+        reference = compute_prompt_kv(frozen, frozen.embeddings.weight[:1].detach())
+    keys = reference.layers[0][0]
+    expected = (len(reference.layers), keys.shape[1], keys.shape[-1])
+    found = (prompt.num_layers, prompt.kv_heads, prompt.head_dim)
+    if found != expected:
+        tuned_for = f"; it was tuned for another model ({base_model})" if base_model else ""
+        raise ValueError(
+            f"{source}: the prefix has (layers, key/value heads, head_dim) = {found} but the model "
+            f"has {expected}{tuned_for}"
+        )
 
 
 def stack_prompt_kv(prompts: Sequence[PromptKV]) -> PromptKV:
@@ -215,6 +268,8 @@ def uncached_batch(
             copied once) or None for no prompt; differentiable.
         token_ids: R non-empty token-id lists.
     """
+    if any(isinstance(prompt, DeepPrompt) for prompt in prompts):
+        raise ValueError("a deep prompt (prefix) is keys/values, not input embeddings: use prefixed_batch")
     text_ids, text_lengths = _pad_right(token_ids, frozen)
     rows, length = text_ids.shape
     device, dtype = frozen.device, frozen.dtype

@@ -21,11 +21,12 @@ import torch
 
 from softprompt.core.checkpoint import load_prompt
 from softprompt.core.config import TaskType
+from softprompt.core.prefix import DeepPrompt, servable_prompt
 from softprompt.data.encoding import InputEncoding, input_limit, keeps_start
 from softprompt.data.templates import Template
 from softprompt.data.verbalizer import TokenizedVerbalizer, Verbalizer
 from softprompt.fastpath.frozen import FrozenModel
-from softprompt.fastpath.prompt_kv import PromptKV, compute_prompt_kv
+from softprompt.fastpath.prompt_kv import PromptKV, check_prompt, compute_prompt_kv
 
 DEFAULT_TEMPLATE = "{text}"
 Kind = Literal["classification", "generation"]
@@ -60,7 +61,7 @@ class Member:
 
     Attributes:
         path: its checkpoint directory.
-        prompt: ``(n, H)`` in the model's dtype.
+        prompt: ``(n, H)`` in the model's dtype, or a deep prompt (prefix tuning).
         kv: its keys/values (None when the engine runs prompts uncached).
         template: renders a request's text.
         verbalizer: label words (classification) or None.
@@ -69,7 +70,7 @@ class Member:
     """
 
     path: str
-    prompt: torch.Tensor
+    prompt: torch.Tensor | DeepPrompt
     kv: PromptKV | None
     template: Template
     verbalizer: TokenizedVerbalizer | None
@@ -107,7 +108,10 @@ def load_member(path: Path, frozen: FrozenModel, *, use_kv_cache: bool) -> Membe
     try:  # these errors name the directory or file themselves
         checkpoint = load_prompt(path)
         config, metadata = checkpoint.config, checkpoint.metadata
-        frozen.check_prompt_width(checkpoint.weights.shape[1], str(path), config.base_model_name_or_path)
+        prompt = servable_prompt(checkpoint).to(frozen.device, frozen.dtype)
+        if isinstance(prompt, DeepPrompt) and not use_kv_cache:
+            raise ValueError(f"{path}: a prefix (PREFIX_TUNING) is keys/values: it needs the prompt KV cache")
+        check_prompt(frozen, prompt, str(path), config.base_model_name_or_path)
     except (OSError, ValueError) as error:
         raise TaskLoadError(str(error)) from None
     try:
@@ -128,7 +132,6 @@ def load_member(path: Path, frozen: FrozenModel, *, use_kv_cache: bool) -> Membe
     max_length = metadata.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise TaskLoadError(f"{path}: max_length {max_length!r} is not a positive integer")
-    prompt = checkpoint.weights[: config.num_virtual_tokens].to(frozen.device, frozen.dtype)
     kv = compute_prompt_kv(frozen, prompt) if use_kv_cache else None
     verbalizer = verbalizer if kind == "classification" else None
     return Member(str(path), prompt, kv, template, verbalizer, None, max_length)

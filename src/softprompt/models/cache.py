@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,6 +44,7 @@ _TRASH_PREFIX = ".trash-"
 _FAST_HASH_BYTES = 1 << 20
 _READ_BLOCK = 1 << 22
 _LOCK_TIMEOUT_S = 1800.0
+GGUF_MAGIC = b"GGUF"
 
 
 def cache_dir() -> Path:
@@ -133,6 +135,45 @@ def concatenate_verified(chunks: Sequence[Path], destination: Path, expected_sha
             f"({', '.join(str(chunk) for chunk in chunks)}); reinstall them"
         )
     return destination
+
+
+def check_chunk_order(chunks: Sequence[Path]) -> None:
+    """Check that GGUF parts are listed in file order, reading only their first bytes.
+
+    The first part must start with the GGUF magic bytes (only the file's start has them), and
+    where every part's file name carries a number (``part00``, ``part01.bin``), the numbers
+    must increase. A wrong order is then reported before any part is read in full.
+
+    Args:
+        chunks (Sequence[Path]): the part files, in the order they would be concatenated.
+
+    Raises:
+        ValueError: naming the part that is out of place.
+    """
+    heads = []
+    for chunk in chunks:
+        with open(chunk, "rb") as handle:
+            heads.append(handle.read(len(GGUF_MAGIC)))
+    if heads and heads[0] != GGUF_MAGIC:
+        first = next((index for index, head in enumerate(heads) if head == GGUF_MAGIC), None)
+        if first is None:
+            raise ValueError(
+                f"{chunks[0]}: no part starts with the GGUF magic bytes {GGUF_MAGIC!r}; these "
+                f"{len(chunks)} files are not the parts of a GGUF file"
+            )
+        raise ValueError(
+            f"GGUF parts in the wrong order: {chunks[first]} holds the start of the file but is "
+            f"part {first + 1} of {len(chunks)} (part 1 is {chunks[0]})"
+        )
+    numbers = [re.findall(r"\d+", Path(chunk).name) for chunk in chunks]
+    if all(numbers):
+        last = [int(found[-1]) for found in numbers]
+        for index in range(1, len(last)):
+            if last[index] <= last[index - 1]:
+                raise ValueError(
+                    f"GGUF parts in the wrong order: part {index + 1} of {len(chunks)} is "
+                    f"{chunks[index]}, numbered {last[index]} after {chunks[index - 1]}"
+                )
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,57 @@ def load_gguf_tokenizer(gguf_path: str | Path) -> PreTrainedTokenizerBase:
         raise ValueError(f"{path}: transformers could not load this GGUF tokenizer ({error})") from error
     # Padding on the right everywhere, whatever the tokenizer class defaults to (Gemma: left).
     tokenizer.padding_side = "right"
+    keep_gguf_chat_template(tokenizer, path)
     return ensure_pad_token(tokenizer)
+
+
+def gguf_chat_template(gguf_path: str | Path) -> str | None:
+    """The chat template a GGUF file's metadata holds (``tokenizer.chat_template``), if any.
+
+    Reads the header only, with transformers' GGUF reader where it has one (a fraction of a
+    second), else with the ``gguf`` package (which also maps every tensor: seconds).
+
+    Args:
+        gguf_path (str | Path): a ``.gguf`` file.
+
+    Returns:
+        str | None: the Jinja template, or None when the file has none (Gemma-3-270M's has
+        none; SmolLM2's and Qwen2.5-Coder's have one).
+    """
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:  # transformers before its own GGUF reader
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+        value = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    else:
+        value = read_gguf_metadata(str(gguf_path))[0].get("tokenizer.chat_template")
+    return value or None
+
+
+def keep_gguf_chat_template(tokenizer: PreTrainedTokenizerBase, gguf_path: str | Path) -> bool:
+    """Give a tokenizer built from a GGUF the file's chat template, when it came without one.
+
+    transformers usually carries the template over; this makes the converted checkpoint keep it
+    whatever the transformers version (``save_pretrained`` writes it to ``chat_template.jinja``).
+    A cache entry converted earlier keeps what it has; for the bundled models that is already
+    right (SmolLM2's and Qwen's entries hold their template, Gemma-3-270M's GGUF has none).
+    Delete an entry to have it converted again.
+
+    Args:
+        tokenizer (PreTrainedTokenizerBase): the tokenizer read from ``gguf_path``.
+        gguf_path (str | Path): the ``.gguf`` file.
+
+    Returns:
+        bool: whether the tokenizer now has a chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        template = gguf_chat_template(gguf_path)
+        if template:
+            tokenizer.chat_template = template
+            logger.info("%s: chat template taken from the GGUF metadata", Path(gguf_path).name)
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def load_gguf(gguf_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -211,6 +261,7 @@ def convert_gguf(gguf_path: str | Path, output: Path) -> dict[str, Any]:
     return {
         "source_file": path.name,
         "architecture": type(model).__name__,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "convert_seconds": round(seconds, 1),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,

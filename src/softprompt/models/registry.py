@@ -285,14 +285,47 @@ def _file_identity(package: str, path: Path) -> str:
     return f"{package}=={version}:{path.name}:{path.stat().st_size}"
 
 
+def _chunk_files(model: BundledModel) -> list[Path]:
+    """A chunked model's part files, checked before any is read in full.
+
+    Raises:
+        ModelNotInstalledError: parts are missing (each named, with how many are present).
+        ValueError: the parts come from different releases, or are in the wrong order.
+    """
+    chunks, missing = [], []
+    total = len(model.chunk_files)
+    for index, (package, relative) in enumerate(
+        zip(model.chunk_packages, model.chunk_files, strict=True), start=1
+    ):
+        path = package_file(package, relative)
+        if path is None:
+            missing.append(f"part {index} ({package}: {relative})")
+        else:
+            chunks.append(path)
+    if missing:
+        raise _not_installed(
+            model, f"{len(chunks)} of {total} parts present; missing {', '.join(missing)}"
+        )
+    versions = {package: _distribution(package).version for package in model.chunk_packages}
+    if len(set(versions.values())) > 1:
+        found = ", ".join(f"{package} {version}" for package, version in versions.items())
+        raise ValueError(
+            f"bundled model {model.name!r}: its parts come from different releases ({found}); "
+            f"reinstall them together with `{model.pip_command} --force-reinstall`"
+        )
+    try:
+        cache.check_chunk_order(chunks)
+    except ValueError as error:
+        raise ValueError(
+            f"bundled model {model.name!r}: {error}; reinstall with "
+            f"`{model.pip_command} --force-reinstall`"
+        ) from None
+    return chunks
+
+
 def _bundled_source(model: BundledModel) -> ModelSource:
     if model.is_chunked:
-        chunks = []
-        for package, relative in zip(model.chunk_packages, model.chunk_files, strict=True):
-            path = package_file(package, relative)
-            if path is None:
-                raise _not_installed(model, f"{package} does not provide {relative}")
-            chunks.append(path)
+        chunks = _chunk_files(model)
         digest = expected_sha256(model)
         return ModelSource(
             kind="chunked_gguf",

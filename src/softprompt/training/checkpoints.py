@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from softprompt.core.checkpoint import load_prompt
+from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, Verbalizer
 from softprompt.training.distributed import DistContext
@@ -45,7 +46,8 @@ def prompt_metadata(
     Returns:
         ``task``, ``base_model``, ``dataset``, ``text_column``, ``label_column`` and
         ``target_column`` (None where the task has none), ``template``, ``verbalizer`` (label ->
-        word; None for generation), ``max_length``, ``initial_prompt_norm``, and for generation
+        word; None for generation), ``max_length``, ``initial_prompt_norm``, ``reparameterize``
+        (how the prompt was trained; it is saved folded, a plain prompt), and for generation
         ``direction`` (a translation dataset's, else None), ``max_target_length`` and ``stop``
         (the strings that end a generated text in evaluation and ``predict``).
     """
@@ -74,6 +76,11 @@ def prompt_metadata(
         ),
         "max_length": options.max_length,
         "initial_prompt_norm": float(initial_prompt.norm()),
+        "reparameterize": (
+            {"method": options.reparameterize, "bottleneck": options.residual_bottleneck}
+            if options.reparameterize != "none"
+            else None
+        ),
         **generation,
     }
 
@@ -83,7 +90,7 @@ class PromptCheckpoints:
 
     Args:
         output_dir: the run's directory.
-        model: the prompted model being trained.
+        model: the prompted (or prefixed) model being trained.
         metadata: `prompt_metadata` of the run; each save adds a ``training`` summary to it.
         context: this process's place in the job (rank 0 writes).
         selection_metric: the validation metric that picks the best prompt (saved with it).
@@ -92,7 +99,7 @@ class PromptCheckpoints:
     def __init__(
         self,
         output_dir: Path,
-        model: PromptTunedModel,
+        model: PromptTunedModel | PrefixTunedModel,
         metadata: dict[str, Any],
         context: DistContext,
         selection_metric: str = "accuracy",
@@ -108,9 +115,15 @@ class PromptCheckpoints:
     def prompt_dir(self) -> Path:
         return self.output_dir / PROMPT_DIR
 
-    @property
-    def parameter(self) -> torch.nn.Parameter:
-        return self.model.prompt_encoder.embedding.weight
+    def trained(self) -> dict[str, torch.nn.Parameter]:
+        """Every trained tensor by name, in the optimizer's order: ``prompt`` (the prompt's or
+        the prefix's own tensor), then a reparameterization's weights by their module names
+        (``reparameterization.down.weight``, ``transform.0.weight``, ...) where one is set."""
+        return {
+            ("prompt" if name.startswith("embedding") else name): parameter
+            for name, parameter in self.model.prompt_encoder.named_parameters()
+            if parameter.requires_grad
+        }
 
     def begin(self, optimizer: torch.optim.Optimizer, resume: bool) -> LoopState:
         """The loop's starting state.
@@ -122,9 +135,16 @@ class PromptCheckpoints:
         if not resume:
             self.save_prompt()
             return LoopState()
-        prompt, state = load_state(self.output_dir, optimizer)
+        saved, state = load_state(self.output_dir, optimizer)
+        trained = self.trained()
+        if saved.keys() != trained.keys():
+            raise ValueError(
+                f"{self.output_dir}: the saved state holds {sorted(saved)}, this run trains "
+                f"{sorted(trained)}"
+            )
         with torch.no_grad():
-            self.parameter.copy_(prompt.to(self.parameter.device))
+            for name, parameter in trained.items():
+                parameter.copy_(saved[name].to(parameter.device))
         self.best = load_prompt(self.prompt_dir).weights
         logger.info("resumed %s at step %d", self.output_dir, state.step)
         return state
@@ -142,12 +162,15 @@ class PromptCheckpoints:
     def save_state(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
         """Write the current prompt, the optimizer and the counters to ``OUT/state`` (rank 0)."""
         if self.context.is_main:
-            save_state(self.output_dir, self.parameter, optimizer, state)
+            save_state(self.output_dir, self.trained(), optimizer, state)
 
     def restore_best(self) -> None:
-        """Put the best prompt back into the model (to score the test split with it)."""
-        with torch.no_grad():
-            self.parameter.copy_(self.best.to(self.parameter.device))
+        """Put the best prompt back into the model (to score the test split with it).
+
+        A reparameterized prompt is folded: the model then holds the plain prompt (or prefix)
+        that ``OUT/prompt`` holds, and training cannot go on after this.
+        """
+        self.model.set_prompt_weights(self.best)
 
     def save_prompt(self, training: dict[str, Any] | None = None) -> None:
         """Write the model's current prompt to ``OUT/prompt`` with the metadata (rank 0)."""

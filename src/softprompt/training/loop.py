@@ -30,6 +30,9 @@ from softprompt.training.state import LoopState
 
 logger = logging.getLogger(__name__)
 
+# The clock a time budget is measured with (read at each step's start and end).
+_step_clock = time.perf_counter
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
@@ -112,6 +115,10 @@ class LoopSettings:
         log_every: steps per logged training-loss window; the last step always logs.
         selection_metric: the validation metric that picks the best state (higher is better):
             ``accuracy`` for classification, ``chrf`` for generation.
+        max_grad_norm: clip the global gradient norm (over every parameter, after the sum over
+            ranks) to this before each step; 0 turns clipping off.
+        time_budget: seconds of optimizer steps (validation not counted) after which the step
+            in progress is the last one (None: no limit); a resumed run spends what is left.
     """
 
     total_steps: int
@@ -120,6 +127,12 @@ class LoopSettings:
     patience: int | None = None
     log_every: int = 10
     selection_metric: str = "accuracy"
+    max_grad_norm: float = 0.0
+    time_budget: float | None = None
+
+    def out_of_time(self, state: LoopState) -> bool:
+        """Whether the steps so far have spent the time budget."""
+        return self.time_budget is not None and state.train_seconds >= self.time_budget
 
 
 @dataclass
@@ -160,13 +173,16 @@ def train_loop(
         while state.step < settings.total_steps:
             step_start = (state.step, state.epoch, state.batch_in_epoch)
             step_batches, batches = _take_batches(order, state, batches, settings.grad_accum)
-            loss = _step(trainable, step_batches, optimizer, scheduler, state, context)
+            step_began = _step_clock()
+            loss = _step(trainable, step_batches, optimizer, scheduler, state, context,
+                         settings.max_grad_norm)
+            state.train_seconds += _step_clock() - step_began
             examples = sum(len(batch) for batch in step_batches)
             result.examples_seen += examples
             rate = throughput.add(examples)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
-            last = state.step == settings.total_steps
+            last = state.step == settings.total_steps or settings.out_of_time(state)
             if state.step % settings.log_every == 0 or last:
                 _log_loss_window(state, hooks, scheduler.get_last_lr()[0], rate)
                 throughput.reset()
@@ -175,6 +191,10 @@ def train_loop(
             if due and _validate(state, hooks, settings):
                 logger.info("early stop at step %d: no improvement in %d evaluations",
                             state.step, settings.patience)
+                break
+            if settings.out_of_time(state):
+                logger.info("time budget of %.0f s spent after step %d",
+                            settings.time_budget, state.step)
                 break
     except KeyboardInterrupt:
         if step_start is not None and state.step == step_start[0]:
@@ -195,12 +215,25 @@ def _step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: LoopState,
     context: DistContext,
+    max_grad_norm: float = 0.0,
 ) -> float:
-    """One optimizer step on ``batches``; returns its mean loss (NaN/inf stops before the step)."""
+    """One optimizer step on ``batches``; returns its mean loss (NaN/inf stops before the step).
+
+    With ``max_grad_norm`` > 0 the gradient is scaled down to that global norm where it is
+    longer; the norm before clipping is kept for the logged window (``grad_norm``: its maximum).
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = _backward(trainable, batches, context)
     if not math.isfinite(loss):
         raise TrainingDivergedError(f"loss is {loss} at step {state.step + 1}; stopped.")
+    norm = float(
+        torch.nn.utils.clip_grad_norm_(trainable.parameters, max_grad_norm)
+        if max_grad_norm > 0
+        else torch.nn.utils.get_total_norm([p.grad for p in trainable.parameters])
+    )
+    if not math.isfinite(norm):
+        raise TrainingDivergedError(f"gradient norm is {norm} at step {state.step + 1}; stopped.")
+    state.window_grad_norm = max(state.window_grad_norm, norm)
     optimizer.step()
     scheduler.step()
     state.step += 1
@@ -212,8 +245,9 @@ def _step(
 def _log_loss_window(state: LoopState, hooks: LoopHooks, lr: float, rate: float) -> None:
     """Log the mean training loss since the last logged line, and start a new window."""
     loss = state.window_loss / state.window_steps
-    hooks.log({"step": state.step, "loss": loss, "lr": lr, "examples_per_second": rate})
-    state.window_loss, state.window_steps = 0.0, 0
+    hooks.log({"step": state.step, "loss": loss, "lr": lr, "grad_norm": state.window_grad_norm,
+               "examples_per_second": rate})
+    state.window_loss, state.window_steps, state.window_grad_norm = 0.0, 0, 0.0
 
 
 def _take_batches(
@@ -282,7 +316,8 @@ def _validate(state: LoopState, hooks: LoopHooks, settings: LoopSettings) -> boo
         value,
         state.best_validation_accuracy,
         state.best_step,
-        "".join(f", {name} {scalars[f'validation_{name}']:.4f}" for name in ("chrf", "bleu")
+        "".join(f", {name} {scalars[f'validation_{name}']:.4f}"
+                for name in ("macro_f1", "chrf", "bleu")
                 if f"validation_{name}" in scalars and name != metric),
     )
     hooks.save_state(state)

@@ -49,10 +49,11 @@ from softprompt.training.distributed import (
 class Objective(Protocol):
     """What the training loop needs from a task kind.
 
-    ``prompt`` is the ``(n, H)`` fp32 soft prompt (trainable in ``loss_sum``), or None for the
-    frozen model alone (baselines, and the LoRA comparison, whose adapters live in the model).
-    ``evaluate`` returns at least ``loss``, ``examples`` and ``selection_metric``'s value, which
-    picks the best prompt (higher is better).
+    ``prompt`` is the ``(n, H)`` fp32 soft prompt or a deep prompt
+    (:class:`~softprompt.core.prefix.DeepPrompt`, whose keys/values need ``shared_prefix``),
+    trainable in ``loss_sum``; or None for the frozen model alone (baselines, and the LoRA
+    comparison, whose adapters live in the model). ``evaluate`` returns at least ``loss``,
+    ``examples`` and ``selection_metric``'s value, which picks the best prompt (higher is better).
     """
 
     selection_metric: ClassVar[str]

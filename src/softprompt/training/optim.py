@@ -14,6 +14,20 @@ import torch
 from torch.optim import lr_scheduler
 
 SCHEDULES = ("constant", "linear", "cosine")
+# The std of SmolLM2-135M's embedding entries (core.prompt.embedding_std), the model the default
+# learning rates were tuned on (README, Results).
+REFERENCE_EMBEDDING_STD = 0.135
+
+
+def scaled_learning_rate(lr: float, embedding_std: float) -> float:
+    """``lr`` carried over to a model whose embedding entries have std ``embedding_std``.
+
+    Adam-type optimizers move each entry by about ``lr`` per step whatever the gradient's size,
+    so the same ``lr`` changes a prompt on a larger scale relatively less (Gemma 3 scales its
+    embeddings by ``sqrt(hidden)``: std 1.03 for Gemma-3-270M, 7.6 times SmolLM2's). Scaling
+    ``lr`` by ``embedding_std / REFERENCE_EMBEDDING_STD`` keeps the relative step of SmolLM2.
+    """
+    return lr * embedding_std / REFERENCE_EMBEDDING_STD
 
 
 def make_optimizer(

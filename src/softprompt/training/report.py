@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.models.precision import DtypeChoice
 from softprompt.training.loop import LoopResult
@@ -75,7 +76,7 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
 
 def build_report(
     options: TrainOptions,
-    model: PromptTunedModel,
+    model: PromptTunedModel | PrefixTunedModel,
     initial_prompt: torch.Tensor,
     loop: LoopResult,
     test: dict[str, Any],
@@ -88,6 +89,10 @@ def build_report(
     world_size: int,
     dtype: DtypeChoice,
     selection_metric: str = "accuracy",
+    trained_parameters: int | None = None,
+    learning_rate: float | None = None,
+    verbalizer: dict[str, str] | None = None,
+    label_words: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's ``report.json``.
 
@@ -97,7 +102,8 @@ def build_report(
         initial_prompt: ``(n, hidden)`` prompt before training; the drift is measured from it.
         loop: where the training loop stopped and how many examples it trained on.
         test: the test split's metrics (``accuracy``, ``examples``, ...).
-        baselines: ``zero_shot_accuracy`` and ``init_accuracy`` when measured.
+        baselines: ``zero_shot_accuracy``, ``init_accuracy`` and their ``*_macro_f1`` when
+            measured.
         train_examples: examples in the (capped) train split.
         padding: fraction of pad tokens in the training batches.
         seconds: ``(wall, training)`` seconds.
@@ -105,8 +111,16 @@ def build_report(
         world_size: processes in the job.
         dtype: the frozen model's dtype and why (``dtype``, ``dtype_reason``, ``cpu_model``).
         selection_metric: the validation metric that picked the best prompt.
+        trained_parameters: parameters the optimizer updated (the prompt, and a
+            reparameterization's MLP, which is folded away before saving); default: the
+            prompt's.
+        learning_rate: the learning rate in effect (``lr_scale`` applied); default: the options'.
+        verbalizer: label -> word of a classifier.
+        label_words: the label-word search's choice (``--verbalizer auto``).
     """
-    trainable, total = model.get_nb_trainable_parameters()
+    saved, total = model.get_nb_trainable_parameters()
+    trainable = trained_parameters or saved
+    saved_prompt = model.get_prompt_embedding_to_save()
     drift = model.get_prompt_embedding_to_save().cpu() - initial_prompt.cpu()
     wall_seconds, train_seconds = seconds
     state = loop.state
@@ -115,12 +129,20 @@ def build_report(
         "dataset": options.dataset,
         "task_type": options.task_type,
         "num_virtual_tokens": options.num_virtual_tokens,
+        "method": options.method,
         "init": str(options.init).upper(),
         "optimizer": options.optimizer,
-        "lr": options.learning_rate,
+        "lr": learning_rate or options.learning_rate,
+        "lr_scale": options.lr_scale,
         "batch_size": options.batch_size,
+        "reparameterize": options.reparameterize,
         "trainable_parameters": trainable,
-        "total_parameters": total,
+        "total_parameters": total - saved + trainable,
+        "saved_parameters": saved,
+        "prompt_bytes": saved_prompt.numel() * saved_prompt.element_size(),
+        "max_grad_norm": options.max_grad_norm,
+        "verbalizer": verbalizer,
+        **({"label_words": label_words} if label_words else {}),
         "steps": state.step,
         "best_step": state.best_step,
         "train_examples": train_examples,
@@ -131,6 +153,7 @@ def build_report(
         "padding_fraction": padding,
         **baselines,
         "test_accuracy": test["accuracy"],
+        **({"test_macro_f1": test["macro_f1"]} if "macro_f1" in test else {}),
         "test_examples": test["examples"],
         **{f"test_{name}": test[name] for name in ("chrf", "bleu") if name in test},
         "test_metrics": test,
@@ -152,9 +175,12 @@ def training_summary(report: dict[str, Any]) -> dict[str, Any]:
         "steps",
         "best_step",
         "test_accuracy",
+        "test_macro_f1",
         "best_validation_accuracy",
         "zero_shot_accuracy",
+        "zero_shot_macro_f1",
         "init_accuracy",
+        "init_macro_f1",
         "test_chrf",
         "test_bleu",
         "best_validation_chrf",
@@ -162,5 +188,8 @@ def training_summary(report: dict[str, Any]) -> dict[str, Any]:
         "init_chrf",
         "lr",
         "optimizer",
+        "method",
+        "trainable_parameters",
+        "adapter_bytes",
     )
     return {key: report[key] for key in keys if key in report}

@@ -8,12 +8,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from softprompt.core.checkpoint import load_prompt
 from softprompt.core.config import PromptTuningConfig, TaskType
+from softprompt.core.prefix import PrefixTunedModel
+from softprompt.core.prompt import embedding_std
 from softprompt.core.prompt_model import PromptTunedModel, get_prompt_model
+from softprompt.core.reparameterize import ResidualReparameterization
 from softprompt.data import (
     SPLITS,
     DatasetSplits,
@@ -25,14 +30,17 @@ from softprompt.data import (
     load_dataset,
     resolve_verbalizer,
 )
+from softprompt.data.encoding import InputEncoding, text_field_of
 from softprompt.evaluation.generation import default_stop
-from softprompt.evaluation.options import DEFAULT_INIT_TEXT
+from softprompt.evaluation.label_words import choose_label_words
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models.precision import DtypeChoice, resolve_dtype
 from softprompt.training import distributed
 from softprompt.training.distributed import DistContext
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
-from softprompt.training.options import TrainOptions
+from softprompt.training.optim import scaled_learning_rate
+from softprompt.training.options import AUTO_VERBALIZER, TrainOptions
+from softprompt.training.prefix import get_prefix_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +48,36 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Prepared:
     """What the options resolve to without a model: the data, the template, the verbalizer, and
-    the options with the dataset's defaults filled in (target column, direction, init text)."""
+    the options with the dataset's defaults filled in (target column, direction, and the init
+    text: the instruction of TEXT init and of the zero-shot baseline)."""
 
     splits: DatasetSplits
     template: Template
-    verbalizer: Verbalizer | None  # None for generation
+    verbalizer: Verbalizer | None  # None for generation; set by `load_run` with --verbalizer auto
     options: TrainOptions
+
+    @property
+    def instruction(self) -> str:
+        """TEXT init's text and the zero-shot baseline's context (the resolved ``init_text``)."""
+        return self.options.init_text or ""
 
 
 @dataclass
 class RunSetup:
     """The loaded pieces of a run: the prompted model, its objective and the encoded splits."""
 
-    model: PromptTunedModel
+    model: PromptTunedModel | PrefixTunedModel
     frozen: FrozenModel  # the model's frozen base, as the objective runs it
     objective: Objective
     shared_prefix: bool  # compute the prompt's keys/values once per training batch
-    initial_prompt: torch.Tensor  # (n, hidden), before any step
+    initial_prompt: torch.Tensor  # (n, hidden) or a prefix's (n, layers * 2 * token_dim), before any step
     train_data: Any
     validation_data: Any
     test_data: Any
     test_records: list[Record]
     dtype: DtypeChoice  # the frozen model's dtype, and why (recorded in report.json)
+    label_words: dict[str, Any] | None = None  # --verbalizer auto: the search's choice and why
+    learning_rate: float = 0.0  # in effect (options.learning_rate, scaled by --lr-scale)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,13 +143,18 @@ def prepare(options: TrainOptions) -> Prepared:
             verbalizer = _verbalizer(options, splits, problems)
     if problems:
         raise ValueError("cannot start training:\n  - " + "\n  - ".join(problems))
+    words = None
+    if verbalizer is not None:
+        words = [verbalizer.words(label)[0].strip() for label in verbalizer.labels]
+    elif options.task_type == "classification":  # --verbalizer auto: its words come with the model
+        words = splits.labels
     resolved = dataclasses.replace(
         options,
         target_column=splits.target_column,
         direction=splits.direction,
         init_text=options.init_text
-        if options.init_text is not None
-        else default_instruction(options.dataset, splits.direction) or DEFAULT_INIT_TEXT,
+        if options.init_text is not None  # "" stays empty (no instruction)
+        else default_instruction(options.dataset, words, splits.direction),
     )
     return Prepared(splits, template, verbalizer, resolved)
 
@@ -146,6 +167,8 @@ def _verbalizer(
         problems.append(
             f"dataset={options.dataset!r}: no labels in column {options.label_column!r}"
         )
+        return None
+    if options.verbalizer == AUTO_VERBALIZER:  # chosen with the model, in `load_run`
         return None
     try:
         return resolve_verbalizer(options.verbalizer, splits.labels)
@@ -167,8 +190,22 @@ def load_run(
         options.model, task_type="CAUSAL_LM", dtype=dtype.dtype, device=placement
     )
     logger.info("loaded %s in %.1f s", options.model, time.perf_counter() - started)
+    train_data, validation_data, test_records = _split_records(options, prepared.splits)
+    label_words = None
+    if options.verbalizer == AUTO_VERBALIZER:
+        prepared.verbalizer, label_words = _auto_verbalizer(
+            options, prepared, train_data, FrozenModel(base, tokenizer), context
+        )
     objective = make_objective(options, prepared, tokenizer)
-    model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
+    frozen = FrozenModel(base, tokenizer)
+    if options.method == "prefix":
+        model = get_prefix_model(base, frozen, prompt_config(options, prepared), options, tokenizer)
+    else:
+        model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
+    if options.reparameterize == "residual":  # trained through an MLP, saved folded
+        model.prompt_encoder.reparameterization = ResidualReparameterization(
+            model.peft_config.token_dim, options.residual_bottleneck, options.seed
+        ).to(model.device)
     shared_prefix = options.shared_prefix
     if options.shard_base:
         blocks = distributed.shard_frozen_base(base, context)
@@ -178,10 +215,9 @@ def load_run(
         logger.info("sharded %d frozen decoder blocks over %d ranks", blocks, context.world_size)
     if isinstance(objective, ClassificationObjective):
         objective.shared_prefix = shared_prefix
-    train_data, validation_data, test_records = _split_records(options, prepared.splits)
     setup = RunSetup(
         model,
-        FrozenModel(base, tokenizer),
+        frozen,
         objective,
         shared_prefix,
         model.get_prompt_embedding_to_save(),
@@ -190,6 +226,8 @@ def load_run(
         objective.encode(test_records, split="test"),
         test_records,
         dtype,
+        label_words,
+        learning_rate(options, model),
     )
     logger.info(
         "examples: train %d, validation %d, test %d",
@@ -198,6 +236,52 @@ def load_run(
         len(setup.test_data),
     )
     return setup
+
+
+def _auto_verbalizer(
+    options: TrainOptions,
+    prepared: Prepared,
+    train: list[Record],
+    frozen: FrozenModel,
+    context: DistContext,
+) -> tuple[Verbalizer, dict[str, Any] | None]:
+    """``--verbalizer auto``: label words chosen on the train split with the frozen model, the
+    template and the init text before it (`evaluation.label_words`); rank 0's choice is used by
+    every rank. A resumed run reads the words from its saved prompt instead of searching again.
+    """
+    labels = prepared.splits.labels
+    if options.resume:
+        stored = load_prompt(Path(options.resume) / "prompt").metadata.get("verbalizer")
+        return resolve_verbalizer(None, labels, stored), None
+    encoding = InputEncoding(
+        frozen.tokenizer,
+        prepared.template,
+        text_field_of(prepared.template, options.text_column),
+        options.max_length,
+        context=options.init_text + "\n" if options.init_text else "",
+    )
+    choice = choose_label_words(
+        frozen, train, encoding, labels, options.label_column, seed=options.seed
+    ).to_dict()
+    choice = distributed.broadcast_object(choice, context)
+    logger.info(
+        "label words (auto, %d training examples, frozen-model accuracy %.3f): %s",
+        choice["sample_size"],
+        choice["sample_accuracy"],
+        ", ".join(f"{label}={word!r}" for label, word in choice["words"].items()),
+    )
+    return resolve_verbalizer(None, labels, choice["words"]), choice
+
+
+def learning_rate(options: TrainOptions, model: PromptTunedModel) -> float:
+    """The run's learning rate: the given or default one, scaled to the model's embeddings with
+    ``lr_scale="embedding"`` (`optim.scaled_learning_rate`)."""
+    if options.lr_scale == "embedding":
+        scale = embedding_std(model.word_embeddings)
+        rate = scaled_learning_rate(options.learning_rate, scale)
+        logger.info("learning rate %.4g (embedding std %.4f)", rate, scale)
+        return rate
+    return options.learning_rate
 
 
 def make_objective(options: TrainOptions, prepared: Prepared, tokenizer: Any) -> Objective:
@@ -235,7 +319,7 @@ def prompt_config(options: TrainOptions, prepared: Prepared) -> PromptTuningConf
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=options.num_virtual_tokens,
         prompt_tuning_init=options.init,
-        prompt_tuning_init_text=options.init_text,
+        prompt_tuning_init_text=prepared.instruction,
         prompt_tuning_init_labels=labels,
         tokenizer_name_or_path=options.model,
         base_model_name_or_path=options.model,

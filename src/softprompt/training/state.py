@@ -1,6 +1,7 @@
 """Resumable training state, saved without pickle: tensors in safetensors, the rest in JSON.
 
-``<run>/state/`` holds the current prompt, the optimizer's tensors, the RNG state and the loop's
+``<run>/state/`` holds the trained tensors (the current prompt, and a reparameterization's
+weights where the run has one), the optimizer's tensors, the RNG state and the loop's
 counters. The prompt and its optimizer state are tiny, so they are saved whole at every
 evaluation; the directory is replaced atomically so a crash leaves the previous state. The
 learning-rate scheduler is not saved: its position is the loop's step (`optim.make_scheduler`).
@@ -38,6 +39,9 @@ class LoopState:
     # the same averages as an uninterrupted one.
     window_loss: float = 0.0
     window_steps: int = 0
+    window_grad_norm: float = 0.0  # the largest gradient norm (before clipping) in the window
+    # Seconds spent in optimizer steps (validation excluded): what a time budget counts.
+    train_seconds: float = 0.0
 
 
 def _flatten_optimizer(
@@ -67,7 +71,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
 
 def save_state(
     run_dir: str | Path,
-    prompt: torch.Tensor,
+    trained: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     loop: LoopState,
 ) -> Path:
@@ -75,7 +79,8 @@ def save_state(
 
     Args:
         run_dir: the run's output directory.
-        prompt: the current prompt, ``(n, hidden)``.
+        trained: the trained tensors by name: ``prompt`` ``(n, hidden)`` (the raw parameter,
+            not folded), and e.g. ``reparameterization.down.weight``.
         optimizer: the optimizer whose state (moments, param groups) is saved.
         loop: the loop's counters.
 
@@ -87,7 +92,8 @@ def save_state(
     try:
         optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer)
         save_file(
-            {"prompt": prompt.detach().cpu().contiguous()}, str(staging / "prompt.safetensors")
+            {name: tensor.detach().cpu().contiguous() for name, tensor in trained.items()},
+            str(staging / "prompt.safetensors"),
         )
         save_file(
             {**optimizer_tensors, "torch_rng": torch.get_rng_state()},
@@ -107,11 +113,11 @@ def save_state(
 
 def load_state(
     run_dir: str | Path, optimizer: torch.optim.Optimizer
-) -> tuple[torch.Tensor, LoopState]:
+) -> tuple[dict[str, torch.Tensor], LoopState]:
     """Restore the optimizer and the RNG from ``<run_dir>/state``.
 
     Returns:
-        The saved prompt ``(n, hidden)`` and the loop's counters.
+        The saved trained tensors by name (``prompt``: ``(n, hidden)``) and the loop's counters.
 
     Raises:
         ValueError: the state is missing or unreadable.
@@ -119,13 +125,15 @@ def load_state(
     directory = Path(run_dir) / STATE_DIR
     try:
         document = json.loads((directory / "state.json").read_text())
-        prompt = load_file(str(directory / "prompt.safetensors"))["prompt"]
+        trained = load_file(str(directory / "prompt.safetensors"))
+        if "prompt" not in trained:
+            raise KeyError("prompt")
         tensors = load_file(str(directory / "optimizer.safetensors"))
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"{directory}: cannot resume, state is unreadable ({error})") from None
     torch.set_rng_state(tensors.pop("torch_rng"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, document["optimizer"]))
-    return prompt, LoopState(**document["loop"])
+    return trained, LoopState(**document["loop"])
 
 
 def _json_default(value: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from softprompt.core.checkpoint import atomic_write_json
+from softprompt.core.checkpoint import WEIGHTS_NAME, atomic_write_json
 from softprompt.training import distributed
 from softprompt.training.checkpoints import PromptCheckpoints, prompt_metadata
 from softprompt.training.loop import (
@@ -167,13 +167,14 @@ def _run(
     )
     baselines = {}
     if options.baselines and not options.resume:
-        baselines = _baselines(options, run, context)
+        baselines = _baselines(prepared.instruction, run, context)
     metric = run.objective.selection_metric
     metadata = prompt_metadata(
         options, prepared.template, prepared.verbalizer, run.initial_prompt,
         getattr(run.objective, "stop", ()),
     )
     checkpoints = PromptCheckpoints(output_dir, run.model, metadata, context, metric)
+    trained_parameters = sum(tensor.numel() for tensor in checkpoints.trained().values())
     train_started = time.perf_counter()
     loop, padding = _optimise(options, run, checkpoints, metrics, context)
     train_seconds = time.perf_counter() - train_started
@@ -182,7 +183,11 @@ def _run(
         run.frozen, run.model.prompt, run.test_data, description="test", context=context
     )
     logger.info(
-        "test %s of the best prompt (step %d): %.4f", metric, loop.state.best_step, test[metric]
+        "test %s of the best prompt (step %d): %.4f%s",
+        metric,
+        loop.state.best_step,
+        test[metric],
+        f", macro-F1 {test['macro_f1']:.4f}" if "macro_f1" in test else "",
     )
     if test.get("per_group"):
         logger.info("test by %s: %s", test["group_column"], "; ".join(
@@ -203,8 +208,14 @@ def _run(
         world_size=context.world_size,
         dtype=run.dtype,
         selection_metric=metric,
+        trained_parameters=trained_parameters,
+        learning_rate=run.learning_rate,
+        verbalizer=metadata["verbalizer"],
+        label_words=run.label_words,
     )
     if context.is_main:
+        # The best prompt is on disk already (saved when it was found): its weights file's size.
+        report["adapter_bytes"] = (checkpoints.prompt_dir / WEIGHTS_NAME).stat().st_size
         atomic_write_json(output_dir / "report.json", report)
         checkpoints.save_prompt(training_summary(report))
         plot_curves(
@@ -215,22 +226,31 @@ def _run(
 
 
 def _baselines(
-    options: TrainOptions, run: RunSetup, context: distributed.DistContext
+    instruction: str, run: RunSetup, context: distributed.DistContext
 ) -> dict[str, float]:
-    """The test selection metric (accuracy, or chrF for generation) without a prompt (the init
-    text leads the input) and with the initial prompt: ``zero_shot_<metric>``, ``init_<metric>``."""
-    metric = run.objective.selection_metric
-    instructed = run.objective.encode(run.test_records, context=options.init_text + "\n", split="test")
+    """The test selection metric (accuracy, or chrF for generation), and macro-F1 for a
+    classifier, without a prompt (the instruction leads the input) and with the initial prompt:
+    ``zero_shot_<metric>``, ``init_<metric>``."""
+    lead = instruction + "\n" if instruction else ""
+    instructed = run.objective.encode(run.test_records, context=lead, split="test")
     zero_shot = run.objective.evaluate(
         run.frozen, None, instructed, description="zero-shot", context=context
     )
     initial = run.objective.evaluate(
         run.frozen, run.model.prompt, run.test_data, description="initial prompt", context=context
     )
+    names = [run.objective.selection_metric, *(["macro_f1"] if "macro_f1" in zero_shot else [])]
     logger.info(
-        "test %s: zero-shot %.4f, initial prompt %.4f", metric, zero_shot[metric], initial[metric]
+        "test %s: zero-shot %s, initial prompt %s",
+        "/".join(names),
+        "/".join(f"{zero_shot[name]:.4f}" for name in names),
+        "/".join(f"{initial[name]:.4f}" for name in names),
     )
-    return {f"zero_shot_{metric}": zero_shot[metric], f"init_{metric}": initial[metric]}
+    return {
+        f"{kind}_{name}": result[name]
+        for kind, result in (("zero_shot", zero_shot), ("init", initial))
+        for name in names
+    }
 
 
 def _optimise(
@@ -242,9 +262,9 @@ def _optimise(
 ) -> tuple[LoopResult, float]:
     """Train the prompt from scratch or from the saved state; returns the loop's result and the
     padding fraction of the training batches."""
-    parameter = checkpoints.parameter
+    parameters = list(checkpoints.trained().values())
     optimizer = make_optimizer(
-        [parameter], options.optimizer, options.learning_rate, options.weight_decay
+        parameters, options.optimizer, run.learning_rate, options.weight_decay
     )
     state = checkpoints.begin(optimizer, resume=bool(options.resume))
     steps = total_steps(options, len(run.train_data))
@@ -257,7 +277,7 @@ def _optimise(
                 options.grad_accum, 100 * padding)
     run.model.eval()  # the frozen base runs without dropout; only the prompt learns
     trainable = Trainable(
-        [parameter],
+        parameters,
         loss_sum=lambda batch: run.objective.loss_sum(
             run.frozen, run.model.prompt, run.train_data, batch, run.shared_prefix
         ),
@@ -265,15 +285,20 @@ def _optimise(
     )
     hooks = _hooks(run, checkpoints, optimizer, metrics, context)
     settings = LoopSettings(
-        steps, options.grad_accum, options.eval_every, options.patience,
+        steps,
+        options.grad_accum,
+        options.eval_every,
+        options.patience,
         selection_metric=run.objective.selection_metric,
+        max_grad_norm=options.max_grad_norm,
+        time_budget=options.time_budget,
     )
     try:
         loop = train_loop(trainable, order, optimizer, scheduler, settings, hooks, state, context)
     except TrainingDivergedError as error:
         raise TrainingDivergedError(
             f"{error} The best prompt so far is in {checkpoints.prompt_dir}. "
-            f"Try a lower --lr (now {options.learning_rate})."
+            f"Try a lower --lr (now {run.learning_rate:.4g})."
         ) from None
     except KeyboardInterrupt:
         logger.warning("interrupted at step %d; state saved. Continue with: softprompt train "

@@ -1,0 +1,504 @@
+"""Which method closes the gap on a small frozen model: every method on the same wall-clock budget.
+
+Methods (``--methods``; default all):
+
+* ``zero_shot`` and ``few_shot`` (K=4): the instruction (and K training examples) in the context,
+  nothing trained;
+* ``prompt``: plain prompt tuning (20 virtual tokens, TEXT init), ``softprompt train``;
+* ``residual``: the same with ``--reparameterize residual`` (folded into a plain prompt on save);
+* ``prefix``: deep prompts, ``--method prefix`` (keys and values at every layer);
+* ``lora``: LoRA r=8 on q_proj/v_proj through PEFT, trained with the same verbalizer objective,
+  batch order and loop as the prompts;
+* ``full``: full fine-tuning of every weight (fp32 weights, AdamW lr 1e-5), same objective
+  (LoRA and full fine-tuning clip the gradient norm at 1.0, as the prompts do by default).
+
+Every trained method gets the same ``--budget-seconds`` of optimizer steps (validation not
+counted; validation every ``--eval-every`` steps keeps the best state), counted in CPU seconds
+of its process (wall seconds x threads on a quiet machine, so that a busy machine does not
+shortchange one method; on a GPU, count wall seconds instead with ``--wall-clock``), on the same model, data,
+verbalizer and test split (all 1,290 examples by default), for each seed. Each config runs in a
+subprocess of its own, so its peak RSS is its own; its record is appended at once to
+``benchmarks/results/methods-<dataset>-<model>.jsonl`` and a rerun skips what is recorded, so a long
+comparison can be stopped and continued.
+
+    python benchmarks/methods.py --model smollm2-135m --budget-seconds 240 --seeds 0,1,2
+    python benchmarks/methods.py --report       # docs/methods.md and the plot, from the JSONLs
+    python benchmarks/methods.py --dry-run      # every method for 2 steps on a tiny slice
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablations import (  # noqa: E402  (a sibling script, not a package)
+    LORA_RANK,
+    LORA_TARGETS,
+    _finish_plot,
+    _lora_data,
+    _plot_points,
+    append_result,
+    read_results,
+)
+
+METHODS = ("zero_shot", "few_shot", "prompt", "residual", "prefix", "lora", "full")
+PROMPT_METHODS = {"prompt": {}, "residual": {"reparameterize": "residual"}, "prefix": {"method": "prefix"}}
+SHOTS = 4
+NUM_VIRTUAL_TOKENS = 20
+FULL_LR = 1e-5
+RESULTS_DIR = Path("benchmarks/results")
+REPORT = Path("docs/methods.md")
+NAMES = {
+    "zero_shot": "zero-shot (instruction, no prompt)",
+    "few_shot": f"few-shot K={SHOTS} (in context)",
+    "prompt": f"prompt tuning (n={NUM_VIRTUAL_TOKENS}, TEXT init)",
+    "residual": f"residual prompt tuning (n={NUM_VIRTUAL_TOKENS})",
+    "prefix": f"deep prompts / prefix (n={NUM_VIRTUAL_TOKENS})",
+    "lora": f"LoRA r={LORA_RANK} on {', '.join(LORA_TARGETS)} (PEFT)",
+    "full": "full fine-tuning",
+}
+
+logger = logging.getLogger("methods")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every config of one comparison shares (all of it is part of each result's key)."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "rotten_tomatoes"
+    budget_seconds: float = 240.0
+    batch_size: int = 8
+    eval_every: int = 50
+    max_validation_examples: int = 200
+    max_eval_examples: int | None = None  # None: the whole test split
+    max_train_examples: int | None = None
+    dtype: str = "auto"  # the prompts' and LoRA's frozen weights; full fine-tuning trains fp32
+    lora_lr: float = 1e-3
+    wall_clock: bool = False  # count the budget in wall seconds, not the process's CPU seconds
+
+    def results_path(self, directory: Path = RESULTS_DIR) -> Path:
+        return directory / f"methods-{self.dataset}-{self.model}.jsonl"
+
+
+def config_key(method: str, seed: int, settings: Settings) -> str:
+    values = asdict(settings)
+    if method in ("zero_shot", "few_shot"):  # nothing trains: only the evaluation matters
+        values = {k: values[k] for k in ("model", "dataset", "max_eval_examples", "dtype")}
+    return "|".join([method, f"seed{seed}"] + [f"{k}={values[k]}" for k in sorted(values)])
+
+
+# ----------------------------------------------------------------------------- runners
+def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) -> dict[str, Any]:
+    """Plain, residual or deep prompt tuning through ``softprompt train`` with a time budget."""
+    from softprompt.training import train
+
+    report = train(
+        model=settings.model,
+        dataset=settings.dataset,
+        num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+        steps=1_000_000,
+        time_budget=settings.budget_seconds,
+        batch_size=settings.batch_size,
+        eval_every=settings.eval_every,
+        max_validation_examples=settings.max_validation_examples,
+        max_eval_examples=settings.max_eval_examples,
+        max_train_examples=settings.max_train_examples,
+        seed=seed,
+        baselines=False,
+        dtype=settings.dtype,
+        output_dir=str(output),
+        **PROMPT_METHODS[method],
+    ).report
+    files = list((output / "prompt").glob("adapter_model.safetensors"))
+    return {
+        "test_accuracy": report["test_accuracy"],
+        "validation_accuracy": report["best_validation_accuracy"],
+        "trainable_parameters": report["trainable_parameters"],
+        "bytes_on_disk": sum(path.stat().st_size for path in files),
+        "train_seconds": report["train_seconds"],
+        "steps": report["steps"],
+        "computed_dtype": report.get("dtype"),
+        "served_by_engine": True,
+    }
+
+
+def run_baseline(method: str, seed: int, settings: Settings) -> dict[str, Any]:
+    from softprompt.evaluation.evaluate import evaluate_prompt
+
+    result = evaluate_prompt(
+        model=settings.model,
+        dataset=settings.dataset,
+        split="test",
+        baseline="zero-shot" if method == "zero_shot" else "few-shot",
+        shots=SHOTS,
+        max_examples=settings.max_eval_examples,
+        seed=seed,
+        dtype=settings.dtype,
+    )
+    return {
+        "test_accuracy": result["accuracy"],
+        "validation_accuracy": None,
+        "trainable_parameters": 0,
+        "bytes_on_disk": 0,
+        "train_seconds": 0.0,
+        "steps": 0,
+        "served_by_engine": True,  # a task with no prompt: its instruction travels in the text
+    }
+
+
+def run_weights_method(method: str, seed: int, settings: Settings) -> dict[str, Any]:
+    """LoRA or full fine-tuning: the prompts' objective, batch order and loop, weights trained.
+
+    The best validation state is kept (a copy of the trained tensors) and tested at the end.
+    """
+    import torch
+
+    from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
+    from softprompt.training.optim import make_optimizer, make_scheduler
+
+    frozen, parameters, lr = _trainable_model(method, seed, settings)
+    objective, (train_data, validation, test) = _lora_data(
+        frozen.tokenizer, settings.dataset, settings.max_train_examples,
+        settings.max_validation_examples, settings.max_eval_examples,
+    )
+    optimizer = make_optimizer(parameters, "adamw", lr)
+    scheduler = make_scheduler(optimizer, 1_000_000, 10, "constant")
+    best: list[torch.Tensor] = []
+
+    def keep_best(_: Any) -> None:
+        best[:] = [parameter.detach().clone() for parameter in parameters]
+
+    trainable = Trainable(
+        parameters,
+        loss_sum=lambda batch: objective.loss_sum(frozen, None, train_data, batch),
+        count=lambda batch: objective.count(train_data, batch),
+    )
+    hooks = LoopHooks(
+        validate=lambda: objective.evaluate(frozen, None, validation), keep_best=keep_best
+    )
+    order = BatchOrder(objective.lengths(train_data), settings.batch_size, seed)
+    loop_settings = LoopSettings(
+        1_000_000, eval_every=settings.eval_every, max_grad_norm=1.0,
+        time_budget=settings.budget_seconds,
+    )
+    started = time.perf_counter()
+    result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks)
+    train_seconds = time.perf_counter() - started  # wall, validation included (as the trainer's)
+    with torch.no_grad():
+        for parameter, value in zip(parameters, best, strict=True):
+            parameter.copy_(value)
+    count = sum(p.numel() for p in parameters)
+    return {
+        "test_accuracy": objective.evaluate(frozen, None, test)["accuracy"],
+        "validation_accuracy": result.state.best_validation_accuracy,
+        "trainable_parameters": count,
+        "bytes_on_disk": count * 4,  # fp32 tensors (LoRA: adapter_model.safetensors' payload)
+        "train_seconds": train_seconds,
+        "steps": result.state.step,
+        "computed_dtype": str(next(iter(frozen.model.parameters())).dtype).removeprefix("torch."),
+        "served_by_engine": False,
+    }
+
+
+def _trainable_model(method: str, seed: int, settings: Settings) -> tuple[Any, list[Any], float]:
+    """The model wrapped as a `FrozenModel` (the prompts' interface), its trained tensors, lr."""
+    import torch
+
+    from softprompt.fastpath.frozen import FrozenModel
+    from softprompt.models import load_model
+    from softprompt.models.precision import resolve_dtype
+
+    dtype = resolve_dtype(settings.dtype, "cpu").dtype if method == "lora" else torch.float32
+    base, tokenizer = load_model(settings.model, dtype=dtype, device="cpu")
+    torch.manual_seed(seed)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS),
+        )
+        get_peft_model(base, config)  # adapters in fp32 (PEFT upcasts them over a bf16 base)
+    frozen = FrozenModel(base.eval(), tokenizer)  # freezes every weight ...
+    parameters = [
+        p for name, p in base.named_parameters() if method == "full" or "lora_" in name
+    ]
+    for parameter in parameters:  # ... and these train
+        parameter.requires_grad_(True)
+    return frozen, parameters, (settings.lora_lr if method == "lora" else FULL_LR)
+
+
+def run_one(method: str, seed: int, settings: Settings, runs_dir: Path) -> dict[str, Any]:
+    """One config, in this process; returns its record (peak RSS is this process's)."""
+    import softprompt.training.loop as loop
+
+    if not settings.wall_clock:
+        loop._step_clock = time.process_time  # the budget in CPU seconds of this process
+    started = time.perf_counter()
+    key = config_key(method, seed, settings)
+    if method in PROMPT_METHODS:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        output = runs_dir / f"{settings.model}-{method}-seed{seed}-{digest}"
+        outcome = run_prompt_method(method, seed, settings, output)
+        outcome["output_dir"] = str(output)
+    elif method in ("lora", "full"):
+        outcome = run_weights_method(method, seed, settings)
+    else:
+        outcome = run_baseline(method, seed, settings)
+    return {
+        "key": key,
+        "method": method,
+        "seed": seed,
+        **asdict(settings),
+        **outcome,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wall_seconds": time.perf_counter() - started,
+        "cpu_model": _cpu_model(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_model() -> str:
+    from softprompt.models.precision import read_cpuinfo
+
+    return read_cpuinfo().model
+
+
+def run_all(methods: list[str], seeds: list[int], settings: Settings, results: Path,
+            runs_dir: Path) -> None:
+    """Run every config not in ``results``, each in a subprocess; records are appended at once."""
+    todo = [
+        (method, seed) for seed in seeds for method in methods
+        if not (method == "zero_shot" and seed != seeds[0])  # zero-shot has nothing random
+    ]
+    done = {record["key"] for record in read_results(results)}
+    todo = [(m, s) for m, s in todo if config_key(m, s, settings) not in done]
+    logger.info("%d configs to run (%d recorded in %s)", len(todo), len(done), results)
+    for index, (method, seed) in enumerate(todo, 1):
+        logger.info("[%d/%d] %s seed=%d", index, len(todo), method, seed)
+        command = [
+            sys.executable, __file__, "--run-one", method, "--seeds", str(seed),
+            "--settings", json.dumps(asdict(settings)), "--results", str(results),
+            "--runs-dir", str(runs_dir),
+        ]
+        finished = subprocess.run(command, check=False)
+        if finished.returncode != 0:
+            logger.error("%s seed=%d failed (exit %d); continuing", method, seed,
+                         finished.returncode)
+
+
+# ----------------------------------------------------------------------------- report
+def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method (seeds pooled): mean and sample std of test accuracy, and the other columns."""
+    pooled: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        pooled.setdefault(record["method"], []).append(record)
+    summary = {}
+    for method, items in pooled.items():
+        accuracies = [item["test_accuracy"] for item in items]
+        summary[method] = {
+            "mean": statistics.fmean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "seeds": sorted(item["seed"] for item in items),
+            "trainable_parameters": items[0]["trainable_parameters"],
+            "bytes_on_disk": items[0]["bytes_on_disk"],
+            "train_seconds": statistics.fmean(item["train_seconds"] for item in items),
+            "steps": statistics.fmean(item["steps"] for item in items),
+            "peak_rss_mib": max(item["peak_rss_mib"] for item in items),
+            "served_by_engine": items[0]["served_by_engine"],
+            "cpu_model": items[0]["cpu_model"],
+        }
+    return summary
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Path,
+                  report_path: Path) -> str:
+    lines = [
+        "# Methods on equal wall-clock budgets",
+        "",
+        "Frozen base model; each trained method gets the same budget of "
+        "optimizer-step seconds (validation not counted; CPU seconds of its process unless "
+        "marked wall, so a busy machine does not shortchange a method), validates every "
+        f"{groups[0][0].eval_every} steps on {groups[0][0].max_validation_examples} validation "
+        "examples and is tested with its best state. Test accuracy in percent, mean ± sample "
+        "standard deviation over seeds (n). Generated by `python benchmarks/methods.py "
+        "--report` from `benchmarks/results/methods-<dataset>-<model>.jsonl`.",
+        "",
+    ]
+    for settings, records in groups:
+        summary = aggregate(records)
+        test = "all test examples" if settings.max_eval_examples is None else (
+            f"the first {settings.max_eval_examples} test examples")
+        cpu = next(iter(summary.values()))["cpu_model"]
+        lines += [
+            f"## {settings.dataset}, {settings.model}: {settings.budget_seconds:.0f} "
+            f"{'wall' if settings.wall_clock else 'CPU'} s per method, batch "
+            f"{settings.batch_size}, dtype {settings.dtype}",
+            "",
+            f"Measured on: {cpu} (2 cores); {test}.",
+            "",
+            "| method | test accuracy | trainable params | bytes per task | train wall s | steps "
+            "| peak RSS | mixed batch in the Engine |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method in METHODS:
+            entry = summary.get(method)
+            if entry is None:
+                continue
+            lines.append(
+                f"| {NAMES[method]} | {100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} "
+                f"(n={len(entry['seeds'])}) | {entry['trainable_parameters']:,} "
+                f"| {_size(entry['bytes_on_disk'])} | {entry['train_seconds']:.0f} "
+                f"| {entry['steps']:.0f} | {entry['peak_rss_mib']:,.0f} MiB "
+                f"| {'yes' if entry['served_by_engine'] else 'no'} |"
+            )
+        seeds = sorted({record["seed"] for record in records})
+        lines += [
+            "",
+            f"Reproduce: `python benchmarks/methods.py --dataset {settings.dataset} "
+            f"--model {settings.model} --budget-seconds "
+            f"{settings.budget_seconds:.0f} --seeds {','.join(map(str, seeds))}`.",
+            "",
+        ]
+    lines += [f"![accuracy vs trainable parameters]({plot.relative_to(report_path.parent)})"
+              if plot.is_relative_to(report_path.parent) else f"![plot]({plot})", ""]
+    return "\n".join(lines)
+
+
+def render_plot(groups: list[tuple[Settings, list[dict[str, Any]]]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install softprompt[plot]); no plot")
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    markers = dict(zip(METHODS, "vo^sDPX", strict=True))
+    for settings, records in groups:
+        summary = aggregate(records)
+        for method, entry in summary.items():
+            if entry["trainable_parameters"]:
+                _plot_points(axes, [(entry["trainable_parameters"], entry)],
+                             marker=markers[method], linestyle="none",
+                             label=f"{settings.model}: {method}")
+            else:
+                axes.axhline(100 * entry["mean"], linestyle="--", linewidth=0.8, color="gray")
+    axes.set(xscale="log", xlabel="trainable parameters (log)", ylabel="test accuracy (%)",
+             title="Accuracy against trainable parameters, equal time budget")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _finish_plot(plt, figure, axes, path)
+
+
+def report(results_dir: Path, report_path: Path) -> Path:
+    """docs/methods.md and its plot from every ``methods-*.jsonl`` in ``results_dir``."""
+    groups: dict[str, tuple[Settings, list[dict[str, Any]]]] = {}
+    fields = set(Settings.__dataclass_fields__)
+    for path in sorted(results_dir.glob("methods-*.jsonl")):
+        for record in read_results(path):
+            settings = Settings(**{k: v for k, v in record.items() if k in fields})
+            if record["method"] in ("zero_shot", "few_shot"):
+                continue
+            groups.setdefault(config_key("prompt", 0, settings), (settings, []))[1].append(record)
+        for record in read_results(path):  # baselines join every trained group of their model
+            if record["method"] in ("zero_shot", "few_shot"):
+                for settings, records in groups.values():
+                    if (settings.model, settings.dataset, settings.max_eval_examples) == (
+                        record["model"], record["dataset"], record["max_eval_examples"]
+                    ):
+                        records.append(record)
+    if not groups:
+        raise SystemExit(f"{results_dir}: no methods-*.jsonl results yet")
+    plot = render_plot(list(groups.values()), results_dir / "methods_accuracy_vs_params.png")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    text = render_report(list(groups.values()), plot or Path("-"), report_path)
+    report_path.write_text(text, encoding="utf-8")
+    return report_path
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated: {', '.join(METHODS)}")
+    parser.add_argument("--model", default=Settings.model)
+    parser.add_argument("--dataset", default=Settings.dataset)
+    parser.add_argument("--budget-seconds", type=float, default=Settings.budget_seconds)
+    parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
+    parser.add_argument("--eval-every", type=int, default=Settings.eval_every)
+    parser.add_argument("--max-eval-examples", type=int, help="cap on test examples (default all)")
+    parser.add_argument("--max-train-examples", type=int)
+    parser.add_argument("--dtype", default=Settings.dtype)
+    parser.add_argument("--wall-clock", action="store_true",
+                        help="count the budget in wall seconds (default: CPU seconds)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/methods"))
+    parser.add_argument("--report", action="store_true", help="render docs/methods.md, run nothing")
+    parser.add_argument("--report-path", type=Path, default=REPORT)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every method for ~2 steps on a tiny slice, into a temp dir")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)  # the subprocess of one config
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    if args.run_one:
+        settings = Settings(**json.loads(args.settings))
+        append_result(args.results, run_one(args.run_one, seeds[0], settings, args.runs_dir))
+        return 0
+    if args.report:
+        print(f"wrote {report(args.results_dir, args.report_path)}")
+        return 0
+    methods = [method.strip() for method in args.methods.split(",") if method.strip()]
+    if unknown := [method for method in methods if method not in METHODS]:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    settings = Settings(
+        model=args.model, dataset=args.dataset, budget_seconds=args.budget_seconds, batch_size=args.batch_size,
+        eval_every=args.eval_every, max_eval_examples=args.max_eval_examples,
+        max_train_examples=args.max_train_examples, dtype=args.dtype,
+        wall_clock=args.wall_clock,
+    )
+    if args.dry_run:
+        settings = replace(settings, budget_seconds=0.01, batch_size=2, eval_every=1,
+                           max_validation_examples=4, max_eval_examples=8, max_train_examples=8)
+        with tempfile.TemporaryDirectory(prefix="methods-dry-run-") as directory:
+            root = Path(directory)
+            run_all(methods, seeds[:1], settings, settings.results_path(root), root / "runs")
+            print(report(root, root / "methods.md").read_text(encoding="utf-8"))
+        return 0
+    run_all(methods, seeds, settings, settings.results_path(args.results_dir), args.runs_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

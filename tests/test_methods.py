@@ -1,0 +1,71 @@
+"""The method comparison's bookkeeping: result keys, resume, and the report from its records."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+
+
+@pytest.fixture(scope="module")
+def methods():
+    spec = importlib.util.spec_from_file_location("methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["methods"] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_keys_change_with_what_changes_a_result(methods):
+    settings = methods.Settings()
+    longer = dataclasses.replace(settings, budget_seconds=600)
+    assert methods.config_key("prompt", 0, settings) != methods.config_key("prompt", 0, longer)
+    assert methods.config_key("prompt", 0, settings) != methods.config_key("prompt", 1, settings)
+    # Nothing trains in a baseline: the training budget is not part of its key.
+    assert methods.config_key("zero_shot", 0, settings) == methods.config_key("zero_shot", 0, longer)
+
+
+def _record(methods, method, seed, accuracy, settings, parameters=0):
+    return {
+        "key": methods.config_key(method, seed, settings), "method": method, "seed": seed,
+        **dataclasses.asdict(settings), "test_accuracy": accuracy, "trainable_parameters": parameters,
+        "bytes_on_disk": 4 * parameters, "train_seconds": 10.0, "steps": 5, "peak_rss_mib": 900.0,
+        "served_by_engine": method != "lora", "cpu_model": "Test CPU",
+    }
+
+
+def test_report_pools_seeds_and_joins_the_baselines(methods, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "render_plot", lambda groups, path: None)
+    settings = methods.Settings()
+    path = settings.results_path(tmp_path)
+    for record in (
+        _record(methods, "prompt", 0, 0.80, settings, 11_520),
+        _record(methods, "prompt", 1, 0.90, settings, 11_520),
+        _record(methods, "lora", 0, 0.70, settings, 460_800),
+        _record(methods, "zero_shot", 0, 0.60, settings),
+    ):
+        methods.append_result(path, record)
+    text = methods.report(tmp_path, tmp_path / "methods.md").read_text()
+    assert "| prompt tuning (n=20, TEXT init) | 85.0 ± 7.1 (n=2) | 11,520 | 46.1 KB |" in text
+    assert "| LoRA r=8 on q_proj, v_proj (PEFT) | 70.0 ± 0.0 (n=1) | 460,800 |" in text
+    assert "| zero-shot (instruction, no prompt) | 60.0 ± 0.0 (n=1) | 0 |" in text
+    assert "Measured on: Test CPU" in text
+
+
+def test_a_rerun_skips_recorded_configs(methods, tmp_path, monkeypatch):
+    settings = methods.Settings(budget_seconds=1.0)
+    path = settings.results_path(tmp_path)
+    methods.append_result(path, _record(methods, "prompt", 0, 0.8, settings, 11_520))
+    launched = []
+    monkeypatch.setattr(methods.subprocess, "run", lambda command, check: launched.append(command) or
+                        type("Finished", (), {"returncode": 0})())
+    methods.run_all(["zero_shot", "prompt"], [0, 1], settings, path, tmp_path / "runs")
+    ran = [(command[command.index("--run-one") + 1], command[command.index("--seeds") + 1])
+           for command in launched]
+    # prompt seed 0 is recorded; zero-shot runs once (nothing random in it).
+    assert ran == [("zero_shot", "0"), ("prompt", "1")]
