@@ -220,20 +220,94 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
     loop (`softprompt.training.loop.train_loop`) as ``softprompt train``; the adapters live in
     the model.
     """
+    from softprompt.training.loop import LoopSettings
+    from softprompt.training.setup import resolve_device
+
+    frozen, parameters = trainable_model(
+        settings.model, "lora", config.seed, str(resolve_device(settings.device)), "float32",
+        config.rank,
+    )
+    cap = settings.max_eval_examples
+    data = _lora_data(frozen.tokenizer, settings.dataset, settings.max_train_examples, cap, cap)
+    steps = settings.budget_steps
+    loop_settings = LoopSettings(steps, eval_every=settings.eval_every or steps)
+    outcome = train_weights(
+        frozen, parameters, settings.lora_lr, data, settings.batch_size, config.seed,
+        loop_settings, warmup_steps=min(10, steps - 1),
+    )
+    return {**outcome, "effective_lr": settings.lora_lr}
+
+
+def trainable_model(
+    model: str, kind: str, seed: int, device: str, dtype: str, rank: int = LORA_RANK
+) -> tuple[Any, list[Any]]:
+    """The model as a `FrozenModel` (the prompts' interface) and the tensors that train.
+
+    Args:
+        model: the base model's name.
+        kind: ``"lora"`` (LoRA r=``rank`` on q/v projections through PEFT; its matrices train,
+            fp32 over any base dtype) or ``"full"`` (every weight trains).
+        seed: seeds LoRA's random init.
+        device: torch device.
+        dtype: the base weights' dtype.
+        rank: LoRA's rank.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from softprompt.fastpath.frozen import FrozenModel
+    from softprompt.models import load_model
+
+    base, tokenizer = load_model(model, dtype=dtype, device=device)
+    torch.manual_seed(seed)
+    if kind == "lora":
+        lora_config = LoraConfig(
+            task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS),
+        )
+        get_peft_model(base, lora_config)  # injects the LoRA layers into `base` itself
+    frozen = FrozenModel(base.eval(), tokenizer)  # freezes every weight ...
+    parameters = [p for name, p in base.named_parameters() if kind == "full" or "lora_" in name]
+    for parameter in parameters:  # ... and these train
+        parameter.requires_grad_(True)
+    return frozen, parameters
+
+
+def train_weights(
+    frozen: Any,
+    parameters: list[Any],
+    lr: float,
+    data: tuple[Any, tuple[Any, Any, Any]],
+    batch_size: int,
+    seed: int,
+    loop_settings: Any,
+    warmup_steps: int = 10,
+) -> dict[str, Any]:
+    """Train model weights (LoRA's or all) with the prompts' objective, batch order and loop
+    (AdamW, constant lr after warmup); the best validation state is tested.
+
+    Args:
+        frozen: the model (`trainable_model`).
+        parameters: the tensors that train.
+        lr: AdamW's learning rate.
+        data: the objective and the encoded train, validation and test splits (`_lora_data`).
+        batch_size: examples per step.
+        seed: the batch order's seed.
+        loop_settings: steps, validation interval, clipping, time budget (`LoopSettings`).
+        warmup_steps: linear warmup steps.
+
+    Returns:
+        test and best validation accuracy, trainable parameters, steps, training wall seconds.
+    """
     import torch
 
-    from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
+    from softprompt.training.loop import BatchOrder, LoopHooks, Trainable, train_loop
     from softprompt.training.optim import make_optimizer, make_scheduler
 
-    frozen, parameters = _lora_model(config, settings)
-    cap = settings.max_eval_examples
-    objective, (train_data, validation, test) = _lora_data(
-        frozen.tokenizer, settings.dataset, settings.max_train_examples, cap, cap
-    )
-    steps = settings.budget_steps
-    optimizer = make_optimizer(parameters, "adamw", settings.lora_lr)
-    scheduler = make_scheduler(optimizer, steps, min(10, steps - 1), "constant")
-    best: list[torch.Tensor] = []  # LoRA's matrices at the best validation
+    objective, (train_data, validation, test) = data
+    optimizer = make_optimizer(parameters, "adamw", lr)
+    scheduler = make_scheduler(optimizer, loop_settings.total_steps, warmup_steps, "constant")
+    best: list[torch.Tensor] = []  # the trained tensors at the best validation
 
     def keep_best(_: Any) -> None:
         best[:] = [parameter.detach().clone() for parameter in parameters]
@@ -246,11 +320,10 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
     hooks = LoopHooks(
         validate=lambda: objective.evaluate(frozen, None, validation), keep_best=keep_best
     )
-    order = BatchOrder(objective.lengths(train_data), settings.batch_size, config.seed)
+    order = BatchOrder(objective.lengths(train_data), batch_size, seed)
     started = time.perf_counter()
-    loop_settings = LoopSettings(steps, eval_every=settings.eval_every or steps)
     result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks)
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started  # wall, validation included
     with torch.no_grad():
         for parameter, value in zip(parameters, best, strict=True):
             parameter.copy_(value)
@@ -259,35 +332,8 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
         "validation_accuracy": result.state.best_validation_accuracy,
         "trainable_parameters": sum(p.numel() for p in parameters),
         "train_seconds": train_seconds,
-        "effective_lr": settings.lora_lr,
+        "steps": result.state.step,
     }
-
-
-def _lora_model(config: Config, settings: Settings) -> tuple[Any, list[Any]]:
-    """The frozen model with LoRA r=``config.rank`` on q/v projections, and LoRA's matrices."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from softprompt.fastpath.frozen import FrozenModel
-    from softprompt.models import load_model
-    from softprompt.training.setup import resolve_device
-
-    device = resolve_device(settings.device)
-    base, tokenizer = load_model(settings.model, dtype="float32", device=str(device))
-    torch.manual_seed(config.seed)
-    lora_config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=config.rank,
-        lora_alpha=2 * config.rank,
-        lora_dropout=0.0,
-        target_modules=list(LORA_TARGETS),
-    )
-    get_peft_model(base, lora_config)  # injects the LoRA layers into `base` itself
-    frozen = FrozenModel(base.eval(), tokenizer)  # freezes every weight, LoRA's included ...
-    parameters = [p for name, p in base.named_parameters() if "lora_" in name]
-    for parameter in parameters:  # ... and LoRA's matrices are what trains
-        parameter.requires_grad_(True)
-    return frozen, parameters
 
 
 def _lora_data(

@@ -52,6 +52,8 @@ from ablations import (  # noqa: E402  (a sibling script, not a package)
     _plot_points,
     append_result,
     read_results,
+    train_weights,
+    trainable_model,
 )
 
 METHODS = ("zero_shot", "few_shot", "prompt", "residual", "prefix", "lora", "full")
@@ -161,85 +163,29 @@ def run_baseline(method: str, seed: int, settings: Settings) -> dict[str, Any]:
 
 
 def run_weights_method(method: str, seed: int, settings: Settings) -> dict[str, Any]:
-    """LoRA or full fine-tuning: the prompts' objective, batch order and loop, weights trained.
+    """LoRA or full fine-tuning: the prompts' objective, batch order and loop, weights trained."""
+    from softprompt.models.precision import resolve_dtype
+    from softprompt.training.loop import LoopSettings
 
-    The best validation state is kept (a copy of the trained tensors) and tested at the end.
-    """
-    import torch
-
-    from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
-    from softprompt.training.optim import make_optimizer, make_scheduler
-
-    frozen, parameters, lr = _trainable_model(method, seed, settings)
-    objective, (train_data, validation, test) = _lora_data(
+    # bf16 weights cannot take fine-tuning's small updates: full fine-tuning trains fp32.
+    dtype = resolve_dtype(settings.dtype, "cpu").dtype if method == "lora" else "float32"
+    frozen, parameters = trainable_model(settings.model, method, seed, "cpu", dtype)
+    data = _lora_data(
         frozen.tokenizer, settings.dataset, settings.max_train_examples,
         settings.max_validation_examples, settings.max_eval_examples,
     )
-    optimizer = make_optimizer(parameters, "adamw", lr)
-    scheduler = make_scheduler(optimizer, 1_000_000, 10, "constant")
-    best: list[torch.Tensor] = []
-
-    def keep_best(_: Any) -> None:
-        best[:] = [parameter.detach().clone() for parameter in parameters]
-
-    trainable = Trainable(
-        parameters,
-        loss_sum=lambda batch: objective.loss_sum(frozen, None, train_data, batch),
-        count=lambda batch: objective.count(train_data, batch),
-    )
-    hooks = LoopHooks(
-        validate=lambda: objective.evaluate(frozen, None, validation), keep_best=keep_best
-    )
-    order = BatchOrder(objective.lengths(train_data), settings.batch_size, seed)
     loop_settings = LoopSettings(
         1_000_000, eval_every=settings.eval_every, max_grad_norm=1.0,
         time_budget=settings.budget_seconds,
     )
-    started = time.perf_counter()
-    result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks)
-    train_seconds = time.perf_counter() - started  # wall, validation included (as the trainer's)
-    with torch.no_grad():
-        for parameter, value in zip(parameters, best, strict=True):
-            parameter.copy_(value)
-    count = sum(p.numel() for p in parameters)
+    lr = settings.lora_lr if method == "lora" else FULL_LR
+    outcome = train_weights(frozen, parameters, lr, data, settings.batch_size, seed, loop_settings)
     return {
-        "test_accuracy": objective.evaluate(frozen, None, test)["accuracy"],
-        "validation_accuracy": result.state.best_validation_accuracy,
-        "trainable_parameters": count,
-        "bytes_on_disk": count * 4,  # fp32 tensors (LoRA: adapter_model.safetensors' payload)
-        "train_seconds": train_seconds,
-        "steps": result.state.step,
+        **outcome,
+        "bytes_on_disk": outcome["trainable_parameters"] * 4,  # fp32 tensors
         "computed_dtype": str(next(iter(frozen.model.parameters())).dtype).removeprefix("torch."),
         "served_by_engine": False,
     }
-
-
-def _trainable_model(method: str, seed: int, settings: Settings) -> tuple[Any, list[Any], float]:
-    """The model wrapped as a `FrozenModel` (the prompts' interface), its trained tensors, lr."""
-    import torch
-
-    from softprompt.fastpath.frozen import FrozenModel
-    from softprompt.models import load_model
-    from softprompt.models.precision import resolve_dtype
-
-    dtype = resolve_dtype(settings.dtype, "cpu").dtype if method == "lora" else torch.float32
-    base, tokenizer = load_model(settings.model, dtype=dtype, device="cpu")
-    torch.manual_seed(seed)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
-            target_modules=list(LORA_TARGETS),
-        )
-        get_peft_model(base, config)  # adapters in fp32 (PEFT upcasts them over a bf16 base)
-    frozen = FrozenModel(base.eval(), tokenizer)  # freezes every weight ...
-    parameters = [
-        p for name, p in base.named_parameters() if method == "full" or "lora_" in name
-    ]
-    for parameter in parameters:  # ... and these train
-        parameter.requires_grad_(True)
-    return frozen, parameters, (settings.lora_lr if method == "lora" else FULL_LR)
 
 
 def run_one(method: str, seed: int, settings: Settings, runs_dir: Path) -> dict[str, Any]:

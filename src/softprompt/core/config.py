@@ -59,9 +59,9 @@ class InitFill(_ChoiceEnum):
     REPEAT = "REPEAT"
 
 
-# Fields PEFT 0.21 writes for a prompt-tuning adapter, in its order, except ``peft_version``:
-# that is PEFT's stamp of its own library version (PEFT fills it in when it is absent).
-PEFT_FIELDS = (
+# Fields PEFT 0.21 writes for every prompt-learning adapter, in its order, except
+# ``peft_version``: that is PEFT's stamp of its own library version (filled in when absent).
+_PROMPT_LEARNING_FIELDS = (
     "task_type",
     "peft_type",
     "auto_mapping",
@@ -74,6 +74,10 @@ PEFT_FIELDS = (
     "num_attention_heads",
     "num_layers",
     "modules_to_save",
+)
+# ... then a prompt-tuning adapter's own fields.
+PEFT_FIELDS = (
+    *_PROMPT_LEARNING_FIELDS,
     "prompt_tuning_init",
     "prompt_tuning_init_text",
     "tokenizer_name_or_path",
@@ -274,18 +278,7 @@ class PromptTuningConfig:
 
 # Fields PEFT 0.21 writes for a prefix-tuning adapter (except ``peft_version``), in its order.
 PREFIX_PEFT_FIELDS = (
-    "task_type",
-    "peft_type",
-    "auto_mapping",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "num_virtual_tokens",
-    "token_dim",
-    "num_transformer_submodules",
-    "num_attention_heads",
-    "num_layers",
-    "modules_to_save",
+    *_PROMPT_LEARNING_FIELDS,
     "init_weights",
     "encoder_hidden_size",
     "prefix_projection",
