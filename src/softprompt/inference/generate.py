@@ -13,6 +13,29 @@ from softprompt.fastpath.prompt_kv import prefixed_batch, stack_prompt_kv, uncac
 from softprompt.inference.tasks import Task
 
 
+def decode_request(
+    frozen: FrozenModel,
+    task: Task,
+    encoded: list[list[int]],
+    params: GenerateParams,
+    rows: list[int] | None = None,
+) -> DecodeRequest:
+    """A request's decoding state; its budget is capped by the room its longest row leaves.
+
+    Args:
+        frozen: the frozen model (its position limit).
+        task: the request's task.
+        encoded: token ids per ensemble member.
+        params: the request's parameters.
+        rows: its rows in a batch (a :class:`~softprompt.fastpath.step_batch.StepDecoder`
+            assigns them itself).
+    """
+    pairs = list(zip(task.members, encoded, strict=True))
+    room = min(frozen.max_positions - member.length - len(ids) for member, ids in pairs)
+    budget = min(params.max_new_tokens, room)
+    return DecodeRequest(task.info.name, list(rows or []), params, budget)
+
+
 def generate_requests(
     frozen: FrozenModel,
     requests: list[tuple[int, Task, list[list[int]], GenerateParams]],
@@ -31,14 +54,10 @@ def generate_requests(
     """
     members, texts, decoding = [], [], []
     for slot, task, encoded, params in requests:
-        pairs = list(zip(task.members, encoded, strict=True))
-        room = min(frozen.max_positions - member.length - len(ids) for member, ids in pairs)
-        own_rows = list(range(len(texts), len(texts) + len(pairs)))
-        for member, ids in pairs:
-            members.append(member)
-            texts.append(ids)
-        budget = min(params.max_new_tokens, room)
-        decoding.append((slot, DecodeRequest(task.info.name, own_rows, params, budget)))
+        own_rows = list(range(len(texts), len(texts) + len(encoded)))
+        members += task.members
+        texts += encoded
+        decoding.append((slot, decode_request(frozen, task, encoded, params, own_rows)))
     if use_kv_cache:
         batch = prefixed_batch(frozen, stack_prompt_kv([member.kv for member in members]), texts)
     else:
