@@ -453,7 +453,7 @@ def test_schema_errors_are_422(server: MainServer, body: Any) -> None:
     {"model": "echo", "prompt": []},
     {"model": "echo", "prompt": "x", "max_tokens": 0},
     {"model": "echo", "prompt": "x", "temperature": -1},
-    {"model": "echo", "prompt": "x", "stream": True},
+    {"model": "echo", "prompt": "x", "stream": "yes please"},
     {"model": "echo", "prompt": "x", "n": 2},
     {"model": "echo", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
 ])
