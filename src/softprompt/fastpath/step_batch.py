@@ -118,7 +118,11 @@ def extend(
     mask = position_mask(frozen, allowed, query_positions, key_positions)
     cache = frozen.new_cache(sliding=False)  # every column kept: the rows' own layout
     for layer_index, (layer_keys, layer_values) in enumerate(rows.layers):
-        cache.update(layer_keys, layer_values, layer_index)
+        # Start each layer empty, then hand it the rows' tensors as they are: filling it with
+        # update() would copy every key and value once more per step.
+        cache.update(layer_keys[:, :, :0], layer_values[:, :, :0], layer_index)
+        layer = cache.layers[layer_index]
+        layer.keys, layer.values = layer_keys, layer_values
     hidden = frozen.hidden_states(embeds, mask, query_positions, cache)
     layers = tuple((layer.keys, layer.values) for layer in cache.layers)
     return hidden, KVRows(layers, key_positions, rows.next_positions + lengths)

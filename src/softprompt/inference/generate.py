@@ -1,6 +1,10 @@
-"""Generation for requests of any tasks in one decoding loop (:mod:`softprompt.fastpath.decoding`).
+"""Generation for requests of any tasks, run together to the end of the longest.
 
-A request owns one row per prompt of its task; an ensemble's rows share the chosen tokens.
+With the prompt KV cache the requests all join one :class:`~softprompt.fastpath.step_batch.StepDecoder`
+(the step-level machinery the :class:`~softprompt.inference.Scheduler` drives request by request);
+without it (models whose cache is not plain keys/values) the prompts run in the input and
+:func:`~softprompt.fastpath.decoding.decode` loops over a batch cache. A request owns one row per
+prompt of its task; an ensemble's rows share the chosen tokens.
 Each request's budget is its ``max_new_tokens`` capped by the room its longest row leaves in
 the model's positions (generation then stops with ``"length"``).
 """
@@ -9,7 +13,8 @@ from __future__ import annotations
 
 from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, GenerateResult, decode
 from softprompt.fastpath.frozen import FrozenModel
-from softprompt.fastpath.prompt_kv import prefixed_batch, stack_prompt_kv, uncached_batch
+from softprompt.fastpath.prompt_kv import uncached_batch
+from softprompt.fastpath.step_batch import StepDecoder
 from softprompt.inference.tasks import Task
 
 
@@ -52,15 +57,22 @@ def generate_requests(
     Returns:
         The result of each slot.
     """
+    if use_kv_cache:  # every request joins the step decoder at once; it runs until all end
+        decoder = StepDecoder(frozen, prefill_chunk=frozen.max_positions)
+        decoding = []
+        for slot, task, encoded, params in requests:
+            request = decode_request(frozen, task, encoded, params)
+            decoder.join(request, [member.kv for member in task.members], encoded)
+            decoding.append((slot, request))
+        while len(decoder):
+            decoder.step()
+        return {slot: request.result() for slot, request in decoding}
     members, texts, decoding = [], [], []
     for slot, task, encoded, params in requests:
         own_rows = list(range(len(texts), len(texts) + len(encoded)))
         members += task.members
         texts += encoded
         decoding.append((slot, decode_request(frozen, task, encoded, params, own_rows)))
-    if use_kv_cache:
-        batch = prefixed_batch(frozen, stack_prompt_kv([member.kv for member in members]), texts)
-    else:
-        batch = uncached_batch(frozen, [member.prompt for member in members], texts)
+    batch = uncached_batch(frozen, [member.prompt for member in members], texts)
     outputs = decode(frozen, batch, [request for _, request in decoding])
     return {slot: output for (slot, _), output in zip(decoding, outputs, strict=True)}
