@@ -21,8 +21,7 @@ from softprompt.fastpath.step_batch import KVRows
 from softprompt.inference import Engine, GenerateParams, TaskNotFoundError
 from softprompt.models.tiny import HIDDEN, tiny_gemma3, tiny_llama, word_level_tokenizer
 
-WORDS = ("the movie was great and fun a terrible boring film review topic answer sports news "
-         "politics : ? .").split()
+WORDS = ["the", "movie", "was", "great", "and", "fun", "a", "terrible", "boring", "film", "review", "topic", "answer", "sports", "news", "politics", ":", "?", "."]
 TEXTS = ["the movie was great and fun", "a terrible boring film", "sports news",
          "fun", "the film was a great and boring movie and the news was fun . the end ?"]
 TASKS = {  # name: (prompt length, template, seed)

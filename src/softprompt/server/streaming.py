@@ -58,7 +58,7 @@ async def _events(batcher: MicroBatcher, items: Sequence[WorkItem], model: str,
         body = s.CompletionChunk(id=completion_id, created=created, model=model, usage=usage,
                                  choices=[s.CompletionChunkChoice(
                                      text=text, index=index, finish_reason=finish_reason)])
-        return _sse(body.model_dump(exclude_none=usage is None))
+        return _sse(body.model_dump(exclude={"usage"} if usage is None else None))
 
     try:
         while True:
