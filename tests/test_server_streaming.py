@@ -284,3 +284,18 @@ def test_nothing_is_lost_under_load_with_cancellations(step_server: RunningServe
         assert metric_lines(text, f"{family}_count")[""] > 0
     assert metric_lines(text, "softprompt_generated_tokens_total")[""] > 0
     assert "# TYPE softprompt_tokens_per_second gauge" in text
+
+
+def test_a_model_without_plain_keys_values_gets_the_batch_worker(setup) -> None:
+    from softprompt.server.batcher import MicroBatcher
+    from softprompt.server.metrics import ServerMetrics
+    from softprompt.server.state import make_batcher
+    from softprompt.server.stepper import StepBatcher
+
+    model, _ = setup
+    options = ServeOptions()
+    assert isinstance(make_batcher(Engine(str(model)), options, ServerMetrics()), StepBatcher)
+    fallback = make_batcher(Engine(str(model), use_kv_cache=False), options, ServerMetrics())
+    assert type(fallback) is MicroBatcher
+    batch = make_batcher(Engine(str(model)), ServeOptions(scheduler="batch"), ServerMetrics())
+    assert type(batch) is MicroBatcher

@@ -156,16 +156,6 @@ class StepDecoder:
         self._decoding_rows: list[int] = []
         self._next_token: dict[int, int] = {}
 
-    @property
-    def requests(self) -> list[DecodeRequest]:
-        """The requests in the batch (joining or decoding), in the order they joined."""
-        return list({id(request): request for request in self._owner.values()}.values())
-
-    @property
-    def joining(self) -> int:
-        """Requests whose texts have not all run yet."""
-        return len({id(self._owner[row]) for row in self._joining_rows})
-
     def __len__(self) -> int:
         return len({id(request) for request in self._owner.values()})
 

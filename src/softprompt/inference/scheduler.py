@@ -48,11 +48,6 @@ class Scheduler:
         """Requests in the batch (prefilling or decoding)."""
         return len(self._decoder)
 
-    @property
-    def prefilling(self) -> int:
-        """Requests whose texts are still running through the model."""
-        return self._decoder.joining
-
     def add(
         self, task: str, text: str, params: GenerateParams, truncate: bool = False
     ) -> DecodeRequest:

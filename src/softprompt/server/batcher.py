@@ -7,6 +7,9 @@ worker thread drains it: it takes up to ``max_batch_size`` items, waiting at mos
 the items name. Each item's asyncio future is resolved on its event loop
 (``loop.call_soon_threadsafe``).
 
+The step-level worker (:mod:`softprompt.server.stepper`, ``--scheduler step``) keeps this
+queue, its limits and its futures, and replaces the worker loop.
+
 Failure isolation: an exception returned in one slot fails only that item; an engine call that
 raises fails only the items of that call; the worker itself never dies. A full queue refuses
 new work (429) instead of growing; on shutdown queued items are drained or failed with 503,
