@@ -1,10 +1,14 @@
-"""Batched text generation over a prompt KV cache: greedy, temperature and nucleus sampling.
+"""Generation: token choice (greedy, temperature, nucleus), stop strings, budgets, and the batch
+decoding loop of the uncached path.
 
-One loop serves a whole mixed-task batch. The prefill runs every row's text after its prompt
-(the prompt coming from the cache, see :mod:`softprompt.fastpath.prompt_kv`); then each step
-feeds one token per unfinished row. Finished rows are dropped from the cache, so they stop
-costing compute. A request of an ensemble task owns one row per prompt; its next-token
-distribution is the mean of its rows' distributions, and the chosen token is fed to all of them.
+:func:`advance` is the one decoding step's bookkeeping: it picks every running request's next
+token from its rows' logits and updates its text and finish state. Two loops drive it:
+:class:`~softprompt.fastpath.step_batch.StepDecoder` (requests join and leave a running batch;
+the engine and the server use it whenever prompts come from their keys/values cache), and
+:func:`decode` here, which runs one prefilled batch to its end over a model cache (prompts run
+in the input: models whose cache is not plain keys/values). A request of an ensemble task owns
+one row per prompt; its next-token distribution is the mean of its rows' distributions, and the
+chosen token is fed to all of them.
 """
 
 from __future__ import annotations
@@ -266,6 +270,11 @@ def advance(
 @torch.no_grad()
 def decode(frozen: FrozenModel, batch: PrefixedBatch, requests: list[DecodeRequest]) -> list[GenerateResult]:
     """Generate for every request of a batch.
+
+    Known limit: the steps extend a 0/1 mask, so the model windows its sliding-window layers by
+    cache column; rows whose texts differ in length (right padding) then see a window shifted
+    by their padding (Gemma 2/3). :func:`~softprompt.fastpath.step_batch.decode_together` masks
+    by position and is exact; prefer it whenever the prompts have cached keys/values.
 
     Args:
         frozen: the frozen model (its tokenizer decodes the text and finds stop strings).

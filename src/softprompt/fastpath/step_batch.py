@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from softprompt.fastpath.decoding import DecodeRequest, advance
+from softprompt.fastpath.decoding import DecodeRequest, GenerateResult, advance
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import PromptKV, position_mask, stack_prompt_kv
 
@@ -287,3 +287,26 @@ class StepDecoder:
     def _forget(self, row: int) -> None:
         self._owner.pop(row, None)
         self._next_token.pop(row, None)
+
+
+def decode_together(
+    frozen: FrozenModel,
+    jobs: Sequence[tuple[DecodeRequest, Sequence[PromptKV], Sequence[Sequence[int]]]],
+) -> list[GenerateResult]:
+    """Run requests that all start now to their ends (the run-to-completion case).
+
+    Args:
+        frozen: the frozen model.
+        jobs: per request its state, its one-row prompt keys/values per text, and its texts
+            (as :meth:`StepDecoder.join`).
+
+    Returns:
+        One result per request, in order.
+    """
+    decoder = StepDecoder(frozen, prefill_chunk=frozen.max_positions)
+    for request, prefixes, texts in jobs:
+        decoder.join(request, prefixes, texts)
+    while len(decoder):
+        decoder.step()
+    return [request.result() for request, _, _ in jobs]
+

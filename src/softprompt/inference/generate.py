@@ -14,7 +14,7 @@ from __future__ import annotations
 from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, GenerateResult, decode
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import uncached_batch
-from softprompt.fastpath.step_batch import StepDecoder
+from softprompt.fastpath.step_batch import decode_together
 from softprompt.inference.tasks import Task
 
 
@@ -57,16 +57,12 @@ def generate_requests(
     Returns:
         The result of each slot.
     """
-    if use_kv_cache:  # every request joins the step decoder at once; it runs until all end
-        decoder = StepDecoder(frozen, prefill_chunk=frozen.max_positions)
-        decoding = []
-        for slot, task, encoded, params in requests:
-            request = decode_request(frozen, task, encoded, params)
-            decoder.join(request, [member.kv for member in task.members], encoded)
-            decoding.append((slot, request))
-        while len(decoder):
-            decoder.step()
-        return {slot: request.result() for slot, request in decoding}
+    if use_kv_cache:
+        jobs = [(decode_request(frozen, task, encoded, params),
+                 [member.kv for member in task.members], encoded)
+                for _, task, encoded, params in requests]
+        outputs = decode_together(frozen, jobs)
+        return {slot: output for (slot, *_), output in zip(requests, outputs, strict=True)}
     members, texts, decoding = [], [], []
     for slot, task, encoded, params in requests:
         own_rows = list(range(len(texts), len(texts) + len(encoded)))
