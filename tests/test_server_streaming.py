@@ -299,3 +299,28 @@ def test_a_model_without_plain_keys_values_gets_the_batch_worker(setup) -> None:
     assert type(fallback) is MicroBatcher
     batch = make_batcher(Engine(str(model)), ServeOptions(scheduler="batch"), ServerMetrics())
     assert type(batch) is MicroBatcher
+
+
+def test_a_task_removed_mid_generation_lets_it_finish(step_server: RunningServer, setup,
+                                                      slow) -> None:
+    body = {"model": "echo2", "prompt": "the vote", "max_tokens": 20, "temperature": 0}
+    state = step_server.state
+    with step_server.client() as client:
+        expected = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        try:
+            with client.stream("POST", "/v1/completions",
+                               json={**body, "stream": True}) as response:
+                lines = response.iter_lines()
+                first = json.loads(next(lines)[len("data: "):])["choices"][0]["text"]
+                with state.batcher.engine_lock:  # as DELETE /v1/tasks/echo2 does, between steps
+                    state.engine.remove_task("echo2")
+                    state.refresh_tasks()
+                rest = "".join(json.loads(line[len("data: "):])["choices"][0]["text"]
+                               for line in lines if line.startswith("data: {"))
+            assert first + rest == expected
+            gone = client.post("/v1/completions", json=body)
+            assert gone.status_code == 404
+        finally:
+            with state.batcher.engine_lock:
+                state.engine.add_task("echo2", setup[1] / "echo2")
+                state.refresh_tasks()
