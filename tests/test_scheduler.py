@@ -202,3 +202,30 @@ def test_settled_text_holds_back_what_a_stop_string_may_cut(prompts):
     assert request.settled_text(tokenizer) == "the movie was great"
     request.finish_reason, request.text = "stop", "final"
     assert request.settled_text(tokenizer) == "final"
+
+
+@pytest.mark.real
+def test_real_smollm2_joined_midway_equals_alone():
+    """SmolLM2-135M in its served dtype: the demo sentiment prompt continuing reviews, joined
+    to a running batch at different steps, gives the tokens it gives alone."""
+    demo = Path(__file__).resolve().parents[1] / "prompts" / "smollm2-135m-rotten-tomatoes-demo-fp32"
+    try:
+        engine = Engine("smollm2-135m")
+    except Exception as error:  # noqa: BLE001 - not installed here
+        pytest.skip(f"smollm2-135m unavailable: {error}")
+    engine.add_task("sentiment", demo / "prompt")
+    requests = [
+        ("sentiment", "A gorgeous, witty, seductive movie.", GenerateParams(max_new_tokens=10)),
+        ("sentiment", "The plot makes no sense and the jokes fall flat at every turn.",
+         GenerateParams(max_new_tokens=6)),
+        ("sentiment", "Dull.", GenerateParams(max_new_tokens=8, temperature=0.8, seed=3)),
+    ]
+    alone = [engine.generate([request])[0] for request in requests]
+    scheduler = engine.scheduler(prefill_chunk=8)
+    running = []
+    for request in requests:
+        running.append(scheduler.add(*request))
+        scheduler.step()
+        scheduler.step()
+    scheduler.run()
+    assert [request.result() for request in running] == alone
