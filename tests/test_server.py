@@ -453,7 +453,7 @@ def test_schema_errors_are_422(server: MainServer, body: Any) -> None:
     {"model": "echo", "prompt": []},
     {"model": "echo", "prompt": "x", "max_tokens": 0},
     {"model": "echo", "prompt": "x", "temperature": -1},
-    {"model": "echo", "prompt": "x", "stream": True},
+    {"model": "echo", "prompt": "x", "stream": "yes please"},
     {"model": "echo", "prompt": "x", "n": 2},
     {"model": "echo", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
 ])
@@ -801,12 +801,21 @@ def test_loadtest_against_the_server(server: MainServer, capsys: pytest.CaptureF
     loadtest = _loadtest_module()
     code = loadtest.main(["--url", server.url, "--tasks", "sentiment,topic,echo",
                           "--concurrency", "4", "--requests", "30", "--duration-limit", "60",
-                          "--max-tokens", "3", "--json"])
+                          "--max-tokens", "3", "--generate-share", "0.3", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
-    assert report["sent"] == report["answered"] == report["ok"] == 30
-    assert report["errors"] == 0 and report["lost"] == 0
-    assert report["latency_ms"]["p50"] is not None and report["requests_per_s"] > 0
+    assert [(run["scheduler"], run["phase"]) for run in report["runs"]] == [
+        ("server", "classify"), ("server", "mixed")]
+    alone, mixed = report["runs"]
+    for run in report["runs"]:
+        assert run["sent"] == run["answered"] == run["ok"] == 30
+        assert run["errors"] == 0 and run["lost"] == 0
+    assert set(alone["latency_ms_by_kind"]) == {"classify"}
+    assert mixed["latency_ms_by_kind"]["generate"]["count"] == 9  # 30% of 30, streamed
+    assert mixed["latency_ms_by_kind"]["classify"]["count"] == 21
+    assert mixed["time_to_first_token_ms"]["count"] == 9
+    assert 0 < mixed["completion_tokens"] <= 27 and mixed["tokens_per_s"] > 0
+    assert "server_classify_p99_mixed_over_alone" in report["targets"]
 
 
 def test_loadtest_refuses_non_loopback_hosts() -> None:
@@ -832,4 +841,7 @@ def test_loadtest_spawns_a_server(model_dir: Path, prompts_dir: Path,
                           "--concurrency", "4", "--requests", "20", "--max-tokens", "2"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "sent 20, answered 20, ok 20, lost 0, errors 0" in out
+    for scheduler in ("batch", "step"):
+        for phase in ("classify", "mixed"):
+            assert f"[{scheduler} / {phase}] sent 20, answered 20, ok 20, lost 0, errors 0" in out
+    assert "step_over_batch_tokens_per_s" in out

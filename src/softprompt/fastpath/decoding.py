@@ -1,16 +1,21 @@
-"""Batched text generation over a prompt KV cache: greedy, temperature and nucleus sampling.
+"""Generation: token choice (greedy, temperature, nucleus), stop strings, budgets, and the batch
+decoding loop of the uncached path.
 
-One loop serves a whole mixed-task batch. The prefill runs every row's text after its prompt
-(the prompt coming from the cache, see :mod:`softprompt.fastpath.prompt_kv`); then each step
-feeds one token per unfinished row. Finished rows are dropped from the cache, so they stop
-costing compute. A request of an ensemble task owns one row per prompt; its next-token
-distribution is the mean of its rows' distributions, and the chosen token is fed to all of them.
+:func:`advance` is the one decoding step's bookkeeping: it picks every running request's next
+token from its rows' logits and updates its text and finish state. Two loops drive it:
+:class:`~softprompt.fastpath.step_batch.StepDecoder` (requests join and leave a running batch;
+the engine and the server use it whenever prompts come from their keys/values cache), and
+:func:`decode` here, which runs one prefilled batch to its end over a model cache (prompts run
+in the input: models whose cache is not plain keys/values). A request of an ensemble task owns
+one row per prompt; its next-token distribution is the mean of its rows' distributions, and the
+chosen token is fed to all of them.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -115,6 +120,23 @@ class DecodeRequest:
             seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator().manual_seed(seed)
 
+    def settled_text(self, tokenizer: Any) -> str:
+        """The text so far that later tokens can no longer change (what a stream may send).
+
+        Once finished, the final text. While running, the decoded tokens less an incomplete
+        last character and less any ending that could be the start of a stop string (the
+        final text may be cut there).
+        """
+        if self.finish_reason is not None:
+            return self.text
+        text = _decode(tokenizer, self.tokens).rstrip("\ufffd")
+        held = max(
+            (size for stop in self.params.stop for size in range(1, len(stop))
+             if text.endswith(stop[:size])),
+            default=0,
+        )
+        return text[: len(text) - held]
+
     def result(self) -> GenerateResult:
         return GenerateResult(
             self.task, self.text, len(self.tokens), self.finish_reason, list(self.tokens)
@@ -207,9 +229,52 @@ def _decode(tokenizer: Any, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
 
 
+def advance(
+    requests: Sequence[DecodeRequest],
+    logits: torch.Tensor,
+    where: dict[int, int],
+    eos_ids: set[int],
+    tokenizer: Any,
+) -> dict[int, int]:
+    """Choose each unfinished request's next token and update its state (one decoding step).
+
+    Args:
+        requests: the requests of the step; finished ones are skipped.
+        logits: ``(R, V)`` fp32 next-token logits, one row per batch row.
+        where: row id (``DecodeRequest.rows``) -> its row in ``logits``.
+        eos_ids: tokens that end a generation.
+        tokenizer: decodes the text (stop strings, the final text).
+
+    Returns:
+        The token to feed next to each row of every request still running.
+    """
+    greedy = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
+    next_tokens: dict[int, int] = {}
+    for request in requests:
+        if request.finish_reason is not None:
+            continue
+        if len(request.tokens) >= request.budget:  # a budget of 0: no room at all
+            request.finish_reason = "length"
+            continue
+        if request.params.temperature == 0 and len(request.rows) == 1:
+            token = greedy[where[request.rows[0]]]
+        else:
+            scores = combine_members(logits[[where[row] for row in request.rows]])
+            token = choose_token(scores, request.params, request.generator)
+        _append(request, token, eos_ids, tokenizer)
+        if request.finish_reason is None:
+            next_tokens.update(dict.fromkeys(request.rows, token))
+    return next_tokens
+
+
 @torch.no_grad()
 def decode(frozen: FrozenModel, batch: PrefixedBatch, requests: list[DecodeRequest]) -> list[GenerateResult]:
     """Generate for every request of a batch.
+
+    Known limit: the steps extend a 0/1 mask, so the model windows its sliding-window layers by
+    cache column; rows whose texts differ in length (right padding) then see a window shifted
+    by their padding (Gemma 2/3). :func:`~softprompt.fastpath.step_batch.decode_together` masks
+    by position and is exact; prefer it whenever the prompts have cached keys/values.
 
     Args:
         frozen: the frozen model (its tokenizer decodes the text and finds stop strings).
@@ -229,22 +294,7 @@ def decode(frozen: FrozenModel, batch: PrefixedBatch, requests: list[DecodeReque
     positions = batch.prefix_lengths + batch.text_lengths  # (R,) position of the next token
     while True:
         where = {row: index for index, row in enumerate(active)}
-        greedy = logits.argmax(dim=-1).tolist()  # one device sync for all greedy rows
-        next_tokens: dict[int, int] = {}
-        for request in requests:
-            if request.finish_reason is not None:
-                continue
-            if len(request.tokens) >= request.budget:  # a budget of 0: no room at all
-                request.finish_reason = "length"
-                continue
-            if request.params.temperature == 0 and len(request.rows) == 1:
-                token = greedy[where[request.rows[0]]]
-            else:
-                scores = combine_members(logits[[where[row] for row in request.rows]])
-                token = choose_token(scores, request.params, request.generator)
-            _append(request, token, eos_ids, tokenizer)
-            if request.finish_reason is None:
-                next_tokens.update(dict.fromkeys(request.rows, token))
+        next_tokens = advance(requests, logits, where, eos_ids, tokenizer)
         if not next_tokens:
             break
         keep = [index for index, row in enumerate(active) if row in next_tokens]

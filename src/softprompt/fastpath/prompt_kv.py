@@ -356,15 +356,38 @@ def continuation_batch(
     seen = batch.attention_mask.bool().unsqueeze(1).expand(-1, width, -1)
     allowed = torch.cat([seen, same], dim=2)  # (R, Q, cached + Q)
     key_positions = torch.cat([_cached_positions(batch), positions], dim=1)
-    mask = _additive(allowed, frozen.dtype)
-    window = frozen.sliding_window
-    if window is not None:
-        near = (positions.unsqueeze(2) - key_positions.unsqueeze(1)) < window
-        mask = {"full_attention": mask, "sliding_attention": _additive(allowed & near, frozen.dtype)}
+    mask = position_mask(frozen, allowed, positions, key_positions)
     embeds = frozen.embed(ids)
     lengths = torch.tensor([sum(map(len, row)) for row in continuations], device=device)
     follows = PrefixedBatch(embeds, mask, positions, batch.cache, 0, batch.prefix_lengths, lengths)
     return follows, starts
+
+
+def position_mask(
+    frozen: FrozenModel,
+    allowed: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Additive attention masks from which keys each query may see, windowed by position.
+
+    Args:
+        frozen: the frozen model (its dtype and sliding window).
+        allowed: ``(R, Q, K)`` bool, the keys each query sees in full-attention layers.
+        query_positions: ``(R, Q)`` long position of each query.
+        key_positions: ``(R, K)`` long position of each key.
+
+    Returns:
+        A ``(R, 1, Q, K)`` mask; for a model with sliding-window layers, one per attention kind
+        (``{"full_attention": ..., "sliding_attention": ...}``), the latter also hiding keys a
+        window or more behind the query.
+    """
+    mask = _additive(allowed, frozen.dtype)
+    window = frozen.sliding_window
+    if window is None:
+        return mask
+    near = (query_positions.unsqueeze(2) - key_positions.unsqueeze(1)) < window
+    return {"full_attention": mask, "sliding_attention": _additive(allowed & near, frozen.dtype)}
 
 
 def _cached_positions(batch: PrefixedBatch) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Serving prompt-tuned tasks: mixed-task batches, prompt KV caches, ensembles, generation.
 
-See :class:`Engine`. The prompt KV cache and batch layout live in
+See :class:`Engine`, and :class:`Scheduler` (``engine.scheduler()``) for generation step by step. The prompt KV cache and batch layout live in
 :mod:`softprompt.fastpath.prompt_kv`, the decoding loop in :mod:`softprompt.fastpath.decoding`.
 The names import on first use (PEP 562), so that :mod:`softprompt.inference.options` (behind the
 command line) loads without torch.
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         ClassifyResult,
         Engine,
         InputTooLongError,
+        Scheduler,
         TaskInfo,
         TaskLoadError,
         TaskNotFoundError,
@@ -29,6 +30,7 @@ _MODULES = {
     "ClassifyResult": _ENGINE,
     "Engine": _ENGINE,
     "InputTooLongError": _ENGINE,
+    "Scheduler": _ENGINE,
     "TaskInfo": _ENGINE,
     "TaskLoadError": _ENGINE,
     "TaskNotFoundError": _ENGINE,
@@ -40,6 +42,7 @@ __all__ = [
     "GenerateParams",
     "GenerateResult",
     "InputTooLongError",
+    "Scheduler",
     "TaskInfo",
     "TaskLoadError",
     "TaskNotFoundError",

@@ -21,10 +21,12 @@ from softprompt.data.encoding import InputTooLongError
 from softprompt.fastpath.decoding import GenerateParams, GenerateResult
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import prompt_cache_supported
+from softprompt.fastpath.step_batch import DEFAULT_PREFILL_CHUNK
 from softprompt.inference.buckets import ACCELERATOR_OVERHEAD_TOKENS, CPU_OVERHEAD_TOKENS
 from softprompt.inference.classify import ClassifyResult, classify_requests
 from softprompt.inference.generate import generate_requests
 from softprompt.inference.registry import TaskNotFoundError, TaskRegistry
+from softprompt.inference.scheduler import Scheduler
 from softprompt.inference.tasks import (
     Kind,
     Task,
@@ -39,6 +41,7 @@ __all__ = [
     "ClassifyResult",
     "Engine",
     "InputTooLongError",
+    "Scheduler",
     "TaskInfo",
     "TaskLoadError",
     "TaskNotFoundError",
@@ -136,6 +139,31 @@ class Engine:
         self._registry.remove(name)
 
     # ----------------------------------------------------------------- requests
+    @property
+    def steps_supported(self) -> bool:
+        """Whether generation can run step by step (:meth:`scheduler`): the prompt KV cache is on."""
+        return self._use_kv_cache
+
+    def scheduler(self, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Scheduler:
+        """A step-level scheduler over this engine: requests join and leave a running batch.
+
+        Args:
+            prefill_chunk: text tokens a joining request runs per step at most.
+        """
+        return Scheduler(self, prefill_chunk=prefill_chunk)
+
+    def encode_generation(self, task: str, text: str, truncate: bool = False) -> tuple[Task, list[list[int]]]:
+        """Validate one generation request and encode it for each ensemble member.
+
+        Raises:
+            TaskNotFoundError, InputTooLongError, TypeError, ValueError: as :meth:`generate`.
+        """
+        results, valid = self._collect([(task, text, None)], 3, "generation", truncate)
+        if isinstance(results[0], Exception):
+            raise results[0]
+        _, loaded, encoded, _ = valid[0]
+        return loaded, encoded
+
     def classify(self, requests: list[tuple[str, str]], truncate: bool = False) -> list[ClassifyResult]:
         """Classify ``(task, text)`` pairs; raises the first request's error, if any."""
         return _raise_first(self.classify_batch(requests, truncate))

@@ -7,6 +7,9 @@ worker thread drains it: it takes up to ``max_batch_size`` items, waiting at mos
 the items name. Each item's asyncio future is resolved on its event loop
 (``loop.call_soon_threadsafe``).
 
+The step-level worker (:mod:`softprompt.server.stepper`, ``--scheduler step``) keeps this
+queue, its limits and its futures, and replaces the worker loop.
+
 Failure isolation: an exception returned in one slot fails only that item; an engine call that
 raises fails only the items of that call; the worker itself never dies. A full queue refuses
 new work (429) instead of growing; on shutdown queued items are drained or failed with 503,
@@ -51,6 +54,12 @@ class WorkItem:
         abandoned: Set when the client stopped waiting; the worker then skips the item.
         prompt_tokens: For ``generate`` items, the input's token count (set by the worker,
             which alone may use the tokenizer: fast tokenizers are not safe across threads).
+        index: The item's place among the inputs of its HTTP request.
+        stream: For streamed completions, the queue (shared by the request's items) that gets
+            ``(index, text)`` for each new piece of text and ``(index, None)`` once the future
+            is resolved.
+        first_token_at: ``time.monotonic()`` of the first generated token.
+        sent: Text already put on ``stream``.
     """
 
     kind: Kind
@@ -63,6 +72,16 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     abandoned: bool = False
     prompt_tokens: int = 0
+    index: int = 0
+    stream: asyncio.Queue | None = None
+    first_token_at: float | None = None
+    sent: str = ""
+
+    def emit(self, text: str) -> None:
+        """Puts a new piece of streamed text on the item's stream (from any thread)."""
+        if self.stream is not None and text:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is reading
+                self.loop.call_soon_threadsafe(self.stream.put_nowait, (self.index, text))
 
 
 class MicroBatcher:
@@ -87,6 +106,8 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
         self.metrics.watch_queue(lambda: self.depth)
+        self.metrics.watch_sequences(self.running_sequences, self.waiting_sequences)
+        self._generating = 0  # generate items inside the current engine call
         # Serialises every use of the engine: the worker's batches and admin add/remove calls.
         self.engine_lock = threading.RLock()
         self._queue: deque[WorkItem] = deque()
@@ -102,9 +123,21 @@ class MicroBatcher:
         with self._cond:
             return len(self._queue)
 
+    def running_sequences(self) -> int:
+        """Generations the engine is running now."""
+        return self._generating
+
+    def waiting_sequences(self) -> int:
+        """Generations queued, not yet running."""
+        with self._cond:
+            return sum(item.kind == "generate" for item in self._queue)
+
     def submit(self, kind: Kind, task: str, texts: Sequence[str | dict[str, str]], *,
-               params: Any = None, truncate: bool = False) -> list[WorkItem]:
+               params: Any = None, truncate: bool = False, stream: bool = False
+               ) -> list[WorkItem]:
         """Queues one item per text, all or none; call it from the event loop.
+
+        With ``stream``, the items share one ``asyncio.Queue`` of text pieces (``item.stream``).
 
         Returns:
             The queued items, in input order.
@@ -114,8 +147,10 @@ class MicroBatcher:
                 ever hold, 429 when the queue has no room for all of them now.
         """
         loop = asyncio.get_running_loop()
-        items = [WorkItem(kind, task, text, params, truncate, loop.create_future(), loop)
-                 for text in texts]
+        queue: asyncio.Queue | None = asyncio.Queue() if stream else None
+        items = [WorkItem(kind, task, text, params, truncate, loop.create_future(), loop,
+                          index=index, stream=queue)
+                 for index, text in enumerate(texts)]
         with self._cond:
             if self._stopping or self._thread is None:
                 raise ApiError(503, "server is shutting down", "shutting_down",
@@ -141,10 +176,10 @@ class MicroBatcher:
         try:
             _, pending = await asyncio.wait(futures, timeout=timeout_s)
         except BaseException:  # the handler was cancelled: nobody will read the results
-            self._abandon(items)
+            self.abandon(items)
             raise
         if pending:
-            self._abandon(items)
+            self.abandon(items)
             raise ApiError(504, f"request timed out after {timeout_s:g}s waiting for the model",
                            "timeout", error_type="timeout_error")
         errors = [future.exception() for future in futures]  # read all: no "never retrieved"
@@ -154,7 +189,8 @@ class MicroBatcher:
         return [future.result() for future in futures]
 
     @staticmethod
-    def _abandon(items: Sequence[WorkItem]) -> None:
+    def abandon(items: Sequence[WorkItem]) -> None:
+        """Marks items as no longer awaited: the worker skips them, or drops them mid-way."""
         for item in items:
             item.abandoned = True
             if item.future.done():
@@ -203,7 +239,7 @@ class MicroBatcher:
     def _fail_queued_locked(self) -> None:
         while self._queue:
             item = self._queue.popleft()
-            _resolve(item, error=ApiError(503, "server is shutting down; request not run",
+            resolve_item(item, error=ApiError(503, "server is shutting down; request not run",
                                           "shutting_down", error_type="server_error"))
 
     def _run(self) -> None:
@@ -217,7 +253,7 @@ class MicroBatcher:
                 except BaseException as error:  # never let the worker die with items unanswered
                     logger.exception("batch processing failed")
                     for item in batch:
-                        _resolve(item, error=_internal_error(error))
+                        resolve_item(item, error=internal_error(error))
 
     def _next_batch(self) -> list[WorkItem] | None:
         with self._cond:
@@ -252,15 +288,20 @@ class MicroBatcher:
                 results = self.engine.classify_batch(
                     [(item.task, item.text) for item in items], truncate=truncate)
             else:
-                results = self.engine.generate_batch(
-                    [(item.task, item.text, item.params) for item in items], truncate=truncate)
+                self._generating = len(items)
+                try:
+                    results = self.engine.generate_batch(
+                        [(item.task, item.text, item.params) for item in items],
+                        truncate=truncate)
+                finally:
+                    self._generating = 0
             if len(results) != len(items):
                 raise RuntimeError(f"engine returned {len(results)} results for "
                                    f"{len(items)} inputs")
         except Exception as error:
             logger.exception("engine %s_batch failed on %d inputs", kind, len(items))
             for item in items:
-                _resolve(item, error=ApiError(
+                resolve_item(item, error=ApiError(
                     500, f"the model failed on this batch ({type(error).__name__})",
                     "engine_error", error_type="server_error"))
             return
@@ -269,11 +310,26 @@ class MicroBatcher:
         self.metrics.items.labels(kind=kind).inc(len(items))
         if kind == "generate":
             self._count_prompt_tokens(items)
+            now = time.monotonic()
+            for item, result in zip(items, results, strict=True):
+                if not isinstance(result, BaseException):  # every token came at the end
+                    self.record_generation(item, result.num_tokens, now, now)
+                    item.emit(result.text)
         for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):
-                _resolve(item, error=self._slot_error(item, result))
+                resolve_item(item, error=self._slot_error(item, result))
             else:
-                _resolve(item, result=result)
+                resolve_item(item, result=result)
+
+    def record_generation(self, item: WorkItem, tokens: int, first_token_at: float,
+                          finished_at: float) -> None:
+        """Counts a finished generation's tokens and observes its time to first token and
+        time per output token (in the run-to-completion batcher every token comes at the end)."""
+        self.metrics.count_tokens(tokens)
+        self.metrics.time_to_first_token.observe(first_token_at - item.enqueued_at)
+        if tokens > 1 and finished_at > first_token_at:
+            self.metrics.time_per_output_token.observe(
+                (finished_at - first_token_at) / (tokens - 1))
 
     def _count_prompt_tokens(self, items: list[WorkItem]) -> None:
         tokenizer = getattr(self.engine, "tokenizer", None)
@@ -300,7 +356,7 @@ class MicroBatcher:
             return ApiError(400, message, "input_too_long",
                             param="inputs" if item.kind == "classify" else "prompt")
         logger.error("engine failed on one %s input of task %r: %r", item.kind, item.task, error)
-        return _internal_error(error)
+        return internal_error(error)
 
 
 def unknown_task_error(task: str, known: Sequence[str], param: str = "task") -> ApiError:
@@ -310,21 +366,22 @@ def unknown_task_error(task: str, known: Sequence[str], param: str = "task") -> 
                     param=param)
 
 
-def _internal_error(error: BaseException) -> ApiError:
+def internal_error(error: BaseException) -> ApiError:
     return ApiError(500, f"internal error ({type(error).__name__})", "internal_error",
                     error_type="server_error")
 
 
-def _resolve(item: WorkItem, result: Any = None, error: BaseException | None = None) -> None:
+def resolve_item(item: WorkItem, result: Any = None, error: BaseException | None = None) -> None:
     """Completes ``item.future`` on its own loop; a no-op if the client has gone."""
 
     def complete(future: asyncio.Future) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        if item.stream is not None:
+            item.stream.put_nowait((item.index, None))
 
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
         item.loop.call_soon_threadsafe(complete, item.future)

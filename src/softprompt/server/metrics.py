@@ -6,7 +6,9 @@ one, so several apps (the tests build many) count independently.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+RATE_WINDOW_S = 10.0
 
 
 class ServerMetrics:
@@ -47,6 +51,33 @@ class ServerMetrics:
         self.items = Counter(
             "softprompt_items_total", "Inputs processed by the engine, by kind.", ("kind",),
             registry=registry)
+        self.running_sequences = Gauge(
+            "softprompt_running_sequences", "Generations the engine is running now.",
+            registry=registry)
+        self.waiting_sequences = Gauge(
+            "softprompt_waiting_sequences", "Generations queued, not yet running.",
+            registry=registry)
+        self.generated_tokens = Counter(
+            "softprompt_generated_tokens_total", "Tokens generated (all requests).",
+            registry=registry)
+        self.tokens_per_second = Gauge(
+            "softprompt_tokens_per_second",
+            f"Tokens generated per second over the last {RATE_WINDOW_S:g} seconds.",
+            registry=registry)
+        self.cancelled = Counter(
+            "softprompt_cancelled_generations_total",
+            "Generations dropped before finishing (client gone or timed out).", registry=registry)
+        self.time_to_first_token = Histogram(
+            "softprompt_time_to_first_token_seconds",
+            "From a generation's arrival to its first token.", buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.time_per_output_token = Histogram(
+            "softprompt_time_per_output_token_seconds",
+            "Mean time between a generation's tokens after the first.", buckets=TOKEN_BUCKETS,
+            registry=registry)
+        self._token_times: deque[tuple[float, int]] = deque()
+        self._token_lock = threading.Lock()
+        self.tokens_per_second.set_function(self._recent_rate)
         self.model_loaded = Gauge(
             "softprompt_model_loaded", "1 once the model has loaded, else 0.", registry=registry)
         self.tasks = Gauge("softprompt_tasks", "Tasks currently loaded.", registry=registry)
@@ -54,6 +85,31 @@ class ServerMetrics:
     def watch_queue(self, depth: Callable[[], float]) -> None:
         """Reads the queue depth from ``depth`` at every scrape, so it is never stale."""
         self.queue_depth.set_function(depth)
+
+    def watch_sequences(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Reads the running and waiting generation counts at every scrape."""
+        self.running_sequences.set_function(running)
+        self.waiting_sequences.set_function(waiting)
+
+    def count_tokens(self, count: int) -> None:
+        """Adds generated tokens to the total and to the recent rate."""
+        if count <= 0:
+            return
+        self.generated_tokens.inc(count)
+        now = time.monotonic()
+        with self._token_lock:
+            self._token_times.append((now, count))
+            self._forget_before(now - RATE_WINDOW_S)
+
+    def _recent_rate(self) -> float:
+        now = time.monotonic()
+        with self._token_lock:
+            self._forget_before(now - RATE_WINDOW_S)
+            return sum(count for _, count in self._token_times) / RATE_WINDOW_S
+
+    def _forget_before(self, moment: float) -> None:
+        while self._token_times and self._token_times[0][0] < moment:
+            self._token_times.popleft()
 
     def render(self) -> bytes:
         """Returns every metric in the Prometheus text exposition format."""

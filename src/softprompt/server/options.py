@@ -20,6 +20,7 @@ from softprompt.options import (
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TASK_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+SCHEDULERS = ("step", "batch")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
@@ -45,7 +46,15 @@ class ServeOptions:
     port: int = field(default=8000, metadata={"help": "TCP port"})
     admin_key: str | None = field(default=None, metadata={"help": (
         "Key for POST/DELETE /v1/tasks; unset: $SOFTPROMPT_ADMIN_KEY (neither: disabled)")})
-    max_batch_size: int = field(default=32, metadata={"help": "Inputs per engine batch at most"})
+    scheduler: str = field(default="step", metadata={"choices": SCHEDULERS, "help": (
+        "step: generations join and leave a running batch at every decoding step, "
+        "classification runs between steps; batch: run each batch to completion")})
+    max_batch_size: int = field(default=32, metadata={"help": (
+        "Inputs per engine batch at most (step: also the running generations at most)")})
+    prefill_chunk: int = field(default=128, metadata={"help": (
+        "step: prompt tokens a joining generation runs per step at most")})
+    max_tokens_limit: int = field(default=1024, metadata={"help": (
+        "A completion's max_tokens is capped at this many new tokens")})
     max_wait_ms: float = field(default=5.0, metadata={"help": (
         "How long a batch waits for more inputs after its first one arrived")})
     max_queue: int = field(default=256, metadata={"help": (
@@ -74,7 +83,8 @@ class ServeOptions:
                 problems.append(f"{name} must not be empty")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             problems.append(f"port must be an integer in 0..65535, got {self.port!r}")
-        problems += positive_problems(self, ("max_batch_size", "max_queue"))
+        problems += positive_problems(
+            self, ("max_batch_size", "max_queue", "prefill_chunk", "max_tokens_limit"))
         problems += choice_problems(self)
         if not self.max_wait_ms >= 0:
             problems.append(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")

@@ -23,6 +23,7 @@ from softprompt.server.metrics import CONTENT_TYPE
 from softprompt.server.schemas import ApiError
 from softprompt.server.security import check_admin, check_task_name, resolve_prompt_path
 from softprompt.server.state import ServerState, server_state
+from softprompt.server.streaming import stream_completion
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +52,28 @@ async def classify(body: s.ClassifyRequest, state: State) -> s.ClassifyResponse:
 
 
 @router.post("/v1/completions", response_model=s.CompletionResponse, responses=ERROR_RESPONSES)
-async def completions(body: s.CompletionRequest, state: State) -> s.CompletionResponse:
-    """Completes each prompt with the task's soft prompt in front (OpenAI's shape)."""
+async def completions(body: s.CompletionRequest, state: State) -> Response:
+    """Completes each prompt with the task's soft prompt in front (OpenAI's shape); with
+    ``"stream": true`` as server-sent events. ``max_tokens`` is capped by the server's limit."""
     batcher = state.ready()
     state.task(body.model, "model")
-    params = GenerateParams(max_new_tokens=body.max_tokens, temperature=body.temperature,
-                            top_p=body.top_p, stop=list(body.stop or []), seed=body.seed)
+    options = state.options
+    params = GenerateParams(max_new_tokens=min(body.max_tokens, options.max_tokens_limit),
+                            temperature=body.temperature, top_p=body.top_p,
+                            stop=list(body.stop or []), seed=body.seed)
     items = batcher.submit("generate", body.model, body.prompts(), params=params,
-                           truncate=body.truncate)
+                           truncate=body.truncate, stream=body.stream)
+    if body.stream:
+        return await stream_completion(batcher, items, body.model, options.request_timeout)
     results = await batcher.wait(items, state.options.request_timeout)
     completion_tokens = sum(int(r.num_tokens) for r in results)
     prompt_tokens = sum(item.prompt_tokens for item in items)
-    return s.CompletionResponse(
+    return JSONResponse(s.CompletionResponse(
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
         choices=[s.CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason)
                  for i, r in enumerate(results)],
         usage=s.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens))
+                      total_tokens=prompt_tokens + completion_tokens)).model_dump())
 
 
 @router.get("/v1/models", response_model=s.ModelList, responses=ERROR_RESPONSES)

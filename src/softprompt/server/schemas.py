@@ -101,7 +101,8 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     n: int = Field(1, ge=1, le=1, description="Completions per prompt; only 1 is supported.")
-    stream: Literal[False] = Field(False, description="Streaming is not supported.")
+    stream: bool = Field(False, description="Send the text as server-sent events as it is "
+                                            "generated, then data: [DONE].")
     truncate: bool = Field(False, description="Cut prompts that are too long instead of failing.")
 
     @field_validator("prompt")
@@ -146,6 +147,24 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion; the last one carries ``usage``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
 
 
 # --- GET /v1/models, POST /v1/tasks, DELETE /v1/tasks/{name} ----------------------------------

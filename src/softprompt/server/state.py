@@ -21,6 +21,7 @@ from softprompt.server.batcher import MicroBatcher, unknown_task_error
 from softprompt.server.metrics import ServerMetrics
 from softprompt.server.options import ServeOptions
 from softprompt.server.schemas import ApiError
+from softprompt.server.stepper import StepBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,7 @@ class ServerState:
             engine = source if hasattr(source, "classify_batch") else source()
             for name, paths in options.tasks.items():
                 engine.add_task(name, paths)
-            batcher = MicroBatcher(
-                engine, max_batch_size=options.max_batch_size, max_wait_ms=options.max_wait_ms,
-                max_queue=options.max_queue, metrics=self.metrics)
+            batcher = make_batcher(engine, options, self.metrics)
             if self.status == "stopping":
                 return
             batcher.start()
@@ -108,6 +107,21 @@ class ServerState:
         root = Path(self.options.prompts_dir).resolve()
         resolved = Path(path).resolve()
         return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(path)
+
+
+def make_batcher(engine: Any, options: ServeOptions, metrics: ServerMetrics) -> MicroBatcher:
+    """The worker ``options.scheduler`` names: step-level, or run-to-completion batches.
+
+    An engine that cannot run step by step (its model's cache is not plain keys/values) gets
+    the run-to-completion batcher, with a warning.
+    """
+    limits = {"max_batch_size": options.max_batch_size, "max_wait_ms": options.max_wait_ms,
+              "max_queue": options.max_queue, "metrics": metrics}
+    if options.scheduler == "step":
+        if getattr(engine, "steps_supported", False):
+            return StepBatcher(engine, prefill_chunk=options.prefill_chunk, **limits)
+        logger.warning("the model cannot run step by step; using the run-to-completion batcher")
+    return MicroBatcher(engine, **limits)
 
 
 def server_state(request: Request) -> ServerState:
