@@ -27,6 +27,7 @@ from softprompt.data.encoding import InputEncoding
 from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, decode, find_stop
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import PromptKV, compute_prompt_kv, prefixed_batch
+from softprompt.fastpath.step_batch import decode_together
 
 
 @dataclass
@@ -128,8 +129,13 @@ def generate_texts(
             room = frozen.max_positions - prompt_length - len(inputs[index])
             requests.append(DecodeRequest("eval", [row], params, min(max_new_tokens, room)))
         encoded = [list(inputs[index]) for index in batch]
-        for index, output in zip(batch, decode(frozen, prefixed_batch(frozen, prefix, encoded),
-                                               requests), strict=True):
+        if prefix is None:  # a baseline: the model alone, one padded batch
+            outputs = decode(frozen, prefixed_batch(frozen, None, encoded), requests)
+        else:  # each row exact, as it would run alone (and as the Engine serves it)
+            outputs = decode_together(frozen, [
+                (request, [prefix], [text]) for request, text in zip(requests, encoded, strict=True)
+            ])
+        for index, output in zip(batch, outputs, strict=True):
             texts[index] = finish_text(output.text, stop)
     return texts
 
