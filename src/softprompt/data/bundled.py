@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from softprompt.models.registry import package_file
@@ -92,3 +92,32 @@ def deduplicate(records: Iterable[dict[str, str]]) -> Deduplicated:
         result.records.append(copies[0])
     result.records.sort(key=lambda record: text_sha256(record["text"]))
     return result
+
+
+@dataclass
+class CleanedCorpus:
+    """A bundled labelled corpus after cleaning, and what cleaning changed.
+
+    Subclasses add their own ``n_*`` counts and a one-line ``summary``.
+
+    Attributes:
+        path: The file read.
+        records: Cleaned records, ordered by the sha256 of their text.
+        n_rows: Data rows in the file.
+        n_empty: Rows dropped because their text is empty.
+        n_duplicates: Extra copies of a text with one consistent label (one copy is kept).
+        n_conflicting: Rows dropped because their text appears with different labels.
+    """
+
+    path: Path
+    records: list[dict[str, str]] = field(default_factory=list)
+    n_rows: int = 0
+    n_empty: int = 0
+    n_duplicates: int = 0
+    n_conflicting: int = 0
+
+    def __post_init__(self) -> None:
+        counts = {item.name: getattr(self, item.name) for item in fields(self)
+                  if item.name.startswith("n_")}
+        if any(count < 0 for count in counts.values()):
+            raise ValueError(f"{type(self).__name__} counts must be >= 0, got {counts}")

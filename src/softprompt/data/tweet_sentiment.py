@@ -33,10 +33,10 @@ import io
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.data.bundled import deduplicate, normalize, package_data_file
+from softprompt.data.bundled import CleanedCorpus, deduplicate, normalize, package_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -52,32 +52,15 @@ _GARBLED = re.compile(r"[_\u0080-\U0010ffff]*\ufffd[_\u0080-\U0010ffff]*")
 
 
 @dataclass
-class TweetSentimentCorpus:
-    """The cleaned corpus and what cleaning changed.
+class TweetSentimentCorpus(CleanedCorpus):
+    """The cleaned corpus (records ``text``, ``label``, ``confidence``) and what cleaning changed.
 
     Attributes:
-        path: The ``.csv`` file read.
-        records: Cleaned records (``text``, ``label``, ``confidence``), ordered by text sha256.
-        n_rows: Data rows in the file.
-        n_repaired: Rows whose text held U+FFFD and had its garbled runs removed.
-        n_empty: Rows dropped because their text is empty (after repair).
-        n_duplicates: Extra copies of a text with one consistent label (one copy is kept).
-        n_conflicting: Rows dropped because their text appears with different labels.
+        n_repaired: Rows whose text held U+FFFD and had its garbled runs removed (the other
+            counts: :class:`~softprompt.data.bundled.CleanedCorpus`).
     """
 
-    path: Path
-    records: list[dict[str, str]] = field(default_factory=list)
-    n_rows: int = 0
     n_repaired: int = 0
-    n_empty: int = 0
-    n_duplicates: int = 0
-    n_conflicting: int = 0
-
-    def __post_init__(self) -> None:
-        counts = (self.n_rows, self.n_repaired, self.n_empty, self.n_duplicates,
-                  self.n_conflicting)
-        if any(count < 0 for count in counts):
-            raise ValueError(f"TweetSentimentCorpus counts must be >= 0, got {counts}")
 
     def summary(self) -> str:
         """One line: rows read, records kept, and every count cleaning changed."""
