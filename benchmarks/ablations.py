@@ -297,7 +297,8 @@ def train_weights(
         warmup_steps: linear warmup steps.
 
     Returns:
-        test and best validation accuracy, trainable parameters, steps, training wall seconds.
+        test accuracy and macro-F1, best validation accuracy, trainable parameters, steps,
+        training wall seconds.
     """
     import torch
 
@@ -327,8 +328,10 @@ def train_weights(
     with torch.no_grad():
         for parameter, value in zip(parameters, best, strict=True):
             parameter.copy_(value)
+    tested = objective.evaluate(frozen, None, test)
     return {
-        "test_accuracy": objective.evaluate(frozen, None, test)["accuracy"],
+        "test_accuracy": tested["accuracy"],
+        "test_macro_f1": tested.get("macro_f1"),
         "validation_accuracy": result.state.best_validation_accuracy,
         "trainable_parameters": sum(p.numel() for p in parameters),
         "train_seconds": train_seconds,

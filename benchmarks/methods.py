@@ -128,6 +128,7 @@ def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) 
     files = list((output / "prompt").glob("adapter_model.safetensors"))
     return {
         "test_accuracy": report["test_accuracy"],
+        "test_macro_f1": report.get("test_macro_f1"),
         "validation_accuracy": report["best_validation_accuracy"],
         "trainable_parameters": report["trainable_parameters"],
         "bytes_on_disk": sum(path.stat().st_size for path in files),
@@ -153,6 +154,7 @@ def run_baseline(method: str, seed: int, settings: Settings) -> dict[str, Any]:
     )
     return {
         "test_accuracy": result["accuracy"],
+        "test_macro_f1": result.get("macro_f1"),
         "validation_accuracy": None,
         "trainable_parameters": 0,
         "bytes_on_disk": 0,
