@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -283,7 +284,7 @@ def _size(count: float) -> str:
 def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Path,
                   report_path: Path) -> str:
     lines = [
-        "# Methods on equal wall-clock budgets",
+        "# Methods on equal budgets",
         "",
         "Frozen base model; each trained method gets the same budget of "
         "optimizer-step seconds (validation not counted; CPU seconds of its process unless "
@@ -322,15 +323,19 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
                 f"| {'yes' if entry['served_by_engine'] else 'no'} |"
             )
         seeds = sorted({record["seed"] for record in records})
+        methods = [method for method in METHODS if method in summary]
+        cap = (f" --max-eval-examples {settings.max_eval_examples}"
+               if settings.max_eval_examples is not None else "")
         lines += [
             "",
-            f"Reproduce: `python benchmarks/methods.py --dataset {settings.dataset} "
-            f"--model {settings.model} --budget-seconds "
-            f"{settings.budget_seconds:.0f} --seeds {','.join(map(str, seeds))}`.",
+            f"Reproduce (one thread per run, as measured): `OMP_NUM_THREADS=1 python "
+            f"benchmarks/methods.py --dataset {settings.dataset} --model {settings.model} "
+            f"--methods {','.join(methods)} --budget-seconds {settings.budget_seconds:.0f}"
+            f"{cap} --seeds {','.join(map(str, seeds))}`.",
             "",
         ]
-    lines += [f"![accuracy vs trainable parameters]({plot.relative_to(report_path.parent)})"
-              if plot.is_relative_to(report_path.parent) else f"![plot]({plot})", ""]
+    lines += [f"![accuracy vs trainable parameters]"
+              f"({os.path.relpath(plot, report_path.parent)})", ""]
     return "\n".join(lines)
 
 
@@ -351,11 +356,11 @@ def render_plot(groups: list[tuple[Settings, list[dict[str, Any]]]], path: Path)
             if entry["trainable_parameters"]:
                 _plot_points(axes, [(entry["trainable_parameters"], entry)],
                              marker=markers[method], linestyle="none",
-                             label=f"{settings.model}: {method}")
+                             label=f"{settings.dataset}, {settings.model}: {method}")
             else:
                 axes.axhline(100 * entry["mean"], linestyle="--", linewidth=0.8, color="gray")
     axes.set(xscale="log", xlabel="trainable parameters (log)", ylabel="test accuracy (%)",
-             title="Accuracy against trainable parameters, equal time budget")
+             title="Accuracy against trainable parameters, equal budget")
     path.parent.mkdir(parents=True, exist_ok=True)
     return _finish_plot(plt, figure, axes, path)
 
