@@ -145,6 +145,19 @@ NOUNS = ("movie", "film", "book", "food", "acting", "plot", "service", "experien
          "topic", "science", "sports")
 
 
+def load_benchmark(name: str) -> Any:
+    """Import the script ``benchmarks/<name>.py`` as module ``name`` (scripts are no package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
 def _write_jsonl(path: Path, rows: list[Any]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 import softprompt.training.loop as loop_module
 import softprompt.training.trainer as trainer_module
 from softprompt.training import train
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ablations():
-    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablations"] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablations")
 
 
 def test_groups_share_configs(ablations):

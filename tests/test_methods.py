@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def methods():
-    spec = importlib.util.spec_from_file_location("methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["methods"] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("methods")
 
 
 def test_keys_change_with_what_changes_a_result(methods):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import re
 import socket
 import sys
@@ -41,6 +40,7 @@ from softprompt.server.options import ServeOptions  # noqa: E402
 from softprompt.server.run import build_app  # noqa: E402
 from softprompt.server.schemas import ApiError  # noqa: E402
 from softprompt.server.security import check_admin, resolve_prompt_path  # noqa: E402
+from tests.conftest import load_benchmark  # noqa: E402
 
 MAX_POSITIONS = 64
 ADMIN_KEY = "test-admin-key"
@@ -786,19 +786,10 @@ def test_resolve_prompt_path(prompts_dir: Path) -> None:
 # --- load test ---------------------------------------------------------------------------------
 
 
-def _loadtest_module() -> Any:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loadtest.py"
-    spec = importlib.util.spec_from_file_location("softprompt_loadtest", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loadtest_against_the_server(server: MainServer, capsys: pytest.CaptureFixture) -> None:
     import json
 
-    loadtest = _loadtest_module()
+    loadtest = load_benchmark("loadtest")
     code = loadtest.main(["--url", server.url, "--tasks", "sentiment,topic,echo",
                           "--concurrency", "4", "--requests", "30", "--duration-limit", "60",
                           "--max-tokens", "3", "--generate-share", "0.3", "--json"])
@@ -819,7 +810,7 @@ def test_loadtest_against_the_server(server: MainServer, capsys: pytest.CaptureF
 
 
 def test_loadtest_refuses_non_loopback_hosts() -> None:
-    loadtest = _loadtest_module()
+    loadtest = load_benchmark("loadtest")
     with pytest.raises(SystemExit) as exit_info:
         loadtest.main(["--url", "http://10.1.2.3:8000", "--tasks", "a"])
     assert exit_info.value.code == 2
@@ -834,7 +825,7 @@ def test_loadtest_refuses_non_loopback_hosts() -> None:
 def test_loadtest_spawns_a_server(model_dir: Path, prompts_dir: Path,
                                   capsys: pytest.CaptureFixture) -> None:
     """``--spawn-model`` starts ``python -m softprompt serve``, loads, and stops it."""
-    loadtest = _loadtest_module()
+    loadtest = load_benchmark("loadtest")
     code = loadtest.main(["--spawn-model", str(model_dir),
                           "--task", f"sentiment={prompts_dir / 'sentiment'}",
                           "--task", f"echo={prompts_dir / 'echo'}",
