@@ -45,6 +45,17 @@ def package_data_file(distribution: str, relative_path: str, pin: str, dataset: 
     return path
 
 
+def check_header(path: Path, columns: list[str] | None, required: Iterable[str]) -> None:
+    """Raise a ``ValueError`` naming ``path``'s first required column missing from its header."""
+    found = columns or []
+    missing = [column for column in required if column not in found]
+    if missing:
+        raise ValueError(
+            f"{path}:1: column {missing[0]!r} not found; columns found: "
+            f"{', '.join(found) or '(none)'}"
+        )
+
+
 def normalize(text: str) -> str:
     """Collapses runs of whitespace to one space and strips the ends."""
     return " ".join(text.split())

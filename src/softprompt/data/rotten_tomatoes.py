@@ -37,7 +37,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.data.bundled import CleanedCorpus, deduplicate, normalize, package_data_file
+from softprompt.data.bundled import (
+    CleanedCorpus,
+    check_header,
+    deduplicate,
+    normalize,
+    package_data_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +91,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     try:
         with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-            if missing:
-                raise ValueError(
-                    f"{path}:1: column {missing[0]!r} not found; columns found: "
-                    f"{', '.join(columns) or '(none)'}"
-                )
+            check_header(path, reader.fieldnames, REQUIRED_COLUMNS)
             start = reader.line_num + 1
             for row in reader:
                 line, start = start, reader.line_num + 1

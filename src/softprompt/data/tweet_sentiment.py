@@ -36,7 +36,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.data.bundled import CleanedCorpus, deduplicate, normalize, package_data_file
+from softprompt.data.bundled import (
+    CleanedCorpus,
+    check_header,
+    deduplicate,
+    normalize,
+    package_data_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +97,7 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
     try:
         text = path.read_bytes().decode("utf-8", errors="replace")
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        columns = reader.fieldnames or []
-        missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-        if missing:
-            raise ValueError(
-                f"{path}:1: column {missing[0]!r} not found; columns found: "
-                f"{', '.join(columns) or '(none)'}"
-            )
+        check_header(path, reader.fieldnames, REQUIRED_COLUMNS)
         rows = []
         start = reader.line_num + 1
         for row in reader:
