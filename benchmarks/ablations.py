@@ -7,7 +7,9 @@ Groups (``--only``; default all):
 * ``baselines``: zero-shot, few-shot K=4 and K=8 (in-context examples, no prompt) and prompt
   tuning (length 20, TEXT init);
 * ``lora``: LoRA r=8 on q_proj/v_proj (PEFT) trained with the same verbalizer objective, data
-  order, budget and scoring code as prompt tuning, against prompt tuning at length 20.
+  order, budget and scoring code as prompt tuning, against prompt tuning at length 20;
+* ``stability``: every length and every init for both methods, plain prompts and deep prompts
+  (``--method prefix``), to show where training diverges (a test accuracy below zero-shot).
 
 Every config runs for a fixed budget of optimizer steps with each seed of ``--seeds``; the
 accuracy is on the first ``--max-eval-examples`` test examples (validation is capped alike).
@@ -39,7 +41,8 @@ from typing import Any
 LENGTHS = (1, 5, 20, 50, 100)
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT", "CLASS_LABEL")
 SHOTS = (4, 8)
-GROUPS = ("lengths", "inits", "baselines", "lora")
+METHODS = ("prompt", "prefix")  # softprompt train --method
+GROUPS = ("lengths", "inits", "baselines", "lora", "stability")
 DEFAULT_LENGTH, DEFAULT_INIT = 20, "TEXT"
 LORA_RANK, LORA_TARGETS = 8, ("q_proj", "v_proj")
 RESULTS = Path("benchmarks/results/ablations.jsonl")
@@ -51,6 +54,10 @@ logger = logging.getLogger("ablations")
 # Settings that do not change a zero-/few-shot result, and settings that change no result.
 _TRAINING_SETTINGS = ("budget_steps", "batch_size", "max_train_examples", "lr", "lora_lr", "eval_every")
 _NOT_IN_KEY = ("device", "length_inits")
+# Settings added after results were recorded, with the value those older records ran with: a
+# setting at that value stays out of the key (old keys still match), and a record without the
+# field reads as having it.
+_LEGACY = {"max_grad_norm": 0.0, "dtype": "float32"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class Settings:
     eval_every: int | None = (
         None  # None: evaluate once, after the budget (the final state is tested)
     )
+    max_grad_norm: float = 1.0  # softprompt train's default; 0 = no clipping (older records)
+    dtype: str = "auto"  # the frozen model's dtype in the prompt runs (LoRA's stays fp32)
     device: str = "auto"
     dry_run: bool = False
     length_inits: tuple[str, ...] = INITS  # the inits swept over LENGTHS (not part of a key)
@@ -83,12 +92,13 @@ class Config:
     init: str | None = None
     shots: int | None = None
     rank: int | None = None
+    method: str = "prompt"  # prompt_tuning only: prompt or prefix (deep prompts)
     groups: tuple[str, ...] = field(default=(), compare=False)
 
     def label(self) -> str:
         """A short description, e.g. ``prompt_tuning n=20 TEXT seed=0``."""
         details = {
-            "prompt_tuning": f" n={self.num_virtual_tokens} {self.init}",
+            "prompt_tuning": f" {self.method} n={self.num_virtual_tokens} {self.init}",
             "few_shot": f" K={self.shots}",
             "lora": f" r={self.rank}",
         }
@@ -98,6 +108,8 @@ class Config:
         parts = [self.kind, f"seed{self.seed}"]
         if self.kind == "prompt_tuning":
             parts += [f"n{self.num_virtual_tokens}", self.init or ""]
+            if self.method != "prompt":  # older records are all plain prompts
+                parts.append(self.method)
         if self.kind == "few_shot":
             parts.append(f"k{self.shots}")
         if self.kind == "lora":
@@ -108,6 +120,9 @@ class Config:
                 values.pop(name)
         for name in _NOT_IN_KEY:
             values.pop(name)
+        for name, legacy in _LEGACY.items():
+            if values.get(name) == legacy:
+                values.pop(name)
         return "|".join(parts + [f"{name}={values[name]}" for name in sorted(values)])
 
 
@@ -125,6 +140,7 @@ def configs_for(
             config.init,
             config.shots,
             config.rank,
+            config.method,
         )
         old = found.get(signature)
         found[signature] = replace(config, groups=(*(old.groups if old else ()), group))
@@ -148,6 +164,11 @@ def configs_for(
             elif group == "lora":
                 add(Config("lora", seed, rank=LORA_RANK), group)
                 add(reference, group)
+            elif group == "stability":
+                for method in METHODS:
+                    for init in INITS:
+                        for length in LENGTHS:
+                            add(Config("prompt_tuning", seed, length, init, method=method), group)
     return list(found.values())
 
 
@@ -158,7 +179,8 @@ def run_prompt_tuning(config: Config, settings: Settings, runs_dir: Path) -> dic
     key = config.key(settings)
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     name = (
-        f"n{config.num_virtual_tokens}-{config.init}-seed{config.seed}-{settings.budget_steps}steps"
+        f"{config.method}-n{config.num_virtual_tokens}-{config.init}-seed{config.seed}-"
+        f"{settings.budget_steps}steps"
     )
     output = runs_dir / f"{name}-{digest}"
     options = {
@@ -174,7 +196,9 @@ def run_prompt_tuning(config: Config, settings: Settings, runs_dir: Path) -> dic
         "seed": config.seed,
         "baselines": False,
         "device": settings.device,
-        "dtype": "float32",  # as the LoRA baseline and the results already recorded
+        "dtype": settings.dtype,
+        "max_grad_norm": settings.max_grad_norm,
+        "method": config.method,
         "output_dir": str(output),
         "warmup_steps": min(10, settings.budget_steps - 1),
     }
@@ -204,6 +228,7 @@ def run_baseline(config: Config, settings: Settings) -> dict[str, Any]:
         max_examples=settings.max_eval_examples,
         seed=config.seed,
         device=device,
+        dtype=settings.dtype,
     )
     return {
         "test_accuracy": result["accuracy"],
@@ -230,7 +255,8 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
     cap = settings.max_eval_examples
     data = _lora_data(frozen.tokenizer, settings.dataset, settings.max_train_examples, cap, cap)
     steps = settings.budget_steps
-    loop_settings = LoopSettings(steps, eval_every=settings.eval_every or steps)
+    loop_settings = LoopSettings(steps, eval_every=settings.eval_every or steps,
+                                 max_grad_norm=settings.max_grad_norm)
     outcome = train_weights(
         frozen, parameters, settings.lora_lr, data, settings.batch_size, config.seed,
         loop_settings, warmup_steps=min(10, steps - 1),
@@ -417,8 +443,10 @@ def command_line(groups: Iterable[str], settings: Settings, seeds: list[int]) ->
         ("--eval-every", settings.eval_every),
     )
     parts += [f"{flag} {value}" for flag, value in optional if value is not None]
-    if settings.lora_lr != Settings.lora_lr:
-        parts.append(f"--lora-lr {settings.lora_lr}")
+    for flag, name in (("--lora-lr", "lora_lr"), ("--max-grad-norm", "max_grad_norm"),
+                       ("--dtype", "dtype")):
+        if getattr(settings, name) != getattr(Settings, name):
+            parts.append(f"{flag} {getattr(settings, name)}")
     if "lengths" in groups and tuple(settings.length_inits) != INITS:
         parts.append(f"--length-inits {','.join(settings.length_inits)}")
     return " ".join(parts)
@@ -474,12 +502,14 @@ def run_and_record(
 
 # ----------------------------------------------------------------------------- report
 def _label(record: dict[str, Any]) -> tuple:
+    """What a record measured, seeds aside: kind, length, init, shots, rank, method."""
     return (
         record["kind"],
         record.get("num_virtual_tokens"),
         record.get("init"),
         record.get("shots"),
         record.get("rank"),
+        record.get("method", "prompt") if record["kind"] == "prompt_tuning" else None,
     )
 
 
@@ -510,6 +540,44 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} (n={len(entry['seeds'])})"
 
 
+_ZERO_SHOT = ("zero_shot", None, None, None, None, None)
+
+
+def length_tables(
+    summary: dict[tuple, dict[str, Any]], zero_shot: dict[str, Any] | None
+) -> list[str]:
+    """Markdown: a length x init table per method found, and where training fell below zero-shot.
+
+    Args:
+        summary: ``aggregate`` of the records.
+        zero_shot: the zero-shot entry: a config whose worst seed scores below it diverged.
+    """
+    lines = []
+    for method in METHODS:
+        rows = []
+        for length in LENGTHS:
+            entries = [summary.get(("prompt_tuning", length, init, None, None, method))
+                       for init in INITS]
+            if any(entries):
+                params = next(e["trainable_parameters"] for e in entries if e)
+                rows.append(f"| {length} | " + " | ".join(_cell(e) for e in entries)
+                            + f" | {params:,} |")
+        if not rows:
+            continue
+        entries = [e for label, e in summary.items()
+                   if label[0] == "prompt_tuning" and label[5] == method]
+        worst = min(entries, key=lambda e: e["min"])
+        name = "deep prompts (`--method prefix`)" if method == "prefix" else "plain prompts"
+        lines += [f"{name}:", "", "| length | " + " | ".join(INITS) + " | trainable params |",
+                  "|---" * (len(INITS) + 2) + "|", *rows, ""]
+        lowest = f"Lowest single run: {100 * worst['min']:.1f}% of {len(entries)} configs"
+        if zero_shot is not None:
+            below = sum(e["min"] < zero_shot["mean"] for e in entries)
+            lowest += f"; {below} with a run below zero-shot ({100 * zero_shot['mean']:.1f}%)"
+        lines += [lowest + ".", ""]
+    return lines
+
+
 def render_report(
     records: list[dict[str, Any]],
     settings: Settings,
@@ -537,19 +605,9 @@ def render_report(
     lines += [
         "## Prompt length and initialization",
         "",
-        "| length | " + " | ".join(INITS) + " | trainable params |",
-        "|---" * (len(INITS) + 2) + "|",
-    ]
-    for length in LENGTHS:
-        entries = [summary.get(("prompt_tuning", length, init, None, None)) for init in INITS]
-        if not any(entries):
-            continue
-        params = next(e["trainable_parameters"] for e in entries if e)
-        lines.append(f"| {length} | " + " | ".join(_cell(e) for e in entries) + f" | {params:,} |")
-    lines += [
-        "",
+        *length_tables(summary, zero_shot=summary.get(_ZERO_SHOT)),
         f"Reproduce: `{command_line(['lengths'], settings, seeds)}` "
-        f"(the init table alone: `--only inits`).",
+        f"(the init table alone: `--only inits`; both methods: `--only stability`).",
         "",
         f"![accuracy vs prompt length]"
         f"({os.path.relpath(plots_dir / 'accuracy_vs_length.png', report_dir)})",
@@ -559,21 +617,21 @@ def render_report(
         "| method | trainable params | test accuracy |",
         "|---|---|---|",
     ]
-    rows = [("zero-shot (instruction, no prompt)", ("zero_shot", None, None, None, None))]
+    rows = [("zero-shot (instruction, no prompt)", _ZERO_SHOT)]
     rows += [
-        (f"few-shot K={k} (in context, no prompt)", ("few_shot", None, None, k, None))
+        (f"few-shot K={k} (in context, no prompt)", ("few_shot", None, None, k, None, None))
         for k in SHOTS
     ]
     rows += [
         (
             f"prompt tuning (n={DEFAULT_LENGTH}, {DEFAULT_INIT} init)",
-            ("prompt_tuning", DEFAULT_LENGTH, DEFAULT_INIT, None, None),
+            ("prompt_tuning", DEFAULT_LENGTH, DEFAULT_INIT, None, None, "prompt"),
         )
     ]
     rows += [
         (
             f"LoRA r={LORA_RANK} on {', '.join(LORA_TARGETS)} (PEFT)",
-            ("lora", None, None, None, LORA_RANK),
+            ("lora", None, None, None, LORA_RANK, None),
         )
     ]
     for name, label in rows:
@@ -599,13 +657,8 @@ def render_report(
 
 def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     """accuracy_vs_length.png (one curve per init) and accuracy_vs_trainable_params.png."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install softprompt[plot]); no plots")
+    plt = pyplot()
+    if plt is None:
         return []
     summary = aggregate(records)
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -615,7 +668,7 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         points = [
             (n, summary[key])
             for n in LENGTHS
-            if (key := ("prompt_tuning", n, init, None, None)) in summary
+            if (key := ("prompt_tuning", n, init, None, None, "prompt")) in summary
         ]
         if points:
             _plot_points(axes, points, marker="o", label=init)
@@ -631,12 +684,12 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     tuned = [
         (e["trainable_parameters"], e)
         for label, e in summary.items()
-        if label[0] == "prompt_tuning" and label[2] == DEFAULT_INIT
+        if label[0] == "prompt_tuning" and label[2] == DEFAULT_INIT and label[5] == "prompt"
     ]
     tuned.sort(key=lambda item: item[0])
     if tuned:
         _plot_points(axes, tuned, marker="o", label=f"prompt tuning ({DEFAULT_INIT} init)")
-    lora = summary.get(("lora", None, None, None, LORA_RANK))
+    lora = summary.get(("lora", None, None, None, LORA_RANK, None))
     if lora:
         _plot_points(
             axes,
@@ -668,6 +721,19 @@ def render_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     return written
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None (logged) when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install softprompt[plot]); no plots")
+        return None
+    return plt
+
+
 def _plot_points(axes: Any, points: list[tuple[float, dict[str, Any]]], **style: Any) -> None:
     """Mean test accuracy (%) with a std error bar at each ``(x, aggregate entry)``."""
     axes.errorbar(
@@ -689,27 +755,47 @@ def _finish_plot(plt: Any, figure: Any, axes: Any, path: Path) -> Path:
     return path
 
 
-def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path) -> Path:
-    """Render the report and plots from the records that match ``settings``."""
+def matching(records: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    """The records measured under ``settings`` (zero-/few-shot: whatever the training settings)."""
     keep = {name: value for name, value in asdict(settings).items() if name not in _NOT_IN_KEY}
-    records = [
+    return [
         r
-        for r in read_results(results)
+        for r in records
         if all(
-            r.get(name) == value
+            r.get(name, _LEGACY.get(name)) == value
             for name, value in keep.items()
             if not (r["kind"] in ("zero_shot", "few_shot") and name in _TRAINING_SETTINGS)
         )
     ]
+
+
+def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path) -> Path:
+    """Render the report and plots from the records that match ``settings``.
+
+    Records of the same grid from before clipping and ``--dtype`` (``_LEGACY``) follow in a
+    section of their own, so the effect of the newer defaults stays visible.
+    """
+    every = read_results(results)
+    records = matching(every, settings)
     if not records:
         raise SystemExit(
             f"{results}: no results for these settings ({command_line(GROUPS, settings, [0])})"
         )
     render_plots(records, plots_dir)
+    text = render_report(records, settings, plots_dir, report_path.parent, results)
+    legacy = replace(settings, **_LEGACY)
+    older = matching(every, legacy) if legacy != settings else []
+    if any(record["kind"] == "prompt_tuning" for record in older):
+        summary = aggregate(older)
+        text += "\n".join([
+            "## Before gradient clipping (fp32, no clipping: the earlier defaults)",
+            "",
+            *length_tables(summary, zero_shot=summary.get(_ZERO_SHOT)),
+            f"Reproduce: `{command_line(['lengths'], legacy, sorted({r['seed'] for r in older}))}`.",
+            "",
+        ])
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(
-        render_report(records, settings, plots_dir, report_path.parent, results), encoding="utf-8"
-    )
+    report_path.write_text(text, encoding="utf-8")
     return report_path
 
 
@@ -753,6 +839,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="length_inits",
         help="comma-separated inits swept over the prompt lengths (default: all)",
     )
+    parser.add_argument("--max-grad-norm", type=float, default=Settings.max_grad_norm,
+                        dest="max_grad_norm", help="gradient clipping (0: none, as before 1.0 "
+                        "became the default)")
+    parser.add_argument("--dtype", default=Settings.dtype,
+                        help="the frozen model's dtype in the prompt runs (float32: as before)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help=f"JSONL file (default {RESULTS})"
@@ -794,6 +885,8 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         lora_lr=args.lora_lr,
         eval_every=args.eval_every,
+        max_grad_norm=args.max_grad_norm,
+        dtype=args.dtype,
         device=args.device,
         length_inits=tuple(init.strip().upper() for init in args.length_inits.split(",")),
     )
@@ -822,11 +915,11 @@ def dry_run(groups: list[str], settings: Settings) -> int:
     with tempfile.TemporaryDirectory(prefix="ablations-dry-run-") as directory:
         root = Path(directory)
         results = root / "ablations.jsonl"
-        picked = {
-            config.key(settings): config
-            for group in groups
-            for config in configs_for([group], [0])[:1]
-        }
+        picked = {}  # the first config of each group; the stability grid's last is a deep prompt
+        for group in groups:
+            configs = configs_for([group], [0])
+            for config in (configs[0], configs[-1]) if group == "stability" else configs[:1]:
+                picked[config.key(settings)] = config
         for config in picked.values():
             run_and_record(config, settings, [0], results, root / "runs")
         path = report(results, settings, root / "results.md", root / "plots")

@@ -52,6 +52,7 @@ from ablations import (  # noqa: E402  (a sibling script, not a package)
     _lora_data,
     _plot_points,
     append_result,
+    pyplot,
     read_results,
     train_weights,
     trainable_model,
@@ -262,6 +263,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         summary[method] = {
             "mean": statistics.fmean(accuracies),
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "macro_f1": _mean_or_none([item.get("test_macro_f1") for item in items]),
             "seeds": sorted(item["seed"] for item in items),
             "trainable_parameters": items[0]["trainable_parameters"],
             "bytes_on_disk": items[0]["bytes_on_disk"],
@@ -272,6 +274,15 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "cpu_model": items[0]["cpu_model"],
         }
     return summary
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of the values, or None unless every record has one (older records lack some)."""
+    return None if not values or None in values else statistics.fmean(values)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def _size(count: float) -> str:
@@ -307,9 +318,9 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
             "",
             f"Measured on: {cpu} (2 cores); {test}.",
             "",
-            "| method | test accuracy | trainable params | bytes per task | train wall s | steps "
-            "| peak RSS | mixed batch in the Engine |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | test accuracy | macro-F1 | trainable params | bytes per task | train wall s "
+            "| steps | peak RSS | mixed batch in the Engine |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method in METHODS:
             entry = summary.get(method)
@@ -317,7 +328,8 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
                 continue
             lines.append(
                 f"| {NAMES[method]} | {100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} "
-                f"(n={len(entry['seeds'])}) | {entry['trainable_parameters']:,} "
+                f"(n={len(entry['seeds'])}) | {_percent(entry['macro_f1'])} "
+                f"| {entry['trainable_parameters']:,} "
                 f"| {_size(entry['bytes_on_disk'])} | {entry['train_seconds']:.0f} "
                 f"| {entry['steps']:.0f} | {entry['peak_rss_mib']:,.0f} MiB "
                 f"| {'yes' if entry['served_by_engine'] else 'no'} |"
@@ -339,14 +351,60 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
     return "\n".join(lines)
 
 
-def render_plot(groups: list[tuple[Settings, list[dict[str, Any]]]], path: Path) -> Path | None:
-    try:
-        import matplotlib
+def scale_groups(
+    groups: list[tuple[Settings, list[dict[str, Any]]]],
+) -> list[tuple[Settings, int, dict[str, dict[str, Any]]]]:
+    """The comparisons that make one scale curve, smallest base model first.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install softprompt[plot]); no plot")
+    A scale curve needs the same dataset, budget, batch, dtype and test examples at every model
+    size; the comparable groups of the dataset with the most model sizes are kept (bundled
+    models only: their parameter counts are known without loading them).
+
+    Returns:
+        ``(settings, base-model parameters, aggregate(records))`` per model.
+    """
+    from softprompt.models.registry import BUNDLED_MODELS
+
+    curves: dict[tuple[Any, ...], list[tuple[Settings, int, dict[str, dict[str, Any]]]]] = {}
+    for settings, records in groups:
+        if settings.model not in BUNDLED_MODELS:
+            continue
+        shared = asdict(replace(settings, model=""))
+        curves.setdefault(tuple(sorted(shared.items())), []).append(
+            (settings, BUNDLED_MODELS[settings.model].parameters, aggregate(records)))
+    best = max(curves.values(), key=len, default=[])
+    return sorted(best, key=lambda item: item[1]) if len(best) > 1 else []
+
+
+def render_scale(curve: list[tuple[Settings, int, dict[str, dict[str, Any]]]], plot: Path | None,
+                 report_path: Path) -> list[str]:
+    """The scale curve's section: test accuracy per method at each base-model size."""
+    settings = curve[0][0]
+    methods = [m for m in METHODS if any(m in summary for _, _, summary in curve)]
+    lines = [
+        f"## Scale: {settings.dataset} at {len(curve)} model sizes, "
+        f"{settings.budget_seconds:.0f} {'wall' if settings.wall_clock else 'CPU'} s per method",
+        "",
+        "The paper's Figure 1 at small scale: every method on the same budget at each size of "
+        "frozen base model (the rows above, side by side).",
+        "",
+        "| base model | parameters | " + " | ".join(NAMES[m].split(" (")[0] for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for model_settings, parameters, summary in curve:
+        cells = [
+            f"{100 * summary[m]['mean']:.1f} (n={len(summary[m]['seeds'])})" if m in summary else "-"
+            for m in methods
+        ]
+        lines.append(f"| {model_settings.model} | {parameters / 1e6:.0f}M | " + " | ".join(cells) + " |")
+    if plot is not None:
+        lines += ["", f"![accuracy vs model size]({os.path.relpath(plot, report_path.parent)})"]
+    return lines + [""]
+
+
+def render_plot(groups: list[tuple[Settings, list[dict[str, Any]]]], path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
     markers = dict(zip(METHODS, "vo^sDPX", strict=True))
@@ -361,6 +419,25 @@ def render_plot(groups: list[tuple[Settings, list[dict[str, Any]]]], path: Path)
                 axes.axhline(100 * entry["mean"], linestyle="--", linewidth=0.8, color="gray")
     axes.set(xscale="log", xlabel="trainable parameters (log)", ylabel="test accuracy (%)",
              title="Accuracy against trainable parameters, equal budget")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _finish_plot(plt, figure, axes, path)
+
+
+def render_scale_plot(curve: list[tuple[Settings, int, dict[str, dict[str, Any]]]],
+                      path: Path) -> Path | None:
+    """Test accuracy against base-model parameters (log), one line per method."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    markers = dict(zip(METHODS, "vo^sDPX", strict=True))
+    for method in METHODS:
+        points = [(parameters, summary[method]) for _, parameters, summary in curve
+                  if method in summary]
+        if points:
+            _plot_points(axes, points, marker=markers[method], label=NAMES[method].split(" (")[0])
+    axes.set(xscale="log", xlabel="frozen base-model parameters (log)", ylabel="test accuracy (%)",
+             title=f"{curve[0][0].dataset}: accuracy against model size, equal budget")
     path.parent.mkdir(parents=True, exist_ok=True)
     return _finish_plot(plt, figure, axes, path)
 
@@ -387,6 +464,10 @@ def report(results_dir: Path, report_path: Path) -> Path:
     plot = render_plot(list(groups.values()), results_dir / "methods_accuracy_vs_params.png")
     report_path.parent.mkdir(parents=True, exist_ok=True)
     text = render_report(list(groups.values()), plot or Path("-"), report_path)
+    curve = scale_groups(list(groups.values()))
+    if curve:
+        scale_plot = render_scale_plot(curve, results_dir / "methods_accuracy_vs_model_size.png")
+        text += "\n" + "\n".join(render_scale(curve, scale_plot, report_path))
     report_path.write_text(text, encoding="utf-8")
     return report_path
 

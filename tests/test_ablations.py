@@ -19,14 +19,35 @@ def ablations():
 
 
 def test_groups_share_configs(ablations):
-    every = ablations.configs_for(ablations.GROUPS, [0, 1])
-    text_only = ablations.configs_for(ablations.GROUPS, [0, 1], length_inits=("TEXT",))
+    plain = [group for group in ablations.GROUPS if group != "stability"]
+    every = ablations.configs_for(plain, [0, 1])
+    text_only = ablations.configs_for(plain, [0, 1], length_inits=("TEXT",))
     # lengths x inits (40) + zero-shot (1) + few-shot 2 x 2 + LoRA 2; inits and the references overlap
     assert len(every) == 40 + 1 + 4 + 2
     # TEXT lengths (10) + the other inits at 20 (6) + baselines (5) + LoRA (2)
     assert len(text_only) == 10 + 6 + 5 + 2
-    reference = next(c for c in text_only if c.label() == "prompt_tuning n=20 TEXT seed=0")
+    reference = next(c for c in text_only if c.label() == "prompt_tuning prompt n=20 TEXT seed=0")
     assert set(reference.groups) == {"lengths", "inits", "baselines", "lora"}
+    # The stability grid adds the same 20 configs per seed for deep prompts only.
+    with_stability = ablations.configs_for(ablations.GROUPS, [0, 1])
+    assert len(with_stability) == len(every) + 40
+    assert {c.method for c in with_stability if c.kind == "prompt_tuning"} == {"prompt", "prefix"}
+
+
+def test_settings_added_later_keep_the_keys_of_older_records(ablations):
+    config = ablations.Config("prompt_tuning", 0, 20, "TEXT")
+    # An older record: fp32, no clipping, no method or dtype in its key.
+    legacy = ablations.Settings(budget_steps=60, max_grad_norm=0.0, dtype="float32")
+    key = config.key(legacy)
+    assert "max_grad_norm" not in key and "dtype" not in key and "prefix" not in key
+    # Today's defaults and a deep prompt are other results, with other keys.
+    assert config.key(ablations.Settings(budget_steps=60)) != key
+    assert dataclasses.replace(config, method="prefix").key(legacy) != key
+    older_fields = {k: v for k, v in dataclasses.asdict(legacy).items()
+                    if k not in ("max_grad_norm", "dtype")}
+    old_record = {**older_fields, "kind": "prompt_tuning", "test_accuracy": 0.8}
+    assert ablations.matching([old_record], legacy) == [old_record]
+    assert ablations.matching([old_record], ablations.Settings(budget_steps=60)) == []
 
 
 def test_key_ignores_what_changes_no_result(ablations):

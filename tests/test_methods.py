@@ -44,9 +44,9 @@ def test_report_pools_seeds_and_joins_the_baselines(methods, tmp_path, monkeypat
     ):
         methods.append_result(path, record)
     text = methods.report(tmp_path, tmp_path / "methods.md").read_text()
-    assert "| prompt tuning (n=20, TEXT init) | 85.0 ± 7.1 (n=2) | 11,520 | 46.1 KB |" in text
-    assert "| LoRA r=8 on q_proj, v_proj (PEFT) | 70.0 ± 0.0 (n=1) | 460,800 |" in text
-    assert "| zero-shot (instruction, no prompt) | 60.0 ± 0.0 (n=1) | 0 |" in text
+    assert "| prompt tuning (n=20, TEXT init) | 85.0 ± 7.1 (n=2) | - | 11,520 | 46.1 KB |" in text
+    assert "| LoRA r=8 on q_proj, v_proj (PEFT) | 70.0 ± 0.0 (n=1) | - | 460,800 |" in text
+    assert "| zero-shot (instruction, no prompt) | 60.0 ± 0.0 (n=1) | - | 0 |" in text
     assert "Measured on: Test CPU" in text
 
 
@@ -62,3 +62,27 @@ def test_a_rerun_skips_recorded_configs(methods, tmp_path, monkeypatch):
            for command in launched]
     # prompt seed 0 is recorded; zero-shot runs once (nothing random in it).
     assert ran == [("zero_shot", "0"), ("prompt", "1")]
+
+
+def test_report_draws_the_scale_curve_across_model_sizes(methods, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "render_plot", lambda groups, path: None)
+    monkeypatch.setattr(methods, "render_scale_plot", lambda curve, path: None)
+    small = methods.Settings(model="smollm2-135m")
+    large = dataclasses.replace(small, model="gemma3-270m")
+    other_budget = dataclasses.replace(small, model="qwen2.5-coder-0.5b", budget_seconds=1.0)
+    for settings, accuracy in ((large, 0.9), (small, 0.8), (other_budget, 0.99)):
+        methods.append_result(settings.results_path(tmp_path),
+                              _record(methods, "prompt", 0, accuracy, settings, 11_520))
+    text = methods.report(tmp_path, tmp_path / "methods.md").read_text()
+    scale = text[text.index("## Scale"):]
+    # Smallest model first; a model measured on another budget is not on the curve.
+    assert scale.index("| smollm2-135m | 135M | 80.0 (n=1) |") < scale.index("| gemma3-270m | 268M | 90.0 (n=1) |")
+    assert "qwen2.5-coder-0.5b" not in scale
+
+
+def test_no_scale_curve_from_one_model(methods, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "render_plot", lambda groups, path: None)
+    settings = methods.Settings()
+    methods.append_result(settings.results_path(tmp_path),
+                          _record(methods, "prompt", 0, 0.8, settings, 11_520))
+    assert "## Scale" not in methods.report(tmp_path, tmp_path / "methods.md").read_text()
