@@ -385,6 +385,32 @@ def test_completions_openai_shape(server: MainServer) -> None:
     assert single.status_code == 200  # a classification prompt can still generate
 
 
+def test_a_completion_without_stop_uses_the_tasks_own(server: MainServer, prompts_dir: Path) -> None:
+    """A generation prompt was trained and scored with stop strings (softprompt.json ``stop``);
+    a completion that names none ends at them, and ``"stop": []`` turns them off."""
+    echo_seed = list(TASKS).index("echo")
+    request = {"prompt": "the movie was", "max_tokens": 8, "temperature": 0}
+    with server.client() as client:
+        free = client.post("/v1/completions", json={**request, "model": "echo", "stop": []}).json()
+        text = free["choices"][0]["text"]
+        words = text.split()
+        assert len(words) >= 2, text  # greedy on the tiny model: 8 tokens, word-level
+        stop = f" {words[1]}"
+        write_prompt(prompts_dir / "echo-stop", TASKS["echo"][0], {**ECHO_META, "stop": [stop]},
+                     echo_seed)  # the echo task's prompt, with a stop string
+        added = client.post("/v1/tasks", json={"name": "echo-stop", "path": "echo-stop"},
+                            headers={"X-API-Key": ADMIN_KEY})
+        assert added.status_code == 201, added.text
+        assert added.json()["stop"] == [stop]
+        stopped = client.post("/v1/completions", json={**request, "model": "echo-stop"}).json()
+        unstopped = client.post("/v1/completions",
+                                json={**request, "model": "echo-stop", "stop": []}).json()
+        assert client.delete("/v1/tasks/echo-stop", headers={"X-API-Key": ADMIN_KEY}).status_code == 200
+    choice = stopped["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (text[:text.index(stop)], "stop")
+    assert unstopped["choices"][0]["text"] == text
+
+
 def test_models_lists_tasks(server: MainServer) -> None:
     with server.client() as client:
         body = client.get("/v1/models").json()

@@ -46,6 +46,8 @@ class TaskInfo:
         labels: class labels (classification) or None.
         num_virtual_tokens: prompt length of each ensemble member.
         paths: checkpoint directory of each member.
+        stop: the strings that end a generation when a request names none: those the prompt was
+            trained and evaluated with (``stop`` in softprompt.json; the first member's).
     """
 
     name: str
@@ -53,6 +55,7 @@ class TaskInfo:
     labels: list[str] | None
     num_virtual_tokens: list[int]
     paths: list[str]
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Member:
         verbalizer: label words (classification) or None.
         label_order: task label i is this member's label ``label_order[i]``.
         max_length: the input token limit it was trained with (None: the model's positions).
+        stop: the stop strings it was evaluated with (generation; empty for classification).
     """
 
     path: str
@@ -76,6 +80,7 @@ class Member:
     verbalizer: TokenizedVerbalizer | None
     label_order: list[int] | None
     max_length: int | None
+    stop: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -132,9 +137,13 @@ def load_member(path: Path, frozen: FrozenModel, *, use_kv_cache: bool) -> Membe
     max_length = metadata.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise TaskLoadError(f"{path}: max_length {max_length!r} is not a positive integer")
+    stop = metadata.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(item, str) and item for item in stop):
+        raise TaskLoadError(f"{path}: stop {stop!r} is not a list of non-empty strings")
     kv = compute_prompt_kv(frozen, prompt) if use_kv_cache else None
     verbalizer = verbalizer if kind == "classification" else None
-    return Member(str(path), prompt, kv, template, verbalizer, None, max_length)
+    stop = tuple(stop) if kind == "generation" else ()
+    return Member(str(path), prompt, kv, template, verbalizer, None, max_length, stop)
 
 
 def make_task(name: str, members: tuple[Member, ...]) -> Task:
@@ -152,7 +161,8 @@ def make_task(name: str, members: tuple[Member, ...]) -> Task:
             )
         order = [own.index(label) for label in labels] if own else None
         fixed.append(dataclasses.replace(member, label_order=order))
-    info = TaskInfo(name, kind, labels, [m.length for m in members], [m.path for m in members])
+    info = TaskInfo(name, kind, labels, [m.length for m in members], [m.path for m in members],
+                    first.stop)
     return Task(info, tuple(fixed))
 
 

@@ -56,11 +56,12 @@ async def completions(body: s.CompletionRequest, state: State) -> Response:
     """Completes each prompt with the task's soft prompt in front (OpenAI's shape); with
     ``"stream": true`` as server-sent events. ``max_tokens`` is capped by the server's limit."""
     batcher = state.ready()
-    state.task(body.model, "model")
+    info = state.task(body.model, "model")
     options = state.options
+    stop = list(info.stop) if body.stop is None else body.stop
     params = GenerateParams(max_new_tokens=min(body.max_tokens, options.max_tokens_limit),
                             temperature=body.temperature, top_p=body.top_p,
-                            stop=list(body.stop or []), seed=body.seed)
+                            stop=stop, seed=body.seed)
     items = batcher.submit("generate", body.model, body.prompts(), params=params,
                            truncate=body.truncate, stream=body.stream)
     if body.stream:

@@ -98,7 +98,9 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1, le=4096, description="New tokens to generate at most.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 stop sequences; omitted or null: the task's own (those its "
+                          "prompt was trained with, listed in /v1/models); [] for none.")
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     n: int = Field(1, ge=1, le=1, description="Completions per prompt; only 1 is supported.")
     stream: bool = Field(False, description="Send the text as server-sent events as it is "
@@ -114,8 +116,10 @@ class CompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_sequences(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
+    def _stop_sequences(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else list(value)
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not stop for stop in stops):
@@ -182,6 +186,8 @@ class ModelCard(BaseModel):
     num_virtual_tokens: list[int]
     paths: list[str]
     base_model: str
+    stop: list[str] = Field(default_factory=list,
+                            description="Stop sequences used when a completion names none.")
 
 
 class ModelList(BaseModel):

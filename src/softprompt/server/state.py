@@ -98,7 +98,7 @@ class ServerState:
             labels=list(info.labels) if info.labels is not None else None,
             num_virtual_tokens=list(info.num_virtual_tokens),
             paths=[self._display_path(path) for path in info.paths],
-            base_model=self.engine.model_name)
+            base_model=self.engine.model_name, stop=list(info.stop))
 
     def _display_path(self, path: str) -> str:
         """Shows prompts-dir paths relative to it, so listings do not reveal server paths."""
