@@ -294,19 +294,29 @@ def test_eval_and_inspect_a_trained_prefix(prefix_run, tiny):
     assert "key drift" in format_inspection(inspected)
 
 
-def test_a_resumed_prefix_run_ends_where_a_straight_one_ends(tiny, tmp_path):
+@pytest.mark.parametrize("projection", [False, True], ids=["raw", "projection"])
+def test_a_resumed_prefix_run_ends_where_a_straight_one_ends(tiny, tmp_path, projection):
     from safetensors.torch import load_file as load_tensors
 
     from softprompt.training.trainer import train
 
-    options = {"eval_every": 2, "baselines": False, "schedule": "constant", "method": "prefix", "lr": 0.01}
+    options = {"eval_every": 2, "baselines": False, "schedule": "constant", "method": "prefix",
+               "lr": 0.01, "prefix_projection": projection}
     train(**tiny.options(tmp_path / "straight", steps=4, **options))
     train(**tiny.options(tmp_path / "extended", steps=2, **options))
     report = train(resume=str(tmp_path / "extended"), steps=4).report
     assert report["steps"] == 4
-    final = [load_tensors(str(tmp_path / name / "state" / "prompt.safetensors"))["prompt"]
+    # The state holds every trained tensor: the prefix itself, or the MLP and its input.
+    states = [load_tensors(str(tmp_path / name / "state" / "prompt.safetensors"))
+              for name in ("straight", "extended")]
+    expected = {"prompt", "transform.0.weight", "transform.0.bias", "transform.2.weight",
+                "transform.2.bias"} if projection else {"prompt"}
+    assert states[0].keys() == states[1].keys() == expected
+    for name in expected:
+        assert torch.allclose(states[0][name], states[1][name], atol=1e-6, rtol=0), name
+    saved = [load_tensors(str(tmp_path / name / "prompt" / "adapter_model.safetensors"))
              for name in ("straight", "extended")]
-    assert final[0].shape == (4, 64) and torch.allclose(final[0], final[1], atol=1e-6, rtol=0)
+    assert torch.allclose(saved[0]["prompt_embeddings"], saved[1]["prompt_embeddings"], atol=1e-6, rtol=0)
 
 
 def test_generation_loss_behind_a_prefix_is_peft_target_token_cross_entropy(tmp_path, tokenizer):

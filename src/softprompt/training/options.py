@@ -278,8 +278,6 @@ class TrainOptions:
                 "reparameterize='residual' is for input prompts; a prefix trains through its own "
                 "MLP with prefix_projection"
             )
-        if self.prefix_projection and self.resume:
-            problems.append("resume is not supported with prefix_projection (only the folded prefix is saved)")
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             problems.append(f"encoder_hidden_size must be >= 1, got {self.encoder_hidden_size}")
         return problems
