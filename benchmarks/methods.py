@@ -388,15 +388,21 @@ def render_scale(curve: list[tuple[Settings, int, dict[str, dict[str, Any]]]], p
         "The paper's Figure 1 at small scale: every method on the same budget at each size of "
         "frozen base model (the rows above, side by side).",
         "",
-        "| base model | parameters | " + " | ".join(NAMES[m].split(" (")[0] for m in methods) + " |",
-        "|---|---|" + "---|" * len(methods),
+        "| base model | parameters | " + " | ".join(NAMES[m].split(" (")[0] for m in methods)
+        + " | prompt tuning, examples per CPU s |",
+        "|---|---|" + "---|" * (len(methods) + 1),
     ]
     for model_settings, parameters, summary in curve:
         cells = [
             f"{100 * summary[m]['mean']:.1f} (n={len(summary[m]['seeds'])})" if m in summary else "-"
             for m in methods
         ]
-        lines.append(f"| {model_settings.model} | {parameters / 1e6:.0f}M | " + " | ".join(cells) + " |")
+        # The budget bounds the CPU seconds of optimizer steps, so steps x batch / budget is
+        # the training throughput of one thread.
+        speed = (f"{summary['prompt']['steps'] * model_settings.batch_size / model_settings.budget_seconds:.1f}"
+                 if "prompt" in summary else "-")
+        lines.append(f"| {model_settings.model} | {parameters / 1e6:.0f}M | " + " | ".join(cells)
+                     + f" | {speed} |")
     if plot is not None:
         lines += ["", f"![accuracy vs model size]({os.path.relpath(plot, report_path.parent)})"]
     return lines + [""]

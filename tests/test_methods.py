@@ -76,7 +76,9 @@ def test_report_draws_the_scale_curve_across_model_sizes(methods, tmp_path, monk
     text = methods.report(tmp_path, tmp_path / "methods.md").read_text()
     scale = text[text.index("## Scale"):]
     # Smallest model first; a model measured on another budget is not on the curve.
-    assert scale.index("| smollm2-135m | 135M | 80.0 (n=1) |") < scale.index("| gemma3-270m | 268M | 90.0 (n=1) |")
+    # 5 steps of batch 8 in a budget of 240 CPU seconds: 0.2 examples per CPU second.
+    assert scale.index("| smollm2-135m | 135M | 80.0 (n=1) | 0.2 |") < scale.index(
+        "| gemma3-270m | 268M | 90.0 (n=1) | 0.2 |")
     assert "qwen2.5-coder-0.5b" not in scale
 
 
