@@ -225,3 +225,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
     tiny_llama(initializer_range=0.1).save_pretrained(str(root / "model"))
     tiny_tokenizer().save_pretrained(str(root / "model"))
     return TinySetup(root / "model", _write_jsonl(root / "reviews.jsonl", _sentiment_rows()))
+
+
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Skip drawing curves.png (a second of matplotlib per run) where a test does not read it;
+    returns the paths that would have been drawn."""
+    import softprompt.training.trainer as trainer_module
+
+    drawn: list[Path] = []
+    monkeypatch.setattr(trainer_module, "plot_curves",
+                        lambda metrics, output, title="": drawn.append(Path(output)))
+    return drawn

@@ -23,7 +23,6 @@ from softprompt.evaluation.label_words import (
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models import load_model
 from softprompt.training import train
-from tests.test_training import no_plots  # noqa: F401
 
 
 def _planted(num_classes: int = 3, per_class: int = 20, vocab: int = 12, seed: int = 0):
@@ -127,7 +126,7 @@ def test_choose_on_the_tiny_model_is_distinct_deterministic_and_scored(tiny):
     assert float((calibrated.argmax(1) == targets).double().mean()) == pytest.approx(choice.sample_accuracy)
 
 
-def test_auto_verbalizer_run_records_uses_and_resumes_the_words(tiny, tmp_path, no_plots):  # noqa: F811
+def test_auto_verbalizer_run_records_uses_and_resumes_the_words(tiny, tmp_path, no_plots):
     out = tmp_path / "run"
     report = train(**tiny.options(out, verbalizer="auto", init="CLASS_LABEL", steps=4, baselines=False)).report
     words = report["verbalizer"]

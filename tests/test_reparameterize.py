@@ -17,7 +17,7 @@ from softprompt.core.reparameterize import ResidualReparameterization
 from softprompt.data import load_dataset, pad_batch
 from softprompt.models.tiny import HIDDEN, PAD_ID, random_ids, tiny_llama
 from softprompt.training import train
-from tests.test_training import check_run_outputs, no_plots, record_evaluations  # noqa: F401
+from tests.test_training import record_evaluations
 
 N, BOTTLENECK = 4, 8
 
@@ -113,7 +113,7 @@ def test_reparameterized_prompt_trains_the_prompt_and_the_mlp():
     assert trainable == N * HIDDEN + 2 * HIDDEN * BOTTLENECK + BOTTLENECK + 3 * HIDDEN
 
 
-def test_residual_run_saves_the_folded_prompt_and_records_it(tiny, tmp_path, monkeypatch, no_plots):  # noqa: F811
+def test_residual_run_saves_the_folded_prompt_and_records_it(tiny, tmp_path, monkeypatch, no_plots):
     evaluations = record_evaluations(monkeypatch)
     out = tmp_path / "run"
     report = train(**tiny.options(out, reparameterize="residual", residual_bottleneck=BOTTLENECK,

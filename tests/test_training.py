@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 import softprompt.models
 import softprompt.training.checkpoints as checkpoints_module
 import softprompt.training.loop
-import softprompt.training.trainer as trainer_module
 from softprompt.core.checkpoint import load_prompt
 from softprompt.core.prompt import embedding_std
 from softprompt.core.prompt_model import PromptTunedModel
@@ -42,14 +41,6 @@ REPORT_FIELDS = (
 )
 PROMPT_FILES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def no_plots(monkeypatch) -> list[Path]:
-    """Skip drawing curves.png (a second of matplotlib per run) where a test does not read it."""
-    drawn: list[Path] = []
-    monkeypatch.setattr(trainer_module, "plot_curves", lambda metrics, output, title="": drawn.append(Path(output)))
-    return drawn
 
 
 @pytest.fixture(scope="module")

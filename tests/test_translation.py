@@ -34,7 +34,6 @@ from softprompt.evaluation.generation import (
 from softprompt.fastpath.decoding import GenerateParams
 from softprompt.inference import Engine
 from softprompt.training import train
-from softprompt.training import trainer as trainer_module
 from softprompt.training.options import TrainOptions
 from softprompt.training.setup import prepare
 
@@ -66,12 +65,6 @@ def _pairs(count: int = 60) -> list[dict[str, Any]]:
         chinese = f"{noun} {adjective} {NOUNS[(7 * index) % 12]}"  # unique for index < 60
         records.append(_record(index, f"the {noun} was {adjective}", chinese, 1 + index % 3))
     return records
-
-
-@pytest.fixture
-def no_plots(monkeypatch) -> None:
-    """Skip drawing curves.png (a second of matplotlib per run)."""
-    monkeypatch.setattr(trainer_module, "plot_curves", lambda *args, **kwargs: None)
 
 
 @pytest.fixture
