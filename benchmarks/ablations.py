@@ -52,12 +52,13 @@ PLOTS = Path("benchmarks/results")
 logger = logging.getLogger("ablations")
 
 # Settings that do not change a zero-/few-shot result, and settings that change no result.
-_TRAINING_SETTINGS = ("budget_steps", "batch_size", "max_train_examples", "lr", "lora_lr", "eval_every")
+_TRAINING_SETTINGS = ("budget_steps", "batch_size", "max_train_examples", "lr", "lora_lr", "eval_every",
+                      "max_grad_norm", "schedule")
 _NOT_IN_KEY = ("device", "length_inits")
 # Settings added after results were recorded, with the value those older records ran with: a
 # setting at that value stays out of the key (old keys still match), and a record without the
 # field reads as having it.
-_LEGACY = {"max_grad_norm": 0.0, "dtype": "float32"}
+_LEGACY = {"max_grad_norm": 0.0, "dtype": "float32", "schedule": "constant"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Settings:
         None  # None: evaluate once, after the budget (the final state is tested)
     )
     max_grad_norm: float = 1.0  # softprompt train's default; 0 = no clipping (older records)
+    schedule: str = "constant"  # the prompt runs' lr after warmup: constant, linear or cosine
     dtype: str = "auto"  # the frozen model's dtype in the prompt runs (LoRA's stays fp32)
     device: str = "auto"
     dry_run: bool = False
@@ -198,6 +200,7 @@ def run_prompt_tuning(config: Config, settings: Settings, runs_dir: Path) -> dic
         "device": settings.device,
         "dtype": settings.dtype,
         "max_grad_norm": settings.max_grad_norm,
+        "schedule": settings.schedule,
         "method": config.method,
         "output_dir": str(output),
         "warmup_steps": min(10, settings.budget_steps - 1),
@@ -259,7 +262,7 @@ def run_lora(config: Config, settings: Settings) -> dict[str, Any]:
                                  max_grad_norm=settings.max_grad_norm)
     outcome = train_weights(
         frozen, parameters, settings.lora_lr, data, settings.batch_size, config.seed,
-        loop_settings, warmup_steps=min(10, steps - 1),
+        loop_settings, warmup_steps=min(10, steps - 1), schedule=settings.schedule,
     )
     return {**outcome, "effective_lr": settings.lora_lr}
 
@@ -308,9 +311,10 @@ def train_weights(
     seed: int,
     loop_settings: Any,
     warmup_steps: int = 10,
+    schedule: str = "constant",
 ) -> dict[str, Any]:
     """Train model weights (LoRA's or all) with the prompts' objective, batch order and loop
-    (AdamW, constant lr after warmup); the best validation state is tested.
+    (AdamW, warmup then ``schedule``); the best validation state is tested.
 
     Args:
         frozen: the model (`trainable_model`).
@@ -321,6 +325,7 @@ def train_weights(
         seed: the batch order's seed.
         loop_settings: steps, validation interval, clipping, time budget (`LoopSettings`).
         warmup_steps: linear warmup steps.
+        schedule: the learning rate after warmup: constant, linear or cosine decay.
 
     Returns:
         test accuracy and macro-F1, best validation accuracy, trainable parameters, steps,
@@ -333,7 +338,7 @@ def train_weights(
 
     objective, (train_data, validation, test) = data
     optimizer = make_optimizer(parameters, "adamw", lr)
-    scheduler = make_scheduler(optimizer, loop_settings.total_steps, warmup_steps, "constant")
+    scheduler = make_scheduler(optimizer, loop_settings.total_steps, warmup_steps, schedule)
     best: list[torch.Tensor] = []  # the trained tensors at the best validation
 
     def keep_best(_: Any) -> None:
@@ -444,7 +449,7 @@ def command_line(groups: Iterable[str], settings: Settings, seeds: list[int]) ->
     )
     parts += [f"{flag} {value}" for flag, value in optional if value is not None]
     for flag, name in (("--lora-lr", "lora_lr"), ("--max-grad-norm", "max_grad_norm"),
-                       ("--dtype", "dtype")):
+                       ("--schedule", "schedule"), ("--dtype", "dtype")):
         if getattr(settings, name) != getattr(Settings, name):
             parts.append(f"{flag} {getattr(settings, name)}")
     if "lengths" in groups and tuple(settings.length_inits) != INITS:
@@ -772,8 +777,8 @@ def matching(records: list[dict[str, Any]], settings: Settings) -> list[dict[str
 def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path) -> Path:
     """Render the report and plots from the records that match ``settings``.
 
-    Records of the same grid from before clipping and ``--dtype`` (``_LEGACY``) follow in a
-    section of their own, so the effect of the newer defaults stays visible.
+    The same grid run under other values of the settings added later (``_LEGACY``: clipping,
+    schedule, dtype) follows in a section per variant, so the effect of each stays visible.
     """
     every = read_results(results)
     records = matching(every, settings)
@@ -783,15 +788,21 @@ def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path
         )
     render_plots(records, plots_dir)
     text = render_report(records, settings, plots_dir, report_path.parent, results)
-    legacy = replace(settings, **_LEGACY)
-    older = matching(every, legacy) if legacy != settings else []
-    if any(record["kind"] == "prompt_tuning" for record in older):
+    variants = {
+        replace(settings, **{name: r.get(name, legacy) for name, legacy in _LEGACY.items()})
+        for r in every if r["kind"] == "prompt_tuning"
+    }
+    for variant in sorted(variants - {settings}, key=lambda v: [str(getattr(v, n)) for n in _LEGACY]):
+        older = matching(every, variant)
+        if not any(record["kind"] == "prompt_tuning" for record in older):
+            continue
         summary = aggregate(older)
+        described = ", ".join(f"{name} {getattr(variant, name)}" for name in _LEGACY)
         text += "\n".join([
-            "## Before gradient clipping (fp32, no clipping: the earlier defaults)",
+            f"## The grid with {described}",
             "",
             *length_tables(summary, zero_shot=summary.get(_ZERO_SHOT)),
-            f"Reproduce: `{command_line(['lengths'], legacy, sorted({r['seed'] for r in older}))}`.",
+            f"Reproduce: `{command_line(['stability'], variant, sorted({r['seed'] for r in older}))}`.",
             "",
         ])
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -842,6 +853,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-grad-norm", type=float, default=Settings.max_grad_norm,
                         dest="max_grad_norm", help="gradient clipping (0: none, as before 1.0 "
                         "became the default)")
+    parser.add_argument("--schedule", default=Settings.schedule,
+                        choices=("constant", "linear", "cosine"),
+                        help="the learning-rate decay after warmup (prompts and LoRA)")
     parser.add_argument("--dtype", default=Settings.dtype,
                         help="the frozen model's dtype in the prompt runs (float32: as before)")
     parser.add_argument("--device", default="auto")
@@ -886,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_lr=args.lora_lr,
         eval_every=args.eval_every,
         max_grad_norm=args.max_grad_norm,
+        schedule=args.schedule,
         dtype=args.dtype,
         device=args.device,
         length_inits=tuple(init.strip().upper() for init in args.length_inits.split(",")),
