@@ -235,5 +235,5 @@ def no_plots(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     drawn: list[Path] = []
     monkeypatch.setattr(trainer_module, "plot_curves",
-                        lambda metrics, output, title="": drawn.append(Path(output)))
+                        lambda metrics, output, **labels: drawn.append(Path(output)))
     return drawn

@@ -364,3 +364,27 @@ def test_a_too_long_target_is_named_before_training(tiny, tmp_path, write_jsonl,
     with pytest.raises(ValueError, match=r"train row 1: target 'the movie was very very good' is 6 tokens, more than max_target_length=4"):
         train(**_options(tiny, out, dataset=str(data), target_column="target", max_target_length=4))
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_curves_of_a_generation_run_plot_the_metric_that_selects_the_prompt(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from softprompt.training.report import plot_curves
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in (
+        {"step": 10, "loss": 2.0},
+        {"step": 10, "validation_chrf": 27.8, "validation_accuracy": 0.04},
+        {"step": 20, "validation_chrf": 30.3, "validation_accuracy": 0.04},
+    )) + "\n")
+    plotted: list[tuple] = []
+    original = Axes.plot
+
+    def record(axes, *args, **kwargs):
+        plotted.append(tuple(map(tuple, args)))
+        return original(axes, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", record)
+    assert plot_curves(metrics, tmp_path / "curves.png", metric="chrf").is_file()
+    assert ((10, 20), (27.8, 30.3)) in plotted  # chrF, not the exact-match accuracy

@@ -37,8 +37,18 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -> Path | None:
-    """Training loss and validation accuracy over steps, as a PNG (None without matplotlib)."""
+def plot_curves(
+    metrics_path: str | Path, output: str | Path, title: str = "", metric: str = "accuracy"
+) -> Path | None:
+    """Training loss and the validation metric over steps, as a PNG (None without matplotlib).
+
+    Args:
+        metrics_path: the run's metrics.jsonl.
+        output: the PNG to write (atomically).
+        title: the figure's title.
+        metric: the validation metric that selects the best prompt (``accuracy``; ``chrf`` for
+            generation), plotted as ``validation_<metric>``.
+    """
     try:
         import matplotlib
 
@@ -51,9 +61,8 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
         return None
     records = MetricsLog(metrics_path, append=True).read()
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    accuracies = [
-        (r["step"], r["validation_accuracy"]) for r in records if "validation_accuracy" in r
-    ]
+    key = f"validation_{metric}"
+    accuracies = [(r["step"], r[key]) for r in records if key in r]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     if losses:
         loss_axis.plot(*zip(*losses, strict=True), color="tab:blue")
@@ -61,7 +70,7 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
     loss_axis.grid(alpha=0.3)
     if accuracies:
         accuracy_axis.plot(*zip(*accuracies, strict=True), marker="o", color="tab:green")
-    accuracy_axis.set(xlabel="step", ylabel="accuracy", title="validation accuracy")
+    accuracy_axis.set(xlabel="step", ylabel=metric, title=f"validation {metric}")
     accuracy_axis.grid(alpha=0.3)
     if title:
         figure.suptitle(title)

@@ -219,7 +219,8 @@ def _run(
         atomic_write_json(output_dir / "report.json", report)
         checkpoints.save_prompt(training_summary(report))
         plot_curves(
-            metrics.path, output_dir / "curves.png", title=f"{options.dataset} / {options.model}"
+            metrics.path, output_dir / "curves.png", title=f"{options.dataset} / {options.model}",
+            metric=run.objective.selection_metric,
         )
         logger.info("wrote %s", output_dir)
     return TrainResult(output_dir, report)
