@@ -54,7 +54,7 @@ logger = logging.getLogger("ablations")
 # Settings that do not change a zero-/few-shot result, and settings that change no result.
 _TRAINING_SETTINGS = ("budget_steps", "batch_size", "max_train_examples", "lr", "lora_lr", "eval_every",
                       "max_grad_norm", "schedule")
-_NOT_IN_KEY = ("device", "length_inits")
+_NOT_IN_KEY = ("device", "length_inits", "grid_methods")
 # Settings added after results were recorded, with the value those older records ran with: a
 # setting at that value stays out of the key (old keys still match), and a record without the
 # field reads as having it.
@@ -82,6 +82,7 @@ class Settings:
     device: str = "auto"
     dry_run: bool = False
     length_inits: tuple[str, ...] = INITS  # the inits swept over LENGTHS (not part of a key)
+    grid_methods: tuple[str, ...] = METHODS  # the stability grid's methods (not part of a key)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,10 @@ class Config:
 
 
 def configs_for(
-    groups: Iterable[str], seeds: list[int], length_inits: Iterable[str] = INITS
+    groups: Iterable[str],
+    seeds: list[int],
+    length_inits: Iterable[str] = INITS,
+    grid_methods: Iterable[str] = METHODS,
 ) -> list[Config]:
     """Every config of the groups, each once (a config shared by groups runs once)."""
     found: dict[tuple, Config] = {}
@@ -167,7 +171,7 @@ def configs_for(
                 add(Config("lora", seed, rank=LORA_RANK), group)
                 add(reference, group)
             elif group == "stability":
-                for method in METHODS:
+                for method in grid_methods:
                     for init in INITS:
                         for length in LENGTHS:
                             add(Config("prompt_tuning", seed, length, init, method=method), group)
@@ -471,7 +475,11 @@ def run_all(
     a config that another run recorded meanwhile is skipped.
     """
     done = {record["key"] for record in read_results(results)}
-    todo = [c for c in configs_for(groups, seeds, settings.length_inits) if c.key(settings) not in done]
+    todo = [
+        c
+        for c in configs_for(groups, seeds, settings.length_inits, settings.grid_methods)
+        if c.key(settings) not in done
+    ]
     if limit is not None:
         todo = todo[:limit]
     logger.info("%d configs to run (%d already in %s)", len(todo), len(done), results)
@@ -850,6 +858,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="length_inits",
         help="comma-separated inits swept over the prompt lengths (default: all)",
     )
+    parser.add_argument(
+        "--grid-methods",
+        default=",".join(METHODS),
+        dest="grid_methods",
+        help="comma-separated methods of the stability grid (default: both; two processes can "
+        "share the results file, one per method)",
+    )
     parser.add_argument("--max-grad-norm", type=float, default=Settings.max_grad_norm,
                         dest="max_grad_norm", help="gradient clipping (0: none, as before 1.0 "
                         "became the default)")
@@ -904,7 +919,10 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         device=args.device,
         length_inits=tuple(init.strip().upper() for init in args.length_inits.split(",")),
+        grid_methods=tuple(method.strip() for method in args.grid_methods.split(",")),
     )
+    if unknown := [method for method in settings.grid_methods if method not in METHODS]:
+        raise SystemExit(f"--grid-methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if unknown := [init for init in settings.length_inits if init not in INITS]:
         raise SystemExit(f"--length-inits: unknown init(s) {unknown}; choose from {', '.join(INITS)}")
     if args.dry_run:
