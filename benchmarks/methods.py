@@ -124,6 +124,7 @@ def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) 
         seed=seed,
         baselines=False,
         dtype=settings.dtype,
+        schedule="constant",  # a time budget has no known last step to decay towards
         output_dir=str(output),
         **PROMPT_METHODS[method],
     ).report

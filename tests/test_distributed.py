@@ -17,7 +17,8 @@ from softprompt.models.tiny import SENTENCES, tiny_llama, tiny_tokenizer
 from softprompt.training import TrainOptions, train
 from softprompt.training.distributed import DistContext, check_batch_divisible
 
-TRAIN_ARGS = {
+TRAIN_ARGS = {  # a constant rate: a run resumed from 3 to 6 steps then equals a 6-step run
+    "schedule": "constant",
     "template": "{text} answer",
     "verbalizer": '{"positive": " positive", "negative": " negative"}',
     "init": "RANDOM",

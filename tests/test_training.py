@@ -416,7 +416,8 @@ def test_gradient_norm_is_clipped_before_each_step():
 
 # ====================================================================== learning rate scaled to the embeddings
 def test_embedding_lr_scale_carries_the_lr_over_by_the_embedding_std(tiny, tmp_path, no_plots):
-    report = train(**tiny.options(tmp_path / "run", lr_scale="embedding", steps=4, baselines=False)).report
+    report = train(**tiny.options(tmp_path / "run", lr_scale="embedding", steps=4, baselines=False,
+                                  schedule="constant")).report
     model, _ = softprompt.models.load_model(str(tiny.model))
     std = embedding_std(model.get_input_embeddings())
     # The tiny Llama's table has std 0.1 (initializer_range) and no scaling in its embedding module.
