@@ -627,6 +627,9 @@ def render_report(
         "",
         "## Prompt tuning against zero-shot, few-shot and LoRA",
         "",
+        "At this fixed step budget; every method on an equal time budget, with deep prompts, "
+        "residual prompts and full fine-tuning, at three model sizes: [methods.md](methods.md).",
+        "",
         "| method | trainable params | test accuracy |",
         "|---|---|---|",
     ]
@@ -806,7 +809,7 @@ def report(results: Path, settings: Settings, report_path: Path, plots_dir: Path
             continue
         summary = aggregate(older)
         described = ", ".join(f"{name} {getattr(variant, name)}" for name in _LEGACY)
-        text += "\n".join([
+        text += "\n" + "\n".join([
             f"## The grid with {described}",
             "",
             *length_tables(summary, zero_shot=summary.get(_ZERO_SHOT)),
