@@ -62,14 +62,14 @@ def plot_curves(
     records = MetricsLog(metrics_path, append=True).read()
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     key = f"validation_{metric}"
-    accuracies = [(r["step"], r[key]) for r in records if key in r]
+    validation = [(r["step"], r[key]) for r in records if key in r]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     if losses:
         loss_axis.plot(*zip(*losses, strict=True), color="tab:blue")
     loss_axis.set(xlabel="step", ylabel="training loss", title="loss")
     loss_axis.grid(alpha=0.3)
-    if accuracies:
-        accuracy_axis.plot(*zip(*accuracies, strict=True), marker="o", color="tab:green")
+    if validation:
+        accuracy_axis.plot(*zip(*validation, strict=True), marker="o", color="tab:green")
     accuracy_axis.set(xlabel="step", ylabel=metric, title=f"validation {metric}")
     accuracy_axis.grid(alpha=0.3)
     if title:
