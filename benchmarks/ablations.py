@@ -953,7 +953,7 @@ def dry_run(groups: list[str], settings: Settings) -> int:
         results = root / "ablations.jsonl"
         picked = {}  # the first config of each group; the stability grid's last is a deep prompt
         for group in groups:
-            configs = configs_for([group], [0])
+            configs = configs_for([group], [0], settings.length_inits, settings.grid_methods)
             for config in (configs[0], configs[-1]) if group == "stability" else configs[:1]:
                 picked[config.key(settings)] = config
         for config in picked.values():

@@ -75,6 +75,8 @@ NAMES = {
     "full": "full fine-tuning",
 }
 
+MARKERS = dict(zip(METHODS, "vo^sDPX", strict=True))  # one plot marker per method, every plot
+
 logger = logging.getLogger("methods")
 
 
@@ -414,13 +416,12 @@ def render_plot(groups: list[tuple[Settings, list[dict[str, Any]]]], path: Path)
     if plt is None:
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip(METHODS, "vo^sDPX", strict=True))
     for settings, records in groups:
         summary = aggregate(records)
         for method, entry in summary.items():
             if entry["trainable_parameters"]:
                 _plot_points(axes, [(entry["trainable_parameters"], entry)],
-                             marker=markers[method], linestyle="none",
+                             marker=MARKERS[method], linestyle="none",
                              label=f"{settings.dataset}, {settings.model}: {method}")
             else:
                 axes.axhline(100 * entry["mean"], linestyle="--", linewidth=0.8, color="gray")
@@ -437,12 +438,11 @@ def render_scale_plot(curve: list[tuple[Settings, int, dict[str, dict[str, Any]]
     if plt is None:
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip(METHODS, "vo^sDPX", strict=True))
     for method in METHODS:
         points = [(parameters, summary[method]) for _, parameters, summary in curve
                   if method in summary]
         if points:
-            _plot_points(axes, points, marker=markers[method], label=NAMES[method].split(" (")[0])
+            _plot_points(axes, points, marker=MARKERS[method], label=NAMES[method].split(" (")[0])
     axes.set(xscale="log", xlabel="frozen base-model parameters (log)", ylabel="test accuracy (%)",
              title=f"{curve[0][0].dataset}: accuracy against model size, equal budget")
     path.parent.mkdir(parents=True, exist_ok=True)
