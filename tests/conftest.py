@@ -237,3 +237,18 @@ def no_plots(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     monkeypatch.setattr(trainer_module, "plot_curves",
                         lambda metrics, output, **labels: drawn.append(Path(output)))
     return drawn
+
+
+@pytest.fixture
+def failing_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` returns a function that fails as a compiler would (no C++ compiler)."""
+
+    def compile_that_fails(module: Any, **_: Any) -> Callable[..., Any]:
+        def run(*__: Any, **___: Any) -> Any:
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                "inductor", RuntimeError("no C++ compiler found"), None
+            )
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)

@@ -24,6 +24,7 @@ FLOAT32 = "float32"
 
 # dtype -> side -> a function running that side's whole timed workload once.
 Workloads = Mapping[str, Mapping[str, Callable[[], Any]]]
+BySide = dict[str, dict[str, Any]]  # dtype -> side -> value
 
 
 def bench_dtypes(requested: str, device: torch.device) -> tuple[DtypeChoice, list[str]]:
@@ -43,7 +44,7 @@ def bench_dtypes(requested: str, device: torch.device) -> tuple[DtypeChoice, lis
 
 def time_workloads(
     workloads: Workloads, repeats: int, device: torch.device
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list[float]]]]:
+) -> tuple[BySide, BySide, BySide]:
     """Time every workload ``repeats`` times, alternating between them, after one untimed run.
 
     The untimed run executes exactly the shapes of the timed ones: on a CPU with AMX, oneDNN
@@ -57,13 +58,15 @@ def time_workloads(
         device: synchronised before each clock reading.
 
     Returns:
-        The last timed run's result and every run's seconds, both as dtype -> side -> value.
+        The last timed run's result, every timed run's seconds and the untimed run's seconds
+        (which include any compilation), each as dtype -> side -> value.
     """
+    warmup: BySide = {dtype: {} for dtype in workloads}
     for dtype, sides in workloads.items():
         for name, run in sides.items():
-            _, took = timed(run, device)
-            logger.info("warm-up  %-9s %-26s %.2f s", dtype, name, took)
-    outputs: dict[str, dict[str, Any]] = {dtype: {} for dtype in workloads}
+            _, warmup[dtype][name] = timed(run, device)
+            logger.info("warm-up  %-9s %-26s %.2f s", dtype, name, warmup[dtype][name])
+    outputs: BySide = {dtype: {} for dtype in workloads}
     seconds: dict[str, dict[str, list[float]]] = {
         dtype: {name: [] for name in sides} for dtype, sides in workloads.items()
     }
@@ -73,7 +76,7 @@ def time_workloads(
                 outputs[dtype][name], took = timed(run, device)
                 seconds[dtype][name].append(took)
                 logger.info("repeat %d %-9s %-26s %.2f s", index + 1, dtype, name, took)
-    return outputs, seconds
+    return outputs, seconds, warmup
 
 
 # Within float32 every side must compute the same outputs. In reduced precision two correct

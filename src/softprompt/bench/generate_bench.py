@@ -66,7 +66,7 @@ def run_generate_bench(options: GenerateBenchOptions) -> dict[str, Any]:
             dtype: _engines(model, tokenizer, specs, paths, batches)
             for dtype, (model, tokenizer) in models.items()
         }
-    outputs, seconds = time_workloads(workloads, options.repeats, device)
+    outputs, seconds, _ = time_workloads(workloads, options.repeats, device)
     by_dtype = {dtype: _dtype_fields(outputs[dtype], seconds[dtype], dtype) for dtype in dtypes}
     summary = dtype_summary(by_dtype, choice.dtype, "cached_tokens_per_second", "outputs_agree")
     return {

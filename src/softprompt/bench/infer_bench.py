@@ -145,7 +145,7 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
             dtype: _sides(model, tokenizer, specs, paths, batches)
             for dtype, (model, tokenizer) in models.items()
         }
-    outputs, seconds = time_workloads(workloads, options.repeats, device)
+    outputs, seconds, _ = time_workloads(workloads, options.repeats, device)
     by_dtype = {
         dtype: _dtype_fields(outputs[dtype], seconds[dtype], len(requests), dtype)
         for dtype in dtypes

@@ -97,6 +97,11 @@ class TrainBenchOptions(BenchOptions):
     memory: bool = field(
         default=True, metadata={"help": "Measure each variant's memory in a worker"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "Also time softprompt with torch.compile in each dtype (compiling, "
+                  "minutes on a small CPU, is untimed and reported as compile_seconds)"},
+    )
 
 
 @dataclass

@@ -34,7 +34,7 @@ from softprompt.bench.common import (
 from softprompt.bench.compare import FLOAT32, bench_dtypes, dtype_summary, time_workloads
 from softprompt.bench.options import TrainBenchOptions
 from softprompt.bench.train_memory import measure_memory, memory_fields, memory_method
-from softprompt.bench.train_setup import LEVERS, MAIN, VARIANTS, TrainSetup
+from softprompt.bench.train_setup import COMPILED, LEVERS, MAIN, VARIANTS, TrainSetup
 from softprompt.models.loading import parse_dtype
 
 MAIN_NAMES = tuple(variant.name for variant in MAIN)
@@ -84,14 +84,17 @@ def run_train_bench(options: TrainBenchOptions) -> dict[str, Any]:
         setup.build_peft()
     # At the initial prompt, before any training.
     same_function = {dtype: setup.same_function_difference() for dtype, setup in setups.items()}
+    compiled = (COMPILED,) if options.compile else ()
     workloads = {
         dtype: {
             variant.name: functools.partial(setup.run, variant)
-            for variant in MAIN + (LEVERS if options.levers and dtype == choice.dtype else ())
+            for variant in MAIN
+            + compiled
+            + (LEVERS if options.levers and dtype == choice.dtype else ())
         }
         for dtype, setup in setups.items()
     }
-    outputs, seconds = time_workloads(workloads, options.repeats, device)
+    outputs, seconds, warmup = time_workloads(workloads, options.repeats, device)
     timings = {dtype: Timings(seconds[dtype], outputs[dtype]) for dtype in dtypes}
     memory = measure_memory(options, dtypes) if options.memory else {}
     by_dtype = {
@@ -101,6 +104,7 @@ def run_train_bench(options: TrainBenchOptions) -> dict[str, Any]:
             **_quality_fields(setup, timings[dtype]),
             **_same_function_fields(*same_function[dtype]),
             **_compute_fields(setup, timings[dtype]),
+            **(_compiled_fields(setup, timings[dtype], warmup[dtype]) if options.compile else {}),
         }
         for dtype, setup in setups.items()
     }
@@ -116,6 +120,7 @@ def run_train_bench(options: TrainBenchOptions) -> dict[str, Any]:
         **dtype_summary(
             by_dtype, choice.dtype, "softprompt_examples_per_second", "same_function", BASELINES
         ),
+        **(_compiled_summary(by_dtype, choice.dtype) if options.compile else {}),
         "levers_dtype": choice.dtype,
         "levers": _levers(setups[choice.dtype], timings[choice.dtype]),
     }
@@ -221,6 +226,40 @@ def _compute_fields(setup: TrainSetup, timings: Timings) -> dict[str, Any]:
     }
 
 
+def _compiled_fields(
+    setup: TrainSetup, timings: Timings, warmup: dict[str, float]
+) -> dict[str, Any]:
+    """softprompt with a compiled body in one dtype: its speed, what compiling cost, and how far
+    its losses are from the eager run's (the same steps, so they should agree to rounding)."""
+    name, examples = COMPILED.name, len(setup.lengths)
+    took = timings.median_seconds(name)
+    compiled_losses, eager_losses = timings.losses(name), timings.losses("softprompt")
+    return {
+        f"{name}_examples_per_second": examples / took,
+        f"{name}_seconds": timings.seconds[name],
+        f"{name}_loss": compiled_losses[-1],
+        "compile_seconds": max(0.0, warmup[name] - took),
+        "compiled_speedup": ratio(timings.median_seconds("softprompt"), took),
+        "compiled_max_loss_difference": max(
+            abs(a - b) for a, b in zip(compiled_losses, eager_losses, strict=True)
+        ),
+        "compiled_achieved_gflops": setup.flops(COMPILED) / took / 1e9,
+    }
+
+
+def _compiled_summary(by_dtype: dict[str, dict[str, Any]], dtype: str) -> dict[str, Any]:
+    """What ``--compile`` gives in the chosen dtype against float32, eager and compiled."""
+    ours, reference = by_dtype[dtype], by_dtype[FLOAT32]
+    speed = f"{COMPILED.name}_examples_per_second"
+    return {
+        "compiled_auto_vs_fp32": ratio(ours[speed], reference["softprompt_examples_per_second"]),
+        "compiled_auto_vs_compiled_fp32": ratio(ours[speed], reference[speed]),
+        "compiled_fraction_of_peak": ratio(
+            ours["compiled_achieved_gflops"], ours["matmul_peak_gflops"]
+        ),
+    }
+
+
 def _levers(setup: TrainSetup, timings: Timings) -> dict[str, Any]:
     """Each softprompt lever alone and together (plus PEFT on unsorted batches)."""
     examples, tokens = len(setup.lengths), setup.text_tokens()
@@ -278,6 +317,21 @@ def format_train(result: dict[str, Any]) -> list[str]:
             f"({format_number(100 * (block['fraction_of_peak'] or 0), 1)}%; large GEMM "
             f"{format_number(block['matmul_large_peak_gflops'], 1)}); same function as PEFT: "
             f"{block['same_function']}"
+        )
+    if "compiled_auto_vs_fp32" in result:
+        for name, block in result["by_dtype"].items():
+            lines.append(
+                f"compiled {name}: "
+                f"{format_number(block[f'{COMPILED.name}_examples_per_second'])} ex/s, "
+                f"x{format_number(block['compiled_speedup'])} eager, compiling took "
+                f"{format_number(block['compile_seconds'], 0)} s, losses within "
+                f"{format_number(block['compiled_max_loss_difference'], 4)} of eager"
+            )
+        lines.append(
+            f"compiled softprompt {dtype} / eager float32: "
+            f"{format_number(result['compiled_auto_vs_fp32'])}x; / compiled float32: "
+            f"{format_number(result['compiled_auto_vs_compiled_fp32'])}x; "
+            f"{format_number(100 * (result['compiled_fraction_of_peak'] or 0), 1)}% of the matmul peak"
         )
     for label, lever in result["levers"].items():
         lines.append(

@@ -68,6 +68,7 @@ class Variant:
     shared_prefix: bool = False
     grouped: bool = True
     fixed_padding: bool = False
+    compiled: bool = False  # softprompt's frozen body through torch.compile
 
 
 MAIN = (
@@ -81,7 +82,8 @@ LEVERS = (
     Variant("length_grouping", "softprompt", shared_prefix=False, grouped=True),
     Variant("peft_dynamic_random_order", "peft", grouped=False),
 )
-VARIANTS = {variant.name: variant for variant in MAIN + LEVERS}
+COMPILED = Variant("softprompt_compiled", "softprompt", shared_prefix=True, compiled=True)
+VARIANTS = {variant.name: variant for variant in MAIN + LEVERS + (COMPILED,)}
 
 
 class TrainSetup:
@@ -133,6 +135,9 @@ class TrainSetup:
         self.prompted = self._softprompt_model()
         self.initial = self.prompted.get_prompt_embedding_to_save()
         self.frozen = FrozenModel(self.model, self.tokenizer)
+        self.compiled_frozen = (
+            FrozenModel(self.model, self.tokenizer, compile=True) if options.compile else None
+        )
         self.peft_model: Any = None
 
     def _softprompt_model(self) -> Any:
@@ -195,8 +200,9 @@ class TrainSetup:
     def step(self, variant: Variant, batch: list[int], optimizer: torch.optim.Optimizer) -> float:
         """One forward + backward + optimizer step; returns the loss."""
         if variant.system == "softprompt":
+            frozen = self.compiled_frozen if variant.compiled else self.frozen
             loss = self.objective.loss(
-                self.frozen, self.prompted.prompt, self.train, batch, variant.shared_prefix
+                frozen, self.prompted.prompt, self.train, batch, variant.shared_prefix
             )
         else:
             ids, mask, labels = self.peft_inputs(batch, variant.fixed_padding)

@@ -11,6 +11,7 @@ argument's name, sliding-window caches) are handled once.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -19,11 +20,16 @@ from transformers import DynamicCache
 
 from softprompt.core.config import check_prompt_width
 
+logger = logging.getLogger(__name__)
+
 FALLBACK_MAX_POSITIONS = 2048
 # Texts are padded to a multiple of this many tokens where the matmul library builds a kernel per
 # input shape (bf16/fp16 on CPU: oneDNN; measured on a Xeon with AMX, the first call at a new
 # shape costs about 10x a cached one). Padding trades a few masked tokens for shapes that repeat.
 CPU_HALF_PRECISION_GRANULE = 16
+# What a failed `torch.compile` raises (tracing, the backend, a missing C++ compiler: inductor's
+# errors derive from it): the body then runs eagerly, since compiling is only an optimisation.
+COMPILE_ERRORS = torch._dynamo.exc.TorchDynamoException
 
 
 class FrozenModel:
@@ -35,13 +41,21 @@ class FrozenModel:
         tokenizer: its tokenizer, for the pad and eos ids and decoding (optional).
         length_granule: pad texts to a multiple of this many tokens; default
             :data:`CPU_HALF_PRECISION_GRANULE` for bf16/fp16 on CPU, else 1 (no rounding).
+        compile: run the decoder body through ``torch.compile(dynamic=True)``. The first
+            calls compile (minutes on a small CPU; later processes reuse torch's on-disk cache),
+            so it pays only over thousands of steps or a long-lived server. If compilation
+            fails, a warning is logged and the body runs eagerly from then on.
 
     Raises:
         ValueError: the model is an encoder-decoder or has no LM head.
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any | None = None, length_granule: int | None = None
+        self,
+        model: nn.Module,
+        tokenizer: Any | None = None,
+        length_granule: int | None = None,
+        compile: bool = False,
     ) -> None:
         config = model.config
         if getattr(config, "is_encoder_decoder", False) or model.get_output_embeddings() is None:
@@ -64,6 +78,7 @@ class FrozenModel:
         if length_granule < 1:
             raise ValueError(f"length_granule must be >= 1, got {length_granule}")
         self.length_granule = length_granule
+        self.compiled_body: Any | None = torch.compile(self.body, dynamic=True) if compile else None
 
     # ----------------------------------------------------------------- shape and ids
     @property
@@ -155,15 +170,22 @@ class FrozenModel:
         Returns:
             ``(B, L, H)``.
         """
-        cache_kwargs = {self.cache_argument: cache} if cache is not None else {}
-        output = self.body(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=cache is not None,
-            **cache_kwargs,
-        )
-        return output.last_hidden_state
+        arguments = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": cache is not None,
+        }
+        if cache is not None:
+            arguments[self.cache_argument] = cache
+        if self.compiled_body is not None:
+            try:
+                return self.compiled_body(**arguments).last_hidden_state
+            except COMPILE_ERRORS as error:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                logger.warning("torch.compile failed, the model runs eagerly: %s", reason)
+                self.compiled_body = None
+        return self.body(**arguments).last_hidden_state
 
     def logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """LM-head logits of ``hidden`` ``(..., H)``: for ``token_ids`` ``(C,)`` only, or all words.

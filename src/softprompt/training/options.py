@@ -195,6 +195,11 @@ class TrainOptions:
     shared_prefix: bool = field(
         default=True, metadata={"help": "Compute the prompt once per batch (fast path)"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the frozen model: the first steps compile for minutes, "
+                  "so it pays over thousands of steps (falls back to eager if it fails)"},
+    )
     shard_base: bool = field(
         default=False,
         metadata={"help": "Shard the frozen decoder blocks across torchrun ranks (FSDP2)"},

@@ -197,7 +197,7 @@ def load_run(
             options, prepared, train_data, FrozenModel(base, tokenizer), context
         )
     objective = make_objective(options, prepared, tokenizer)
-    frozen = FrozenModel(base, tokenizer)
+    frozen = FrozenModel(base, tokenizer, compile=options.compile)
     if options.method == "prefix":
         model = get_prefix_model(base, frozen, prompt_config(options, prepared), options, tokenizer)
     else:
