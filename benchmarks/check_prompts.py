@@ -71,6 +71,18 @@ def check_prompt(directory: Path, tolerance: float, dtype: str = "report") -> di
             "seconds": time.perf_counter() - started}
 
 
+def merged(path: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records already in ``path`` (if any), those of the same prompt replaced by ``records``.
+
+    So that ``--only NAME`` re-checks one prompt without dropping the others' results.
+    """
+    kept: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        kept = {r["name"]: r for r in json.loads(path.read_text(encoding="utf-8"))["prompts"]}
+    kept.update((r["name"], r) for r in records)
+    return [kept[name] for name in sorted(kept)]
+
+
 def render(records: list[dict[str, Any]]) -> str:
     """A markdown table of the records."""
     lines = ["| prompt | metric | test examples | reported | reproduced | difference | status |",
@@ -110,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("  %s", records[-1]["status"])
     from softprompt.core.checkpoint import atomic_write_json
 
-    atomic_write_json(args.output, {"tolerance": args.tolerance, "prompts": records})
+    atomic_write_json(args.output, {"tolerance": args.tolerance,
+                                    "prompts": merged(args.output, records)})
     print(render(records))
     print(f"wrote {args.output}")
     return 1 if any(r["status"] == "differs" for r in records) else 0

@@ -40,3 +40,13 @@ def test_a_trained_prompt_reproduces_its_report_and_a_doctored_one_does_not(
 def test_the_headline_figure_is_chrf_for_generation(check_prompts):
     assert check_prompts.reported_figure({"test_chrf": 28.8, "test_accuracy": 0.05}) == ("chrf", 28.8)
     assert check_prompts.reported_figure({"test_accuracy": 0.8605}) == ("accuracy", pytest.approx(86.05))
+
+
+def test_checking_one_prompt_keeps_the_other_prompts_results(check_prompts, tmp_path):
+    output = tmp_path / "out.json"
+    earlier = [{"name": "b-other", "status": "ok"}, {"name": "a-rechecked", "status": "differs"}]
+    output.write_text(json.dumps({"tolerance": 0.5, "prompts": earlier}))
+    now = [{"name": "a-rechecked", "status": "ok"}]
+    assert check_prompts.merged(output, now) == [{"name": "a-rechecked", "status": "ok"},
+                                                {"name": "b-other", "status": "ok"}]
+    assert check_prompts.merged(tmp_path / "absent.json", now) == now

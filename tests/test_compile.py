@@ -100,6 +100,7 @@ def test_bench_train_compile_reports_the_compiled_side(capsys, failing_compile):
     result = json.loads(output)
     block = result["by_dtype"]["float32"]
     assert block["compiled_max_loss_difference"] == 0.0
+    assert block["softprompt_compiled_losses"] == block["softprompt_losses"]
     assert block["compile_seconds"] >= 0.0 and block["compiled_speedup"] > 0
     assert result["compiled_auto_vs_compiled_fp32"] == 1.0  # one dtype: itself
     assert result["compiled_auto_vs_fp32"] == pytest.approx(block["compiled_speedup"])

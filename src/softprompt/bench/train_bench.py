@@ -238,6 +238,7 @@ def _compiled_fields(
         f"{name}_examples_per_second": examples / took,
         f"{name}_seconds": timings.seconds[name],
         f"{name}_loss": compiled_losses[-1],
+        f"{name}_losses": compiled_losses,
         "compile_seconds": max(0.0, warmup[name] - took),
         "compiled_speedup": ratio(timings.median_seconds("softprompt"), took),
         "compiled_max_loss_difference": max(
