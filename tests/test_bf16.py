@@ -43,9 +43,15 @@ BUILDERS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 # most 2^-8; a softmax moves by at most half the logits' change, so 2^-7 allows four roundings
 # of each logit. (Measured: at most 4e-4.)
 PROBABILITY_ATOL = 2**-7
-# Hidden states and logits (sizes up to about 3): four roundings of 2^-8, relative and absolute.
-# (Measured: 0, the same kernels on the same rows.)
+# Logits (sizes up to about 3): four roundings of 2^-8, relative and absolute. (Measured: 0, the
+# same kernels on the same rows.)
 HIDDEN_TOLERANCE = {"rtol": 2**-6, "atol": 2**-6}
+# Final hidden states of one text computed in batches of other shapes: the matmul library may
+# pick other kernels per shape (it does on an AMD EPYC with avx512_bf16), so sums are rounded in
+# another order. An element that is a small difference of large residual terms then moves by a
+# rounding of those terms, not of itself: bound every element by 2^-5 (eight roundings) of the
+# largest. (Measured: 0 on a Xeon with AMX; up to 1.1% of the largest on that EPYC.)
+HIDDEN_RELATIVE = 2**-5
 # Prompt gradients come back through every layer's bf16 backward, rounded along the way; 2^-4
 # of the largest component allows 16 roundings. (Measured: at most 1% of it.)
 GRADIENT_RELATIVE = 2**-4
@@ -184,8 +190,11 @@ def test_shared_prefix_equals_plain_forward(name):
         outputs = [run(frozen, batch)[:, batch.text_offset :] for batch in batches]
         for row, text in enumerate(texts):
             expected = _plain_hidden(frozen, prompt, text)
+            scale = float(expected.abs().max())
             for hidden in outputs:
-                torch.testing.assert_close(hidden[row, : len(text)], expected, **HIDDEN_TOLERANCE)
+                torch.testing.assert_close(
+                    hidden[row, : len(text)], expected, rtol=0, atol=HIDDEN_RELATIVE * scale
+                )
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
