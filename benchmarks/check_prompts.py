@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=Path, default=PROMPTS, help="folder of prompt folders")
-    parser.add_argument("--only", default="", help="check the prompts whose name contains this")
+    parser.add_argument("--only", default="", help="check the prompts whose name contains this (the "
+                        "other prompts' records in --output are kept)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help="points a reproduced figure may differ by (default %(default)s)")
     parser.add_argument("--dtype", default="report",
