@@ -154,6 +154,13 @@ def test_left_padding_equals_no_padding(name):
             torch.testing.assert_close(left[index, -(5 + len(row)) :], alone, **HIDDEN_TOLERANCE)
 
 
+def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, fraction: float) -> None:
+    """Every element of ``actual`` within ``fraction`` of ``expected``'s largest magnitude."""
+    scale = float(expected.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=fraction * scale)
+
+
 # ----------------------------------------------------------------------------- prompt keys/values
 def _plain_hidden(frozen: FrozenModel, prompt: torch.Tensor, text: list[int]) -> torch.Tensor:
     """``(t, H)`` text hidden states of one unpadded ``[prompt, text]`` forward."""
@@ -190,11 +197,8 @@ def test_shared_prefix_equals_plain_forward(name):
         outputs = [run(frozen, batch)[:, batch.text_offset :] for batch in batches]
         for row, text in enumerate(texts):
             expected = _plain_hidden(frozen, prompt, text)
-            scale = float(expected.abs().max())
             for hidden in outputs:
-                torch.testing.assert_close(
-                    hidden[row, : len(text)], expected, rtol=0, atol=HIDDEN_RELATIVE * scale
-                )
+                _assert_close_to_scale(hidden[row, : len(text)], expected, HIDDEN_RELATIVE)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -213,11 +217,7 @@ def test_prompt_gradients_are_fp32_and_equal_the_plain_forward(name):
         sum(((row.float() @ projection) ** 2).sum() for row in rows).backward()
         assert prompt.grad is not None and prompt.grad.dtype == torch.float32
         gradients[path] = prompt.grad
-    scale = float(gradients["plain"].abs().max())
-    assert scale > 0
-    torch.testing.assert_close(
-        gradients["shared"], gradients["plain"], rtol=0, atol=GRADIENT_RELATIVE * scale
-    )
+    _assert_close_to_scale(gradients["shared"], gradients["plain"], GRADIENT_RELATIVE)
 
 
 # ----------------------------------------------------------------------------- what stays fp32
