@@ -18,8 +18,9 @@ of its process (wall seconds x threads on a quiet machine, so that a busy machin
 shortchange one method; on a GPU, count wall seconds instead with ``--wall-clock``), on the same model, data,
 verbalizer and test split (all 1,290 examples by default), for each seed. Each config runs in a
 subprocess of its own, so its peak RSS is its own; its record is appended at once to
-``benchmarks/results/methods-<dataset>-<model>.jsonl`` and a rerun skips what is recorded, so a long
-comparison can be stopped and continued.
+``benchmarks/results/methods-<dataset>-<model>.jsonl`` and a rerun on the same processor skips what
+that processor recorded, so a long comparison can be stopped and continued. The report keeps each
+processor's records in a table of their own (a CPU-second budget buys other steps elsewhere).
 
     python benchmarks/methods.py --model smollm2-135m --budget-seconds 240 --seeds 0,1,2
     python benchmarks/methods.py --report       # docs/methods.md and the plot, from the JSONLs
@@ -231,6 +232,13 @@ def _cpu_model() -> str:
     return read_cpuinfo().model
 
 
+def recorded_keys(results: Path, processor: str) -> set[str]:
+    """The configs ``results`` holds from this processor. A budget of CPU seconds buys a
+    different number of steps on another processor, so its records neither stand in for a run
+    here nor share a table with it."""
+    return {record["key"] for record in read_results(results) if record["cpu_model"] == processor}
+
+
 def run_all(methods: list[str], seeds: list[int], settings: Settings, results: Path,
             runs_dir: Path) -> None:
     """Run every config not in ``results``, each in a subprocess; records are appended at once."""
@@ -238,9 +246,11 @@ def run_all(methods: list[str], seeds: list[int], settings: Settings, results: P
         (method, seed) for seed in seeds for method in methods
         if not (method == "zero_shot" and seed != seeds[0])  # zero-shot has nothing random
     ]
-    done = {record["key"] for record in read_results(results)}
+    processor = _cpu_model()
+    done = recorded_keys(results, processor)
     todo = [(m, s) for m, s in todo if config_key(m, s, settings) not in done]
-    logger.info("%d configs to run (%d recorded in %s)", len(todo), len(done), results)
+    logger.info("%d configs to run (%d recorded in %s on %s)", len(todo), len(done), results,
+                processor)
     for index, (method, seed) in enumerate(todo, 1):
         logger.info("[%d/%d] %s seed=%d", index, len(todo), method, seed)
         command = [
@@ -317,7 +327,7 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
         lines += [
             f"## {settings.dataset}, {settings.model}: {settings.budget_seconds:.0f} "
             f"{'wall' if settings.wall_clock else 'CPU'} s per method, batch "
-            f"{settings.batch_size}, dtype {settings.dtype}",
+            f"{settings.batch_size}, dtype {settings.dtype}, {cpu}",
             "",
             f"Measured on: {cpu} (2 cores); {test}.",
             "",
@@ -359,8 +369,8 @@ def scale_groups(
 ) -> list[tuple[Settings, int, dict[str, dict[str, Any]]]]:
     """The comparisons that make one scale curve, smallest base model first.
 
-    A scale curve needs the same dataset, budget, batch, dtype and test examples at every model
-    size; the comparable groups of the dataset with the most model sizes are kept (bundled
+    A scale curve needs the same dataset, budget, batch, dtype, test examples and processor at
+    every model size; the comparable groups of the dataset with the most model sizes are kept (bundled
     models only: their parameter counts are known without loading them).
 
     Returns:
@@ -373,7 +383,8 @@ def scale_groups(
         if settings.model not in BUNDLED_MODELS:
             continue
         shared = asdict(replace(settings, model=""))
-        curves.setdefault(tuple(sorted(shared.items())), []).append(
+        key = (*sorted(shared.items()), records[0]["cpu_model"])
+        curves.setdefault(key, []).append(
             (settings, BUNDLED_MODELS[settings.model].parameters, aggregate(records)))
     best = max(curves.values(), key=len, default=[])
     return sorted(best, key=lambda item: item[1]) if len(best) > 1 else []
@@ -451,19 +462,22 @@ def render_scale_plot(curve: list[tuple[Settings, int, dict[str, dict[str, Any]]
 
 def report(results_dir: Path, report_path: Path) -> Path:
     """docs/methods.md and its plot from every ``methods-*.jsonl`` in ``results_dir``."""
-    groups: dict[str, tuple[Settings, list[dict[str, Any]]]] = {}
+    groups: dict[tuple[str, str], tuple[Settings, list[dict[str, Any]]]] = {}
     fields = set(Settings.__dataclass_fields__)
     for path in sorted(results_dir.glob("methods-*.jsonl")):
         for record in read_results(path):
             settings = Settings(**{k: v for k, v in record.items() if k in fields})
             if record["method"] in ("zero_shot", "few_shot"):
                 continue
-            groups.setdefault(config_key("prompt", 0, settings), (settings, []))[1].append(record)
-        for record in read_results(path):  # baselines join every trained group of their model
-            if record["method"] in ("zero_shot", "few_shot"):
+            group = (config_key("prompt", 0, settings), record["cpu_model"])
+            groups.setdefault(group, (settings, []))[1].append(record)
+        for record in read_results(path):  # baselines join the trained groups of their model
+            if record["method"] in ("zero_shot", "few_shot"):  # measured on the same processor
                 for settings, records in groups.values():
-                    if (settings.model, settings.dataset, settings.max_eval_examples) == (
-                        record["model"], record["dataset"], record["max_eval_examples"]
+                    if (settings.model, settings.dataset, settings.max_eval_examples,
+                            records[0]["cpu_model"]) == (
+                        record["model"], record["dataset"], record["max_eval_examples"],
+                        record["cpu_model"]
                     ):
                         records.append(record)
     if not groups:

@@ -23,12 +23,12 @@ def test_keys_change_with_what_changes_a_result(methods):
     assert methods.config_key("zero_shot", 0, settings) == methods.config_key("zero_shot", 0, longer)
 
 
-def _record(methods, method, seed, accuracy, settings, parameters=0):
+def _record(methods, method, seed, accuracy, settings, parameters=0, cpu="Test CPU"):
     return {
         "key": methods.config_key(method, seed, settings), "method": method, "seed": seed,
         **dataclasses.asdict(settings), "test_accuracy": accuracy, "trainable_parameters": parameters,
         "bytes_on_disk": 4 * parameters, "train_seconds": 10.0, "steps": 5, "peak_rss_mib": 900.0,
-        "served_by_engine": method != "lora", "cpu_model": "Test CPU",
+        "served_by_engine": method != "lora", "cpu_model": cpu,
     }
 
 
@@ -54,6 +54,9 @@ def test_a_rerun_skips_recorded_configs(methods, tmp_path, monkeypatch):
     settings = methods.Settings(budget_seconds=1.0)
     path = settings.results_path(tmp_path)
     methods.append_result(path, _record(methods, "prompt", 0, 0.8, settings, 11_520))
+    # The same config on another processor: its CPU seconds bought other steps, it runs here.
+    methods.append_result(path, _record(methods, "prompt", 1, 0.8, settings, 11_520, "Other CPU"))
+    monkeypatch.setattr(methods, "_cpu_model", lambda: "Test CPU")
     launched = []
     monkeypatch.setattr(methods.subprocess, "run", lambda command, check: launched.append(command) or
                         type("Finished", (), {"returncode": 0})())
@@ -62,6 +65,27 @@ def test_a_rerun_skips_recorded_configs(methods, tmp_path, monkeypatch):
            for command in launched]
     # prompt seed 0 is recorded; zero-shot runs once (nothing random in it).
     assert ran == [("zero_shot", "0"), ("prompt", "1")]
+
+
+def test_report_keeps_each_processor_in_a_table_of_its_own(methods, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "render_plot", lambda groups, path: None)
+    settings = methods.Settings()
+    path = settings.results_path(tmp_path)
+    for record in (
+        _record(methods, "prompt", 0, 0.80, settings, 11_520, "Xeon"),
+        _record(methods, "prompt", 0, 0.90, settings, 11_520, "EPYC"),
+        _record(methods, "prompt", 1, 0.70, settings, 11_520, "EPYC"),
+        _record(methods, "zero_shot", 0, 0.60, settings, cpu="EPYC"),
+    ):
+        methods.append_result(path, record)
+    text = methods.report(tmp_path, tmp_path / "methods.md").read_text()
+    xeon, epyc = text[text.index("Measured on: Xeon"):], text[text.index("Measured on: EPYC"):]
+    xeon = xeon[: xeon.index("Reproduce")]
+    epyc = epyc[: epyc.index("Reproduce")]
+    assert "| prompt tuning (n=20, TEXT init) | 80.0 ± 0.0 (n=1) |" in xeon
+    assert "zero-shot" not in xeon  # a baseline joins the table of its own processor only
+    assert "| prompt tuning (n=20, TEXT init) | 80.0 ± 14.1 (n=2) |" in epyc
+    assert "| zero-shot (instruction, no prompt) | 60.0 ± 0.0 (n=1) |" in epyc
 
 
 def test_report_draws_the_scale_curve_across_model_sizes(methods, tmp_path, monkeypatch):
