@@ -313,10 +313,15 @@ def test_generate_quick_real(capsys: pytest.CaptureFixture[str]) -> None:
 def test_reduced_precision_checks_tolerate_near_ties_only():
     from softprompt.bench import generate_bench, infer_bench
 
-    def infer_fields(peft_label_probabilities, dtype):
+    def infer_fields(peft_label_probabilities, dtype, compiled=None):
         ours = [{"a": 0.9, "b": 0.1}, {"a": 0.52, "b": 0.48}]
         outputs = {"softprompt": ours, "peft": peft_label_probabilities, "one_forward": ours}
-        return infer_bench._dtype_fields(outputs, {k: [1.0] for k in ("softprompt", "peft", "one_forward")}, 2, dtype)
+        if compiled is not None:
+            outputs["compiled"] = compiled
+        seconds = {name: [1.0] for name in outputs}
+        built = dict.fromkeys(outputs, 1.0)
+        return infer_bench._dtype_fields(outputs, seconds, dict.fromkeys(outputs, 2.0), built, 2,
+                                         dtype)
 
     near_tie = [{"a": 0.9, "b": 0.1}, {"a": 0.47, "b": 0.53}]  # the 0.52/0.48 request flips
     clear_flip = [{"a": 0.2, "b": 0.8}, {"a": 0.52, "b": 0.48}]  # the 0.9/0.1 request flips
@@ -324,6 +329,11 @@ def test_reduced_precision_checks_tolerate_near_ties_only():
     assert infer_fields(near_tie, "bfloat16")["predictions_identical"] is False
     assert infer_fields(near_tie, "float32")["predictions_agree"] is False  # float32: exact
     assert infer_fields(clear_flip, "bfloat16")["predictions_agree"] is False
+    # The compiled Engine's labels are checked like every other side's.
+    ours = [{"a": 0.9, "b": 0.1}, {"a": 0.52, "b": 0.48}]
+    assert infer_fields(ours, "float32", compiled=clear_flip)["predictions_agree"] is False
+    same = infer_fields(ours, "float32", compiled=ours)
+    assert same["predictions_identical"] is True and same["compile_seconds"] == 1.0
 
     class Generated:
         def __init__(self, ids):

@@ -107,3 +107,37 @@ def test_bench_train_compile_reports_the_compiled_side(capsys, failing_compile):
     assert result["compiled_fraction_of_peak"] == pytest.approx(
         block["compiled_achieved_gflops"] / block["matmul_peak_gflops"]
     )
+
+
+def test_bench_infer_compile_reports_the_compiled_engine(capsys, failing_compile):
+    """``bench infer --compile`` times an Engine with a compiled body next to the eager one; its
+    labels are checked with every other side's (here compiling fails: the eager labels)."""
+    code = bench_main(
+        ["infer", "--model", "tiny", "--quick", "--json", "--threads", "1", "--compile",
+         "--repeats", "1"]
+    )
+    output = capsys.readouterr().out
+    assert code == 0, output
+    block = json.loads(output)["by_dtype"]["float32"]
+    assert block["predictions_identical"] is True
+    assert block["compiled_requests_per_second"] > 0 and block["compile_seconds"] >= 0.0
+    assert block["compiled_speedup"] == pytest.approx(
+        block["compiled_requests_per_second"] / block["softprompt_requests_per_second"]
+    )
+
+
+@pytest.mark.slow  # compiling even the tiny model takes a minute or more on 2 cores
+def test_compiled_engine_classifies_as_the_eager_one(tiny, tmp_path, no_plots):
+    from softprompt.inference import Engine
+
+    prompt = train(**tiny.options(tmp_path / "run", baselines=False)).output_dir / "prompt"
+    requests = [("task", f"review number {index} of the tiny set") for index in range(5)]
+    results = []
+    for compile in (False, True):
+        engine = Engine(str(tiny.model), compile=compile)
+        engine.add_task("task", prompt)
+        results.append([result.probabilities for result in engine.classify(requests)])
+        if compile:
+            assert engine.frozen.compiled_body is not None, "compilation fell back to eager"
+    for eager, compiled in zip(*results, strict=True):
+        assert compiled == pytest.approx(eager, abs=1e-4)

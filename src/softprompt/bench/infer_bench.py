@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,16 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as directory:
         # The same float32 prompts serve every dtype, so that the dtypes' labels compare.
         paths = save_task_prompts(*models[FLOAT32], Path(directory), specs)
-        workloads = {
-            dtype: _sides(model, tokenizer, specs, paths, batches)
+        built = {
+            dtype: _sides(model, tokenizer, specs, paths, batches, options.compile)
             for dtype, (model, tokenizer) in models.items()
         }
-    outputs, seconds, _ = time_workloads(workloads, options.repeats, device)
+    workloads = {dtype: sides for dtype, (sides, _) in built.items()}
+    outputs, seconds, warmup = time_workloads(workloads, options.repeats, device)
     by_dtype = {
-        dtype: _dtype_fields(outputs[dtype], seconds[dtype], len(requests), dtype)
+        dtype: _dtype_fields(
+            outputs[dtype], seconds[dtype], warmup[dtype], built[dtype][1], len(requests), dtype
+        )
         for dtype in dtypes
     }
     return {
@@ -177,19 +181,33 @@ def run_infer_bench(options: InferBenchOptions) -> dict[str, Any]:
 
 
 def _sides(
-    model: Any, tokenizer: Any, specs: list[TaskSpec], paths: dict[str, Path], batches: Batches
-) -> dict[str, Callable[[], list[dict[str, float]]]]:
-    """The three sides on one model, each a function classifying every batch: the Engine, PEFT,
-    and the same Engine without length buckets (every batch padded to its longest text)."""
+    model: Any,
+    tokenizer: Any,
+    specs: list[TaskSpec],
+    paths: dict[str, Path],
+    batches: Batches,
+    compile: bool = False,
+) -> tuple[dict[str, Callable[[], list[dict[str, float]]]], dict[str, float]]:
+    """The sides on one model, each a function classifying every batch: the Engine, PEFT, the
+    same Engine without length buckets (every batch padded to its longest text), and with
+    ``compile`` the Engine with a compiled body. Also the seconds each Engine took to build and
+    load its tasks (a compiled one starts compiling there, computing the prompts' keys/values)."""
     from softprompt.inference import Engine
 
-    engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=True)
-    one_forward = Engine(
-        model_and_tokenizer=(model, tokenizer), use_kv_cache=True, bucket_overhead_tokens=10**9
-    )
-    for spec in specs:
-        engine.add_task(spec.name, paths[spec.name])
-        one_forward.add_task(spec.name, paths[spec.name])
+    build_seconds: dict[str, float] = {}
+
+    def engine_with(name: str, **settings: Any) -> Engine:
+        started = time.perf_counter()
+        engine = Engine(model_and_tokenizer=(model, tokenizer), use_kv_cache=True, **settings)
+        for spec in specs:
+            engine.add_task(spec.name, paths[spec.name])
+        build_seconds[name] = time.perf_counter() - started
+        return engine
+
+    engine = engine_with("softprompt")
+    engines = {"one_forward": engine_with("one_forward", bucket_overhead_tokens=10**9)}
+    if compile:
+        engines["compiled"] = engine_with("compiled", compile=True)
     peft_side = PeftClassifier(model, tokenizer, specs, paths)
 
     def run_engine(runner: Engine = engine) -> list[dict[str, float]]:
@@ -198,11 +216,12 @@ def _sides(
     def run_peft() -> list[dict[str, float]]:
         return [probabilities for batch in batches for probabilities in peft_side.classify(batch)]
 
-    return {
+    sides = {
         "softprompt": run_engine,
         "peft": run_peft,
-        "one_forward": functools.partial(run_engine, one_forward),
+        **{name: functools.partial(run_engine, other) for name, other in engines.items()},
     }
+    return sides, build_seconds
 
 
 def _labels(probabilities: list[dict[str, float]]) -> list[str]:
@@ -212,13 +231,16 @@ def _labels(probabilities: list[dict[str, float]]) -> list[str]:
 def _dtype_fields(
     outputs: dict[str, list[dict[str, float]]],
     seconds: dict[str, list[float]],
+    warmup: dict[str, float],
+    build_seconds: dict[str, float],
     requests: int,
     dtype: str,
 ) -> dict[str, Any]:
-    """One dtype's figures; its labels must agree on all three sides (same dtype only)."""
+    """One dtype's figures; its labels must agree on every side (same dtype only)."""
     ours = _labels(outputs["softprompt"])
-    others = [_labels(outputs["peft"]), _labels(outputs["one_forward"])]
-    mismatches = [  # the label must agree with PEFT's and with the one-forward engine's
+    sides = [name for name in outputs if name != "softprompt"]
+    others = [_labels(outputs[name]) for name in sides]
+    mismatches = [  # the label must agree with PEFT's and with the other engines'
         slot for slot, label in enumerate(ours) if any(other[slot] != label for other in others)
     ]
     probabilities = outputs["softprompt"]
@@ -230,11 +252,22 @@ def _dtype_fields(
     )
     difference = max(
         abs(a[label] - b[label])
-        for name in ("peft", "one_forward")
+        for name in sides
         for a, b in zip(outputs["softprompt"], outputs[name], strict=True)
         for label in a
     )
     speed = {name: requests / median(values) for name, values in seconds.items()}
+    compiled = {}
+    if "compiled" in speed:
+        # Compiling happens in the first forwards: loading the tasks (their keys/values) and the
+        # untimed first pass. Its cost is what those took beyond the eager engine's.
+        extra_build = build_seconds["compiled"] - build_seconds["softprompt"]
+        extra_first_pass = warmup["compiled"] - median(seconds["compiled"])
+        compiled = {
+            "compiled_requests_per_second": speed["compiled"],
+            "compiled_speedup": ratio(speed["compiled"], speed["softprompt"]),
+            "compile_seconds": max(0.0, extra_build) + max(0.0, extra_first_pass),
+        }
     return {
         "softprompt_requests_per_second": speed["softprompt"],
         "peft_requests_per_second": speed["peft"],
@@ -247,6 +280,7 @@ def _dtype_fields(
         "predictions_agree": not mismatches or near_ties,
         "mismatched_requests": mismatches,
         "max_probability_difference": difference,
+        **compiled,
     }
 
 
@@ -278,6 +312,12 @@ def format_infer(result: dict[str, Any]) -> list[str]:
         f"{format_number(blocks[dtype]['length_bucket_speedup'])} ({dtype})"
     )
     for name, block in blocks.items():
+        if "compiled_speedup" in block:
+            lines.append(
+                f"compiled Engine {name}: {format_number(block['compiled_requests_per_second'])} "
+                f"requests/s, x{format_number(block['compiled_speedup'])} eager, compiling took "
+                f"{format_number(block['compile_seconds'], 0)} s"
+            )
         lines.append(
             f"{name}: predictions identical on all sides: {block['predictions_identical']} "
             f"(max probability difference {block['max_probability_difference']:.2e})"

@@ -67,6 +67,12 @@ class BenchOptions:
         return cls(**{**(cls.QUICK if quick else {}), **chosen, "quick": quick})
 
 
+COMPILE_HELP = (
+    "Also time softprompt with torch.compile in each dtype (compiling, minutes on a small CPU, "
+    "is untimed and reported as compile_seconds)"
+)
+
+
 @dataclass
 class TrainBenchOptions(BenchOptions):
     """Settings of ``softprompt bench train``: training throughput, memory and accuracy vs PEFT."""
@@ -97,11 +103,7 @@ class TrainBenchOptions(BenchOptions):
     memory: bool = field(
         default=True, metadata={"help": "Measure each variant's memory in a worker"}
     )
-    compile: bool = field(
-        default=False,
-        metadata={"help": "Also time softprompt with torch.compile in each dtype (compiling, "
-                  "minutes on a small CPU, is untimed and reported as compile_seconds)"},
-    )
+    compile: bool = field(default=False, metadata={"help": COMPILE_HELP})
 
 
 @dataclass
@@ -121,6 +123,7 @@ class InferBenchOptions(BenchOptions):
     prompt_lengths: list[int] = field(
         default_factory=lambda: [10, 20, 50], metadata={"help": _LENGTHS_HELP}
     )
+    compile: bool = field(default=False, metadata={"help": COMPILE_HELP})
 
     def problems(self) -> list[str]:
         problems = super().problems()

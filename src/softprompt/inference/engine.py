@@ -65,6 +65,9 @@ class Engine:
         bucket_overhead_tokens: the cost of one more forward in padded tokens, which decides how
             a classification batch is split by length; default 16 on CPU, 4096 on an
             accelerator; a huge value runs every batch as one forward.
+        compile: run the model's decoder body through ``torch.compile(dynamic=True)``
+            (:class:`~softprompt.fastpath.frozen.FrozenModel`): the first batches compile (minutes
+            on a small CPU), and a failed compilation falls back to eager with a warning.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Engine:
         dtype: torch.dtype | str = "auto",
         use_kv_cache: bool = True,
         bucket_overhead_tokens: int | None = None,
+        compile: bool = False,
     ) -> None:
         if (model is None) == (model_and_tokenizer is None):
             raise ValueError("give exactly one of model (a name or path) and model_and_tokenizer")
@@ -84,7 +88,9 @@ class Engine:
 
             model_and_tokenizer = load_model(model, task_type="CAUSAL_LM", dtype=dtype, device=device)
         self.model, self.tokenizer = model_and_tokenizer
-        self.frozen = FrozenModel(self.model.eval().requires_grad_(False), self.tokenizer)
+        self.frozen = FrozenModel(
+            self.model.eval().requires_grad_(False), self.tokenizer, compile=compile
+        )
         config = self.model.config
         self.model_name = model or getattr(config, "name_or_path", "") or type(self.model).__name__
         self._use_kv_cache = use_kv_cache and prompt_cache_supported(self.frozen)
