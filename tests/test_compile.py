@@ -1,6 +1,6 @@
-"""`torch.compile` of the frozen body (`FrozenModel(compile=True)`, `train --compile`, `bench
-train --compile`): the compiled body gives the eager results, and a failed compilation falls back
-to eager."""
+"""`torch.compile` of the frozen body (`FrozenModel(compile=True)`, `train --compile`,
+`Engine(compile=True)`, `bench train|infer --compile`): the compiled body gives the eager results,
+and a failed compilation falls back to eager."""
 
 from __future__ import annotations
 
