@@ -45,7 +45,7 @@ BUILDERS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 PROBABILITY_ATOL = 2**-7
 # Logits (sizes up to about 3): four roundings of 2^-8, relative and absolute. (Measured: 0, the
 # same kernels on the same rows.)
-HIDDEN_TOLERANCE = {"rtol": 2**-6, "atol": 2**-6}
+LOGIT_TOLERANCE = {"rtol": 2**-6, "atol": 2**-6}
 # Final hidden states of one text computed in batches of other shapes: the matmul library may
 # pick other kernels per shape (it does on an AMD EPYC with avx512_bf16), so sums are rounded in
 # another order. An element that is a small difference of large residual terms then moves by a
@@ -151,7 +151,7 @@ def test_left_padding_equals_no_padding(name):
         assert left.dtype == BF16
         for index, row in enumerate(rows):
             alone = model(input_ids=row.unsqueeze(0)).logits[0]
-            torch.testing.assert_close(left[index, -(5 + len(row)) :], alone, **HIDDEN_TOLERANCE)
+            torch.testing.assert_close(left[index, -(5 + len(row)) :], alone, **LOGIT_TOLERANCE)
 
 
 def _assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, fraction: float) -> None:
