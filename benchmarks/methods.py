@@ -400,7 +400,8 @@ def render_scale(curve: list[tuple[Settings, int, dict[str, dict[str, Any]]]], p
         f"{settings.budget_seconds:.0f} {'wall' if settings.wall_clock else 'CPU'} s per method",
         "",
         "The paper's Figure 1 at small scale: every method on the same budget at each size of "
-        "frozen base model (the rows above, side by side).",
+        "frozen base model (the rows above, side by side). Measured on: "
+        f"{next(iter(curve[0][2].values()))['cpu_model']}.",
         "",
         "| base model | parameters | " + " | ".join(NAMES[m].split(" (")[0] for m in methods)
         + " | prompt tuning, examples per CPU s |",

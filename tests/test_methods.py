@@ -104,6 +104,7 @@ def test_report_draws_the_scale_curve_across_model_sizes(methods, tmp_path, monk
     assert scale.index("| smollm2-135m | 135M | 80.0 (n=1) | 0.2 |") < scale.index(
         "| gemma3-270m | 268M | 90.0 (n=1) | 0.2 |")
     assert "qwen2.5-coder-0.5b" not in scale
+    assert "Measured on: Test CPU." in scale
 
 
 def test_no_scale_curve_from_one_model(methods, tmp_path, monkeypatch):
