@@ -24,10 +24,12 @@ from softprompt.fastpath.scoring import label_scores
 
 @dataclass
 class EncodedSplit:
-    """Token ids of rendered examples and their gold label indices."""
+    """Token ids of rendered examples, their gold label indices and, for distillation, a
+    teacher's label probabilities."""
 
     sequences: list[list[int]]
     targets: list[int]
+    soft_targets: torch.Tensor | None = None  # (N, C) teacher probabilities, labels in order
 
     def __len__(self) -> int:
         return len(self.sequences)

@@ -94,7 +94,9 @@ class MeanLoss:
 
 @dataclass
 class ClassificationObjective(MeanLoss):
-    """Cross-entropy over the verbalizer's label words at the last text position."""
+    """Cross-entropy over the verbalizer's label words at the last text position; with a
+    teacher's probabilities on the train split (``EncodedSplit.soft_targets``) the loss is
+    ``distill_weight`` x cross-entropy to them + the rest x cross-entropy to the gold labels."""
 
     tokenizer: Any
     template: Template
@@ -104,6 +106,7 @@ class ClassificationObjective(MeanLoss):
     eval_batch_size: int = 16
     shared_prefix: bool = True  # evaluation computes the prompt once per split
     text_column: str = "text"
+    distill_weight: float = 0.0  # weight of the teacher's probabilities (soft_targets)
     selection_metric: ClassVar[str] = "accuracy"
 
     def encode(self, records: Sequence[Record], context: str = "", split: str = "split") -> EncodedSplit:
@@ -122,12 +125,18 @@ class ClassificationObjective(MeanLoss):
 
     def loss_sum(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
                  batch: list[int], shared_prefix: bool = True) -> torch.Tensor:
-        """Summed cross-entropy of ``batch`` over the verbalizer's labels."""
+        """Summed cross-entropy of ``batch`` over the verbalizer's labels (to the gold labels,
+        mixed with the teacher's probabilities where the split has them)."""
         inputs = _prompt_inputs(frozen, prompt, len(batch), shared_prefix)
         texts = [encoded.sequences[i] for i in batch]
         scores = label_scores(frozen, texts, self.verbalizer, **inputs)
         targets = torch.tensor([encoded.targets[i] for i in batch], device=scores.device)
-        return F.cross_entropy(scores, targets, reduction="sum")
+        loss = F.cross_entropy(scores, targets, reduction="sum")
+        if encoded.soft_targets is None or not self.distill_weight:
+            return loss
+        teacher = encoded.soft_targets[batch].to(scores.device)
+        distilled = F.cross_entropy(scores, teacher, reduction="sum")
+        return self.distill_weight * distilled + (1 - self.distill_weight) * loss
 
     def evaluate(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
                  description: str | None = None, context: DistContext = SINGLE) -> dict[str, Any]:

@@ -107,6 +107,24 @@ class TrainOptions:
             "dataset's, else one naming its labels)"
         },
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Start from this saved prompt directory (same method and length) "
+                  "instead of --init", "metavar": "DIR"},
+    )
+    teacher: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Prompt directory to distil from; repeat the flag for an ensemble, whose "
+            "mean label probabilities over the train split become soft targets",
+            "metavar": "DIR",
+        },
+    )
+    distill_weight: float = field(
+        default=0.5,
+        metadata={"help": "With --teacher: the loss is this x cross-entropy to the teachers' "
+                  "probabilities + (1 - this) x cross-entropy to the gold labels"},
+    )
     reparameterize: str = field(
         default="none",
         metadata={
@@ -262,6 +280,10 @@ class TrainOptions:
             problems.append(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.teacher and self.task_type != "classification":
+            problems.append("teacher needs task_type='classification' (label probabilities)")
+        if not 0 <= self.distill_weight <= 1:
+            problems.append(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if self.verbalizer == AUTO_VERBALIZER and self.task_type != "classification":
             problems.append("verbalizer='auto' needs task_type='classification'")
         if self.init == "TEXT" and self.init_text is not None and not self.init_text.strip():
@@ -306,7 +328,8 @@ class TrainOptions:
         return {
             item.name
             for item in dataclasses.fields(self)
-            if getattr(self, item.name) != item.default
+            if getattr(self, item.name)
+            != (item.default_factory() if item.default is dataclasses.MISSING else item.default)
         }
 
     def to_dict(self) -> dict[str, Any]:

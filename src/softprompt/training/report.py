@@ -102,6 +102,7 @@ def build_report(
     learning_rate: float | None = None,
     verbalizer: dict[str, str] | None = None,
     label_words: dict[str, Any] | None = None,
+    distillation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's ``report.json``.
 
@@ -126,6 +127,7 @@ def build_report(
         learning_rate: the learning rate in effect (``lr_scale`` applied); default: the options'.
         verbalizer: label -> word of a classifier.
         label_words: the label-word search's choice (``--verbalizer auto``).
+        distillation: the teachers, their weight and train accuracy (``--teacher``).
     """
     saved, total = model.get_nb_trainable_parameters()
     trainable = trained_parameters or saved
@@ -152,6 +154,8 @@ def build_report(
         "max_grad_norm": options.max_grad_norm,
         "verbalizer": verbalizer,
         **({"label_words": label_words} if label_words else {}),
+        **({"init_from": options.init_from} if options.init_from else {}),
+        **(distillation or {}),
         "steps": state.step,
         "best_step": state.best_step,
         "train_examples": train_examples,

@@ -36,6 +36,13 @@ from softprompt.evaluation.label_words import choose_label_words
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.models.precision import DtypeChoice, resolve_dtype
 from softprompt.training import distributed
+from softprompt.training.distill import (
+    TEACHER_FILE,
+    distillation_summary,
+    saved_prompt_problems,
+    start_weights,
+    teacher_probabilities,
+)
 from softprompt.training.distributed import DistContext
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
 from softprompt.training.optim import scaled_learning_rate
@@ -78,6 +85,7 @@ class RunSetup:
     dtype: DtypeChoice  # the frozen model's dtype, and why (recorded in report.json)
     label_words: dict[str, Any] | None = None  # --verbalizer auto: the search's choice and why
     learning_rate: float = 0.0  # in effect (options.learning_rate, scaled by --lr-scale)
+    distillation: dict[str, Any] | None = None  # --teacher: who taught, and how well
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,6 +149,11 @@ def prepare(options: TrainOptions) -> Prepared:
             problems.append(f"template: {error}")
         if options.task_type == "classification":
             verbalizer = _verbalizer(options, splits, problems)
+    if options.init_from:
+        problems += saved_prompt_problems("init_from", options.init_from, options)
+    for teacher in options.teacher:
+        labels = splits.labels if splits is not None else None
+        problems += saved_prompt_problems("teacher", teacher, options, labels)
     if problems:
         raise ValueError("cannot start training:\n  - " + "\n  - ".join(problems))
     words = None
@@ -178,9 +191,14 @@ def _verbalizer(
 
 
 def load_run(
-    options: TrainOptions, prepared: Prepared, device: torch.device, context: DistContext
+    options: TrainOptions,
+    prepared: Prepared,
+    device: torch.device,
+    context: DistContext,
+    output_dir: Path | None = None,
 ) -> RunSetup:
-    """Load the frozen model on ``device``, put the prompt on it and encode the splits."""
+    """Load the frozen model on ``device``, put the prompt on it and encode the splits
+    (``output_dir``: where the teachers' probabilities are kept for a resumed run)."""
     from softprompt.models import load_model
 
     started = time.perf_counter()
@@ -202,6 +220,10 @@ def load_run(
         model = get_prefix_model(base, frozen, prompt_config(options, prepared), options, tokenizer)
     else:
         model = get_prompt_model(base, prompt_config(options, prepared), tokenizer=tokenizer)
+    if options.init_from:  # before a reparameterization, which then starts from these rows
+        start = start_weights(options.init_from, model.get_prompt_embedding_to_save().shape)
+        model.set_prompt_weights(start.weights)
+        logger.info("prompt starts from %s", options.init_from)
     if options.reparameterize == "residual":  # trained through an MLP, saved folded
         model.prompt_encoder.reparameterization = ResidualReparameterization(
             model.peft_config.token_dim, options.residual_bottleneck, options.seed
@@ -229,6 +251,16 @@ def load_run(
         label_words,
         learning_rate(options, model),
     )
+    if options.teacher:
+        probabilities, seconds = teacher_probabilities(
+            (base, tokenizer), options.teacher, train_data, options.text_column,
+            prepared.verbalizer.labels,
+            cache=output_dir / TEACHER_FILE if output_dir is not None else None,
+        )
+        setup.train_data.soft_targets = probabilities
+        setup.distillation = distillation_summary(
+            options.teacher, options.distill_weight, probabilities, setup.train_data.targets, seconds
+        )
     logger.info(
         "examples: train %d, validation %d, test %d",
         len(setup.train_data),
@@ -294,6 +326,7 @@ def make_objective(options: TrainOptions, prepared: Prepared, tokenizer: Any) ->
             options.label_column,
             options.max_length,
             text_column=options.text_column,
+            distill_weight=options.distill_weight if options.teacher else 0.0,
         )
     splits = prepared.splits
     targets = (record[splits.target_column] for split in SPLITS for record in splits.split(split))

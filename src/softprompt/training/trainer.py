@@ -159,7 +159,7 @@ def _run(
 ) -> TrainResult:
     """Load, measure the baselines, train, test the best prompt, write the outputs."""
     started = time.perf_counter()
-    run = load_run(options, prepared, device, context)
+    run = load_run(options, prepared, device, context, output_dir)
     metrics = (
         MetricsLog(output_dir / "metrics.jsonl", append=bool(options.resume))
         if context.is_main
@@ -212,6 +212,7 @@ def _run(
         learning_rate=run.learning_rate,
         verbalizer=metadata["verbalizer"],
         label_words=run.label_words,
+        distillation=run.distillation,
     )
     if context.is_main:
         # The best prompt is on disk already (saved when it was found): its weights file's size.
