@@ -77,7 +77,7 @@ def test_teachers_and_starts_that_do_not_fit_are_reported_before_the_model_loads
     message = str(error.value)
     assert message.startswith("cannot start training:")
     assert f"init_from={str(prompt_dir)!r} has 4 virtual tokens, but num_virtual_tokens=6" in message
-    assert f"teacher={str(tmp_path / 'missing')!r}:" in message
+    assert f"teacher: {tmp_path / 'missing'}: prompt checkpoint directory does not exist" in message
     assert f"teacher={str(relabelled)!r} has labels ['bad', 'good'], the dataset has ['negative', 'positive']" in message
     assert f"init_from={str(prompt_dir)!r} is a prompt, but method='prefix'" in str(
         pytest.raises(ValueError, train, **tiny.options(tmp_path / "run", method="prefix",

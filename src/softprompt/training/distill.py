@@ -50,7 +50,7 @@ def saved_prompt_problems(
     try:
         checkpoint = load_prompt(path)
     except Exception as error:  # noqa: BLE001 - reported with the run's other problems
-        return [f"{flag}={path!r}: {error}"]
+        return [f"{flag}: {error}"]  # the error names the directory
     problems = []
     metadata = checkpoint.metadata
     base = metadata.get("base_model", checkpoint.config.base_model_name_or_path)
