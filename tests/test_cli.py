@@ -16,7 +16,7 @@ import pytest
 
 import softprompt.models
 from softprompt.cli import build_parser, main
-from softprompt.evaluation.options import EvalOptions, InspectOptions
+from softprompt.evaluation.options import EvalOptions, InspectOptions, SoupOptions
 from softprompt.inference.options import PredictOptions
 from softprompt.options import add_flags, choice_problems, given_options
 from softprompt.server.options import ServeOptions
@@ -44,6 +44,7 @@ def test_the_parser_has_every_command():
         "inspect",
         "predict",
         "serve",
+        "soup",
         "models",
         "data",
         "bench",
@@ -323,7 +324,7 @@ def test_choices_are_checked_by_the_dataclass():
 
 @pytest.mark.parametrize(
     "cls",
-    [TrainOptions, EvalOptions, InspectOptions, PredictOptions, ServeOptions],
+    [TrainOptions, EvalOptions, InspectOptions, PredictOptions, ServeOptions, SoupOptions],
     ids=lambda cls: cls.__name__,
 )
 def test_every_command_has_a_flag_for_every_option(cls):
@@ -333,6 +334,7 @@ def test_every_command_has_a_flag_for_every_option(cls):
         "InspectOptions": "inspect",
         "PredictOptions": "predict",
         "ServeOptions": "serve",
+        "SoupOptions": "soup",
     }[cls.__name__]
     (subparsers,) = (
         action

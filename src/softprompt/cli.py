@@ -2,7 +2,8 @@
 
 Every command's flags are generated from its options dataclass
 (:func:`softprompt.options.add_flags`): ``train`` from :class:`TrainOptions`, ``eval`` and
-``inspect`` from :class:`EvalOptions` and :class:`InspectOptions`, ``predict`` from
+``inspect`` from :class:`EvalOptions` and :class:`InspectOptions`, ``soup`` from
+:class:`SoupOptions`, ``predict`` from
 :class:`PredictOptions`, ``serve`` from :class:`ServeOptions`, ``bench`` from
 :mod:`softprompt.bench.options`; so the CLI, the Python API and the saved ``options.json`` cannot
 drift apart. Each command passes on only the flags the user gave. Building the parser imports
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from softprompt.bench import add_bench_parser
-from softprompt.evaluation.options import EvalOptions, InspectOptions
+from softprompt.evaluation.options import EvalOptions, InspectOptions, SoupOptions
 from softprompt.inference.options import PredictOptions
 from softprompt.options import add_flags, given_options
 from softprompt.server.options import ServeOptions
@@ -134,6 +135,25 @@ def _print_generated(engine: Any, options: PredictOptions, metadata: dict[str, A
     return 0
 
 
+@command("soup")
+def _soup(args: argparse.Namespace) -> int:
+    from softprompt.evaluation.soup import make_soup
+
+    options = SoupOptions(**given_options(args, SoupOptions))
+    result = make_soup(options)
+    if options.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    metric = result.get("metric")
+    for path, value in result.get("scores", {}).items():
+        print(f"  {options.split} {metric} {value:.4f}  {path}")
+    for step in result.get("steps", []):
+        verdict = "kept" if step["kept"] else "dropped"
+        print(f"  soup of {len(step['ingredients'])}: {metric} {step[metric]:.4f}, {verdict}")
+    print(f"soup of {len(result['ingredients'])} prompt(s) saved to {result['output']}")
+    return 0
+
+
 @command("serve")
 def _serve(args: argparse.Namespace) -> int:
     from softprompt.server.run import serve
@@ -198,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", EvalOptions, "evaluate a prompt or a zero-/few-shot baseline"),
         ("inspect", InspectOptions, "show a prompt's init, drift and nearest tokens"),
         ("predict", PredictOptions, "classify texts (or generate, e.g. translate) with a prompt"),
+        ("soup", SoupOptions, "average prompts into one (greedy: best-first on validation)"),
         ("serve", ServeOptions, "serve many task prompts over HTTP on one frozen model"),
     ):
         add_flags(sub.add_parser(name, help=help_text), options)

@@ -132,3 +132,33 @@ class InspectOptions:
 
     def __post_init__(self) -> None:
         raise_problems("inspect options", positive_problems(self, ("top_k",)))
+
+
+@dataclass
+class SoupOptions:
+    """Options of ``softprompt soup``: one prompt from the mean of several."""
+
+    prompts: list[str] = field(
+        metadata={"help": "Prompt checkpoint directories (one model, task and shape)",
+                  "positional": True, "metavar": "DIR"},
+    )
+    output: str = field(metadata={"help": "Directory of the souped prompt"})
+    greedy: bool = field(
+        default=False,
+        metadata={"help": "Add the prompts best-first, each kept only if the soup's score on "
+                  "--split does not drop (default: the mean of all)"},
+    )
+    split: str = field(default="validation", metadata={"help": "Split that scores a greedy soup"})
+    max_examples: int | None = field(default=None, metadata={"help": "Cap on scored examples"})
+    batch_size: int = field(default=16, metadata={"help": "Examples per forward"})
+    device: str = field(default="cpu", metadata={"help": "Torch device (cpu, cuda, cuda:1, mps)"})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
+    json: bool = field(default=False, metadata={"help": "Print the result as JSON"})
+
+    def __post_init__(self) -> None:
+        problems = choice_problems(self)
+        problems += positive_problems(self, ("batch_size",))
+        problems += positive_problems(self, ("max_examples",), optional=True)
+        if len(self.prompts) < 2:
+            problems.append(f"a soup needs at least 2 prompts, got {len(self.prompts)}")
+        raise_problems("soup options", problems)
