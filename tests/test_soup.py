@@ -49,7 +49,7 @@ def test_uniform_soup_is_the_mean_and_serves_like_any_prompt(runs, tiny, tmp_pat
 
 def test_greedy_soup_keeps_a_prompt_only_if_the_validation_score_holds(runs, tmp_path):
     prompts = [str(runs["seed0"]), str(runs["seed1"])]
-    out = tmp_path / "greedy"
+    out = tmp_path / "new" / "greedy"  # its parent is made too
     result = make_soup(prompts=prompts, output=str(out), greedy=True, dtype="float32")
     alone = {path: evaluate_prompt(prompt=path, split="validation", dtype="float32",
                                    output=str(tmp_path / "alone.json"))["accuracy"] for path in prompts}
@@ -64,7 +64,7 @@ def test_greedy_soup_keeps_a_prompt_only_if_the_validation_score_holds(runs, tmp
     torch.testing.assert_close(load_prompt(out).weights, kept, rtol=0, atol=1e-6)
     assert evaluate_prompt(prompt=str(out), split="validation", dtype="float32",
                            output=str(tmp_path / "soup.json"))["accuracy"] == pytest.approx(result["score"])
-    assert not list(tmp_path.glob(".soup-*"))  # the trial soups are cleaned up
+    assert not list((tmp_path / "new").glob(".soup-*"))  # the trial soups are cleaned up
 
 
 def test_prompts_that_cannot_be_averaged_are_each_named(runs, tmp_path, capsys):

@@ -97,7 +97,9 @@ def make_soup(options: SoupOptions | None = None, **overrides: Any) -> dict[str,
         return about
     task = next(iter(checkpoints.values())).metadata.get("task", "classification")
     metric = SELECTION_METRICS[task]
-    scratch = Path(tempfile.mkdtemp(prefix=".soup-", dir=Path(options.output).resolve().parent))
+    parent = Path(options.output).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".soup-", dir=parent))  # trial soups, removed at the end
     try:
 
         def score(directory: str | Path) -> float:
