@@ -8,7 +8,7 @@ from pathlib import Path
 import softprompt
 
 # Lowest first; a module may import its own layer and those before it.
-LAYERS = ("options", "models", "core", "data", "fastpath", "evaluation", "training", "inference",
+LAYERS = ("options", "models", "core", "data", "fastpath", "evaluation", "inference", "training",
           "server", "bench", "cli")
 PACKAGE = Path(softprompt.__file__).parent
 
