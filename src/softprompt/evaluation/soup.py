@@ -16,6 +16,7 @@ with a ``soup`` entry saying how it was made), so ``eval``, the Engine, the serv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -82,10 +83,7 @@ def make_soup(options: SoupOptions | None = None, **overrides: Any) -> dict[str,
         ValueError: fewer than two prompts, or prompts that cannot be averaged (each named).
         FileNotFoundError: a prompt directory is missing.
     """
-    if options is None:
-        options = SoupOptions(**overrides)
-    elif overrides:
-        options = SoupOptions(**{**options.__dict__, **overrides})
+    options = SoupOptions(**overrides) if options is None else dataclasses.replace(options, **overrides)
     checkpoints = {path: load_prompt(path) for path in options.prompts}
     problems = soup_problems(list(checkpoints.values()))
     if problems:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from softprompt.core.checkpoint import PromptCheckpoint, load_prompt
+from softprompt.core.checkpoint import PromptCheckpoint, atomic_write_bytes, load_prompt
 from softprompt.core.config import PrefixTuningConfig
 from softprompt.data import Record
 from softprompt.training.options import TrainOptions
@@ -139,10 +138,8 @@ def teacher_probabilities(
         probabilities[start : start + len(batch)] = torch.tensor(
             [[result.probabilities[label] for label in labels] for result in results]
         )
-    if cache is not None:  # through a rename: a reader never sees half a file
-        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # one per rank
-        save_file({PROBABILITIES_KEY: probabilities}, str(partial), metadata={"key": key})
-        partial.replace(cache)
+    if cache is not None:
+        atomic_write_bytes(cache, save({PROBABILITIES_KEY: probabilities}, metadata={"key": key}))
     return probabilities, time.perf_counter() - started
 
 
