@@ -10,6 +10,7 @@ import torch
 
 from softprompt.cli import main
 from softprompt.core.checkpoint import load_prompt
+from softprompt.evaluation import evaluate as evaluation_module
 from softprompt.evaluation.evaluate import evaluate_prompt
 from softprompt.evaluation.soup import make_soup
 from softprompt.inference import Engine
@@ -47,10 +48,13 @@ def test_uniform_soup_is_the_mean_and_serves_like_any_prompt(runs, tiny, tmp_pat
         assert result.probabilities == pytest.approx(row["probabilities"], abs=1e-5)
 
 
-def test_greedy_soup_keeps_a_prompt_only_if_the_validation_score_holds(runs, tmp_path):
+def test_greedy_soup_keeps_a_prompt_only_if_the_validation_score_holds(runs, tmp_path, monkeypatch):
     prompts = [str(runs["seed0"]), str(runs["seed1"])]
     out = tmp_path / "new" / "greedy"  # its parent is made too
+    loads, load = [], evaluation_module._load_frozen
+    monkeypatch.setattr(evaluation_module, "_load_frozen", lambda *key: loads.append(key) or load(*key))
     result = make_soup(prompts=prompts, output=str(out), greedy=True, dtype="float32")
+    assert len(loads) == 1  # three scores (each prompt, one trial soup), one base model load
     alone = {path: evaluate_prompt(prompt=path, split="validation", dtype="float32",
                                    output=str(tmp_path / "alone.json"))["accuracy"] for path in prompts}
     assert result["scores"] == pytest.approx(alone) and result["metric"] == "accuracy"

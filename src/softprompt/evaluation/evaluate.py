@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from softprompt.core.checkpoint import atomic_write_json, atomic_write_text, load_prompt
 from softprompt.data import (
@@ -47,6 +47,9 @@ from softprompt.evaluation.generation import (
 )
 from softprompt.evaluation.options import EvalOptions
 
+if TYPE_CHECKING:
+    from softprompt.fastpath.frozen import FrozenModel
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -54,11 +57,19 @@ DEFAULT_DATASET = "rotten_tomatoes"
 DEFAULT_MAX_TARGET_LENGTH = 64
 
 
-def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dict[str, Any]:
+def evaluate_prompt(
+    options: EvalOptions | None = None,
+    *,
+    loaded_models: dict[tuple[str, str, str], FrozenModel] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Evaluate a prompt checkpoint or a baseline on one split.
 
     Args:
         options: what to evaluate; or give its fields as keyword arguments.
+        loaded_models: frozen base models already loaded, by (model, dtype, device); the one this
+            evaluation needs is taken from here, or loaded and added. Pass one dict to several
+            calls (a greedy soup's trials) to load each base model once.
         **overrides: fields applied on top of ``options``.
 
     Returns:
@@ -95,14 +106,16 @@ def evaluate_prompt(options: EvalOptions | None = None, **overrides: Any) -> dic
     records = records[: options.max_examples] if options.max_examples else records
 
     from softprompt.core.prefix import servable_prompt
-    from softprompt.fastpath.frozen import FrozenModel
     from softprompt.fastpath.prompt_kv import check_prompt
-    from softprompt.models import load_model
     from softprompt.models.precision import resolve_dtype
 
     dtype = resolve_dtype(options.dtype, options.device)
-    base, tokenizer = load_model(setting["model"], dtype=dtype.dtype, device=options.device)
-    frozen = FrozenModel(base.eval().requires_grad_(False), tokenizer)
+    key = (setting["model"], dtype.dtype, str(options.device))
+    loaded_models = {} if loaded_models is None else loaded_models
+    if key not in loaded_models:
+        loaded_models[key] = _load_frozen(*key)
+    frozen = loaded_models[key]
+    tokenizer = frozen.tokenizer
     prompt = None
     if checkpoint is not None:
         prompt = servable_prompt(checkpoint).to(frozen.device)
@@ -196,6 +209,15 @@ def _evaluate_generation(
         "template": template.format,
     })
     return result
+
+
+def _load_frozen(model: str, dtype: str, device: str) -> FrozenModel:
+    """The base model ``model`` in ``dtype`` on ``device``, frozen and in eval mode."""
+    from softprompt.fastpath.frozen import FrozenModel
+    from softprompt.models import load_model
+
+    base, tokenizer = load_model(model, dtype=dtype, device=device)
+    return FrozenModel(base.eval().requires_grad_(False), tokenizer)
 
 
 def _resolve(options: EvalOptions | None, overrides: dict[str, Any]) -> EvalOptions:

@@ -98,10 +98,11 @@ def make_soup(options: SoupOptions | None = None, **overrides: Any) -> dict[str,
     parent = Path(options.output).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".soup-", dir=parent))  # trial soups, removed at the end
+    loaded_models: dict = {}  # the base model, loaded by the first score and reused by the rest
     try:
 
         def score(directory: str | Path) -> float:
-            result = _evaluate(directory, options, scratch / "eval.json")
+            result = _evaluate(directory, options, scratch / "eval.json", loaded_models)
             return float(result[metric])
 
         scores = {path: score(path) for path in options.prompts}
@@ -129,12 +130,14 @@ def make_soup(options: SoupOptions | None = None, **overrides: Any) -> dict[str,
     return about
 
 
-def _evaluate(directory: str | Path, options: SoupOptions, output: Path) -> dict[str, Any]:
+def _evaluate(
+    directory: str | Path, options: SoupOptions, output: Path, loaded_models: dict
+) -> dict[str, Any]:
     """One prompt's metrics on the options' split (the evaluation of ``softprompt eval``)."""
     from softprompt.evaluation.evaluate import evaluate_prompt
 
     return evaluate_prompt(
         prompt=str(directory), split=options.split, max_examples=options.max_examples,
         batch_size=options.batch_size, device=options.device, dtype=options.dtype,
-        output=str(output),
+        output=str(output), loaded_models=loaded_models,
     )
