@@ -7,6 +7,8 @@ Methods (``--methods``; default all):
 * ``prompt``: plain prompt tuning (20 virtual tokens, TEXT init), ``softprompt train``;
 * ``residual``: the same with ``--reparameterize residual`` (folded into a plain prompt on save);
 * ``prefix``: deep prompts, ``--method prefix`` (keys and values at every layer);
+* ``prefix_mlp``: the same trained through PEFT's MLP (``--prefix-projection``, P-tuning v2 /
+  prefix tuning's reparameterization, lr 1e-4), folded into plain keys/values on save;
 * ``lora``: LoRA r=8 on q_proj/v_proj through PEFT, trained with the same verbalizer objective,
   batch order and loop as the prompts;
 * ``full``: full fine-tuning of every weight (fp32 weights, AdamW lr 1e-5), same objective
@@ -59,8 +61,13 @@ from ablations import (  # noqa: E402  (a sibling script, not a package)
     trainable_model,
 )
 
-METHODS = ("zero_shot", "few_shot", "prompt", "residual", "prefix", "lora", "full")
-PROMPT_METHODS = {"prompt": {}, "residual": {"reparameterize": "residual"}, "prefix": {"method": "prefix"}}
+METHODS = ("zero_shot", "few_shot", "prompt", "residual", "prefix", "prefix_mlp", "lora", "full")
+PROMPT_METHODS = {
+    "prompt": {},
+    "residual": {"reparameterize": "residual"},
+    "prefix": {"method": "prefix"},
+    "prefix_mlp": {"method": "prefix", "prefix_projection": True},
+}
 SHOTS = 4
 NUM_VIRTUAL_TOKENS = 20
 FULL_LR = 1e-5
@@ -72,11 +79,12 @@ NAMES = {
     "prompt": f"prompt tuning (n={NUM_VIRTUAL_TOKENS}, TEXT init)",
     "residual": f"residual prompt tuning (n={NUM_VIRTUAL_TOKENS})",
     "prefix": f"deep prompts / prefix (n={NUM_VIRTUAL_TOKENS})",
+    "prefix_mlp": f"deep prompts through an MLP (--prefix-projection, n={NUM_VIRTUAL_TOKENS})",
     "lora": f"LoRA r={LORA_RANK} on {', '.join(LORA_TARGETS)} (PEFT)",
     "full": "full fine-tuning",
 }
 
-MARKERS = dict(zip(METHODS, "vo^sDPX", strict=True))  # one plot marker per method, every plot
+MARKERS = dict(zip(METHODS, "vo^sDdPX", strict=True))  # one plot marker per method, every plot
 
 logger = logging.getLogger("methods")
 

@@ -36,6 +36,7 @@ from softprompt.inference import Engine
 from softprompt.training import train
 from softprompt.training.options import TrainOptions
 from softprompt.training.setup import prepare
+from tests.conftest import load_benchmark
 
 NOUNS = ("movie", "film", "book", "food", "acting", "plot", "service", "experience", "music",
          "topic", "science", "sports")
@@ -388,3 +389,21 @@ def test_curves_of_a_generation_run_plot_the_metric_that_selects_the_prompt(tmp_
     monkeypatch.setattr(Axes, "plot", record)
     assert plot_curves(metrics, tmp_path / "curves.png", metric="chrf").is_file()
     assert ((10, 20), (27.8, 30.3)) in plotted  # chrF, not the exact-match accuracy
+
+
+def test_ensemble_eval_scores_generation_as_eval_does(tiny, hsk_file, tmp_path, no_plots, capsys):
+    """benchmarks/ensemble_eval.py on generation prompts: a member scores what `softprompt eval`
+    scores, and an ensemble of a prompt with its copy generates what the prompt alone does."""
+    prompt = train(**_options(tiny, tmp_path / "run")).output_dir / "prompt"
+    twin = tmp_path / "twin"
+    shutil.copytree(prompt, twin)
+    output = tmp_path / "ensemble.json"
+    assert load_benchmark("ensemble_eval").main(
+        [str(prompt), str(twin), "--max-examples", "6", "--batch-size", "4", "--output", str(output)]
+    ) == 0
+    scores = json.loads(output.read_text(encoding="utf-8"))["scores"]
+    alone = evaluate_prompt(prompt=str(prompt), max_examples=6, output=str(tmp_path / "eval.json"))
+    for name in (str(prompt), str(twin), "ensemble"):
+        assert (scores[name]["chrf"], scores[name]["bleu"]) == (alone["chrf"], alone["bleu"]), name
+        assert scores[name]["per_group"] == alone["per_group"]
+    assert alone["chrf"] > 0
