@@ -113,8 +113,7 @@ def _generate(engine: Any, tasks: list[str], records: list, splits: Any, metadat
     references = [record[target] for record in records]
     groups = [record[splits.group_column] for record in records] if splits.group_column else None
     return {
-        task: {key: value for key, value in generation_metrics(
-            outputs[task], references, splits.target_language, groups).items() if key != "examples_list"}
+        task: generation_metrics(outputs[task], references, splits.target_language, groups)
         for task in tasks
     }
 
