@@ -119,7 +119,12 @@ def train(
             output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(output_dir / OPTIONS_FILE, options.to_dict())
         distributed.barrier(context)
-        return _run(options, prepared, output_dir, device, context)
+        result = _run(options, prepared, output_dir, device, context)
+        # Every rank's collectives (FSDP2's prefetched gathers too) finish before any rank takes
+        # the group down: a rank that destroyed it early aborted once at exit ("terminate called
+        # without an active exception") with --shard-base.
+        distributed.barrier(context)
+        return result
     finally:
         distributed.shutdown(context)
 
