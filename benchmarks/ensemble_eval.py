@@ -95,6 +95,7 @@ def _classify(engine: Any, tasks: list[str], records: list, splits: Any, metadat
 def _generate(engine: Any, tasks: list[str], records: list, splits: Any, metadata: dict,
               batch_size: int, split: str) -> dict[str, dict]:
     """chrF, BLEU and exact match of each task's greedy outputs (per group too)."""
+    from softprompt.evaluation.evaluate import DEFAULT_MAX_TARGET_LENGTH
     from softprompt.evaluation.generation import default_stop, finish_text, generation_metrics
     from softprompt.inference import GenerateParams
 
@@ -102,7 +103,7 @@ def _generate(engine: Any, tasks: list[str], records: list, splits: Any, metadat
     stop = metadata.get("stop")
     if stop is None:
         stop = default_stop(record[target] for record in splits.train + records)
-    params = GenerateParams(max_new_tokens=metadata.get("max_target_length") or 64)
+    params = GenerateParams(max_new_tokens=metadata.get("max_target_length") or DEFAULT_MAX_TARGET_LENGTH)
     outputs: dict[str, list[str]] = {task: [] for task in tasks}
     for requests in _batches(records, tasks, batch_size, split):
         results = engine.generate(
