@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/softprompt train
+	$(VENV)/bin/softprompt train --preset demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=argparse.SUPPRESS,
         metavar="{" + ",".join(PRESETS) + "}",
-        help="named option set; the flags given win over it (demo is the default run)",
+        help="named option set; the flags given win over it (demo is `make demo`)",
     )
     for name, options, help_text in (
         ("eval", EvalOptions, "evaluate a prompt or a zero-/few-shot baseline"),
