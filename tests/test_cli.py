@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import runpy
 import subprocess
@@ -193,10 +194,15 @@ def test_train_eval_inspect_predict_on_the_tiny_setup(tiny, tmp_path, capsys):
     )  # same prompt, same test split
     assert (out / "eval-test.json").is_file()
 
-    assert main(["inspect", str(out / "prompt"), "--top-k", "2"]) == 0
+    assert main(["inspect", str(out / "prompt"), "--top-k", "2", "--plot", str(tmp_path / "drift.png")]) == 0
     inspected = capsys.readouterr().out
     assert f"init: TEXT  text={tiny.init_text!r}" in inspected
     assert f"drift: |trained - initial| = {report['prompt_drift_norm']:.4f}" in inspected
+    if importlib.util.find_spec("matplotlib"):
+        assert f"plot: {tmp_path / 'drift.png'}" in inspected
+        assert (tmp_path / "drift.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["inspect", str(out / "prompt"), "--json", "--plot", str(tmp_path / "again.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["drift"]["total_norm"] == pytest.approx(report["prompt_drift_norm"], rel=1e-5)
 
     assert (
         main(

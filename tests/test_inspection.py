@@ -116,3 +116,31 @@ def test_inspect_errors(model_dir, tmp_path):
     with pytest.raises(ValueError, match=f"prompt has width {HIDDEN + 1} but the model's embedding size is {HIDDEN}"):
         inspect_prompt(tmp_path / "wide", model=str(model_dir))
     assert load_prompt(tmp_path / "wide").weights.shape == (2, HIDDEN + 1)
+
+
+def _png_size(path):
+    """(width, height) of a PNG, read from its IHDR chunk."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_draws_one_bar_per_virtual_token_at_its_drift(model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from softprompt.evaluation.inspection import plot_inspection
+
+    model, _ = _text_init_model(model_dir)
+    with torch.no_grad():
+        model.prompt_encoder.embedding.weight[4].add_(0.25)
+    model.save_pretrained(tmp_path / "prompt", {"base_model": str(model_dir)})
+    result = inspect_prompt(tmp_path / "prompt")
+    bars = []
+    original = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda axis, x, height, **kw: bars.append(list(height)) or original(axis, x, height, **kw))
+    path = plot_inspection(result, tmp_path / "drift.png")
+    assert path == tmp_path / "drift.png" and _png_size(path)[0] > 300
+    assert bars == [[token["drift"] for token in result["virtual_tokens"]]]
+    assert bars[0][4] == pytest.approx(0.25 * HIDDEN**0.5, rel=1e-4) and max(bars[0][:4]) < 1e-6
+    assert not list(tmp_path.glob(".*.tmp.png"))  # written through a temporary file, then renamed

@@ -3,6 +3,7 @@ training, the Engine's mixed batches and inspection."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 
@@ -292,6 +293,28 @@ def test_eval_and_inspect_a_trained_prefix(prefix_run, tiny):
     drift = [(layer["key_drift"] ** 2 + layer["value_drift"] ** 2) for layer in inspected["layers"]]
     assert sum(drift) ** 0.5 == pytest.approx(report["prompt_drift_norm"], rel=1e-4)
     assert "key drift" in format_inspection(inspected)
+    for layer in inspected["layers"]:  # per token, the same drift and norms split over the 4 tokens
+        for part, measure in itertools.product(("key", "value"), ("drift", "norm")):
+            per_token = layer[f"{part}_{measure}_per_token"]
+            assert len(per_token) == 4
+            assert sum(value**2 for value in per_token) ** 0.5 == pytest.approx(layer[f"{part}_{measure}"], rel=1e-5)
+
+
+def test_plot_maps_a_prefix_drift_per_layer_and_token(prefix_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from softprompt.evaluation.inspection import inspect_prompt, plot_inspection
+
+    out, _ = prefix_run
+    inspected = inspect_prompt(out / "prompt")
+    maps = []
+    original = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda axis, grid, **kw: maps.append(grid) or original(axis, grid, **kw))
+    path = plot_inspection(inspected, tmp_path / "prefix.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    layers = inspected["layers"]
+    assert maps == [[layer["key_drift_per_token"] for layer in layers], [layer["value_drift_per_token"] for layer in layers]]
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["raw", "projection"])

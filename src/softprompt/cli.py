@@ -82,11 +82,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 @command("inspect")
 def _inspect(args: argparse.Namespace) -> int:
-    from softprompt.evaluation.inspection import format_inspection, inspect_prompt
+    from softprompt.evaluation.inspection import format_inspection, inspect_prompt, plot_inspection
 
     options = InspectOptions(**given_options(args, InspectOptions))
     result = inspect_prompt(options.prompt_dir, model=options.model, top_k=options.top_k)
     print(json.dumps(result, indent=2) if options.json else format_inspection(result))
+    if options.plot and (drawn := plot_inspection(result, options.plot)) is not None:
+        print(f"plot: {drawn}", file=sys.stderr if options.json else sys.stdout)
     return 0
 
 

@@ -3,7 +3,9 @@
 The initial prompt is recomputed from the checkpoint's config (every init is deterministic under
 its seed), so no extra file is needed to measure drift. A prefix (deep prompt) is shown per
 layer: the norms of its keys and values and, when ``softprompt.json`` records its init, how far
-each moved from the keys/values that init produces (recomputed through the model).
+each moved from the keys/values that init produces (recomputed through the model), per layer and
+per virtual token. :func:`plot_inspection` draws the drift: a bar per virtual token (labelled
+with its nearest vocabulary token) or, for a prefix, a layer x token map of keys and values.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from softprompt.core.checkpoint import PromptCheckpoint, load_prompt
 from softprompt.core.config import PrefixTuningConfig, PromptTuningConfig, check_prompt_width
 from softprompt.core.prefix import DeepPrompt, servable_prompt
 from softprompt.core.prompt import initial_prompt
+from softprompt.evaluation.figures import pyplot, save_figure
 
 
 def nearest_tokens(
@@ -138,10 +141,18 @@ def _inspect_prefix(
         initial = DeepPrompt(start, prefix.num_layers, prefix.kv_heads).layers()
     layers = []
     for index, (keys, values) in enumerate(prefix.layers()):
-        entry = {"layer": index, "key_norm": float(keys.norm()), "value_norm": float(values.norm())}
+        entry: dict[str, Any] = {
+            "layer": index,
+            "key_norm": float(keys.norm()),
+            "value_norm": float(values.norm()),
+            "key_norm_per_token": _per_token_norms(keys),
+            "value_norm_per_token": _per_token_norms(values),
+        }
         if initial is not None:
             entry["key_drift"] = float((keys - initial[index][0]).norm())
             entry["value_drift"] = float((values - initial[index][1]).norm())
+            entry["key_drift_per_token"] = _per_token_norms(keys - initial[index][0])
+            entry["value_drift_per_token"] = _per_token_norms(values - initial[index][1])
         layers.append(entry)
     config = checkpoint.config
     return {
@@ -154,6 +165,59 @@ def _inspect_prefix(
         "drift": {"available": initial is not None},
         "layers": layers,
     }
+
+
+def _per_token_norms(part: torch.Tensor) -> list[float]:
+    """The norm of each virtual token's slice of one layer's ``(1, kv_heads, n, head_dim)`` keys
+    or values (over heads and head dimensions)."""
+    return [float(value) for value in part.float().transpose(0, 2).flatten(1).norm(dim=1)]
+
+
+def plot_inspection(result: dict[str, Any], output: str | Path) -> Path | None:
+    """Draw :func:`inspect_prompt`'s result as a PNG (None without matplotlib).
+
+    A prompt: one bar per virtual token, its drift from the init (its norm when the init cannot
+    be recomputed), labelled with its nearest vocabulary token and cosine. A prefix: two
+    ``layers x virtual tokens`` maps, keys and values, of the drift (or the norm).
+
+    Args:
+        result: what :func:`inspect_prompt` returned.
+        output: the PNG to write (atomically).
+
+    Returns:
+        The PNG's path, or None when matplotlib is not installed.
+    """
+    plt = pyplot(output)
+    if plt is None:
+        return None
+    drift = result["drift"]["available"]
+    measure = "drift from the init" if drift else "norm"
+    if result.get("method") == "prefix":
+        key = "drift" if drift else "norm"
+        figure, axes = plt.subplots(1, 2, figsize=(12, 0.2 * len(result["layers"]) + 2.5))
+        for axis, part in zip(axes, ("key", "value"), strict=True):
+            grid = [layer[f"{part}_{key}_per_token"] for layer in result["layers"]]
+            image = axis.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+            axis.set(xlabel="virtual token", ylabel="layer", title=f"{part}s: {measure}")
+            axis.xaxis.get_major_locator().set_params(integer=True)
+            axis.yaxis.get_major_locator().set_params(integer=True)
+            figure.colorbar(image, ax=axis)
+    else:
+        tokens = result["virtual_tokens"]
+        heights = [token["drift"] if drift else token["norm"] for token in tokens]
+        labels = [f"{token['index']}: {token['nearest'][0]['token']!r} "
+                  f"{token['nearest'][0]['cosine']:.2f}" for token in tokens]
+        figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(tokens) + 2), 4.5))
+        colors = ["tab:blue" if str(token["init"] or "").startswith("text:") else "tab:gray"
+                  for token in tokens]
+        axis.bar(range(len(tokens)), heights, color=colors)
+        axis.set_xticks(range(len(tokens)), labels, rotation=70, ha="right", fontsize=8)
+        axis.set(ylabel=measure, title=f"{measure} per virtual token (label: nearest token, "
+                 "cosine; blue: initialised from the init text)")
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(f"{result['prompt_dir']} ({result['model']})", fontsize=9)
+    figure.tight_layout()
+    return save_figure(figure, output)
 
 
 def _format_prefix(result: dict[str, Any]) -> list[str]:

@@ -129,6 +129,11 @@ class InspectOptions:
     )
     top_k: int = field(default=5, metadata={"help": "Nearest vocabulary tokens per virtual token"})
     json: bool = field(default=False, metadata={"help": "Print the result as JSON"})
+    plot: str | None = field(
+        default=None,
+        metadata={"help": "Also draw the drift to this PNG: a bar per virtual token (a prefix: "
+                  "a layer x token map of keys and values)", "metavar": "PNG"},
+    )
 
     def __post_init__(self) -> None:
         raise_problems("inspect options", positive_problems(self, ("top_k",)))

@@ -12,6 +12,7 @@ import torch
 
 from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel
+from softprompt.evaluation.figures import pyplot, save_figure
 from softprompt.models.precision import DtypeChoice
 from softprompt.training.loop import LoopResult
 from softprompt.training.options import TrainOptions
@@ -49,15 +50,8 @@ def plot_curves(
         metric: the validation metric that selects the best prompt (``accuracy``; ``chrf`` for
             generation), plotted as ``validation_<metric>``.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning(
-            "matplotlib is not installed; skipping %s (pip install 'softprompt[plot]')", output
-        )
+    plt = pyplot(output)
+    if plt is None:
         return None
     records = MetricsLog(metrics_path, append=True).read()
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -75,12 +69,7 @@ def plot_curves(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    output = Path(output)
-    temporary = output.with_name(f".{output.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    temporary.replace(output)
-    return output
+    return save_figure(figure, output)
 
 
 def build_report(
