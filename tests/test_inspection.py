@@ -139,8 +139,8 @@ def test_plot_draws_one_bar_per_virtual_token_at_its_drift(model_dir, tmp_path, 
     bars = []
     original = Axes.bar
     monkeypatch.setattr(Axes, "bar", lambda axis, x, height, **kw: bars.append(list(height)) or original(axis, x, height, **kw))
-    path = plot_inspection(result, tmp_path / "drift.png")
-    assert path == tmp_path / "drift.png" and _png_size(path)[0] > 300
+    path = plot_inspection(result, tmp_path / "plots" / "drift.png")  # the directory is made
+    assert path == tmp_path / "plots" / "drift.png" and _png_size(path)[0] > 300
     assert bars == [[token["drift"] for token in result["virtual_tokens"]]]
     assert bars[0][4] == pytest.approx(0.25 * HIDDEN**0.5, rel=1e-4) and max(bars[0][:4]) < 1e-6
-    assert not list(tmp_path.glob(".*.tmp.png"))  # written through a temporary file, then renamed
+    assert [item.name for item in path.parent.iterdir()] == ["drift.png"]  # the temporary file is gone

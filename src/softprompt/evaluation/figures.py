@@ -31,12 +31,14 @@ def pyplot(output: str | Path) -> Any | None:
 
 
 def save_figure(figure: Any, output: str | Path, dpi: int = 100) -> Path:
-    """Write ``figure`` to ``output`` through a temporary file and close it.
+    """Write ``figure`` to ``output`` (its directory made if missing) through a temporary file,
+    and close it.
 
     Returns:
         The PNG's path.
     """
     output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(f".{output.name}.tmp.png")
     try:
         figure.savefig(temporary, dpi=dpi)
