@@ -149,10 +149,11 @@ def _inspect_prefix(
             "value_norm_per_token": _per_token_norms(values),
         }
         if initial is not None:
-            entry["key_drift"] = float((keys - initial[index][0]).norm())
-            entry["value_drift"] = float((values - initial[index][1]).norm())
-            entry["key_drift_per_token"] = _per_token_norms(keys - initial[index][0])
-            entry["value_drift_per_token"] = _per_token_norms(values - initial[index][1])
+            key_change, value_change = keys - initial[index][0], values - initial[index][1]
+            entry["key_drift"] = float(key_change.norm())
+            entry["value_drift"] = float(value_change.norm())
+            entry["key_drift_per_token"] = _per_token_norms(key_change)
+            entry["value_drift_per_token"] = _per_token_norms(value_change)
         layers.append(entry)
     config = checkpoint.config
     return {
