@@ -380,9 +380,11 @@ def _lora_data(
     train_cap: int | None,
     validation_cap: int | None,
     test_cap: int | None,
+    class_weights: str = "none",
 ) -> tuple[Any, tuple[Any, Any, Any]]:
     """The prompt runs' objective (default template and verbalizer) and encoded splits, each
-    cut to its first ``*_cap`` examples (None: all)."""
+    cut to its first ``*_cap`` examples (None: all); ``class_weights="balanced"`` weighs the loss
+    by the train split's classes and selects by macro-F1, as ``softprompt train`` does."""
     from softprompt.data import Verbalizer, default_template, load_dataset
     from softprompt.training.objectives import ClassificationObjective
     from softprompt.training.options import TrainOptions
@@ -392,8 +394,11 @@ def _lora_data(
     objective = ClassificationObjective(
         tokenizer, default_template(dataset), verbalizer, "label", TrainOptions.max_length
     )
+    train = objective.encode(splits.train[:train_cap])
+    if class_weights == "balanced":
+        objective.balance_classes(train.targets)
     return objective, (
-        objective.encode(splits.train[:train_cap]),
+        train,
         objective.encode(splits.validation[:validation_cap]),
         objective.encode(splits.test[:test_cap]),
     )

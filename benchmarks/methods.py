@@ -61,6 +61,8 @@ from ablations import (  # noqa: E402  (a sibling script, not a package)
     trainable_model,
 )
 
+from softprompt.training.options import CLASS_WEIGHTS  # noqa: E402  (torch-free)
+
 METHODS = ("zero_shot", "few_shot", "prompt", "residual", "prefix", "prefix_mlp", "lora", "full")
 PROMPT_METHODS = {
     "prompt": {},
@@ -104,6 +106,7 @@ class Settings:
     dtype: str = "auto"  # the prompts' and LoRA's frozen weights; full fine-tuning trains fp32
     lora_lr: float = 1e-3
     wall_clock: bool = False  # count the budget in wall seconds, not the process's CPU seconds
+    class_weights: str = "none"  # balanced: every method's loss weighs classes alike (--class-weights)
 
     def results_path(self, directory: Path = RESULTS_DIR) -> Path:
         return directory / f"methods-{self.dataset}-{self.model}.jsonl"
@@ -111,6 +114,8 @@ class Settings:
 
 def config_key(method: str, seed: int, settings: Settings) -> str:
     values = asdict(settings)
+    if settings.class_weights == "none":  # the keys recorded before the option existed
+        del values["class_weights"]
     if method in ("zero_shot", "few_shot"):  # nothing trains: only the evaluation matters
         values = {k: values[k] for k in ("model", "dataset", "max_eval_examples", "dtype")}
     return "|".join([method, f"seed{seed}"] + [f"{k}={values[k]}" for k in sorted(values)])
@@ -135,6 +140,7 @@ def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) 
         seed=seed,
         baselines=False,
         dtype=settings.dtype,
+        class_weights=settings.class_weights,
         schedule="constant",  # a time budget has no known last step to decay towards
         output_dir=str(output),
         **PROMPT_METHODS[method],
@@ -143,7 +149,7 @@ def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) 
     return {
         "test_accuracy": report["test_accuracy"],
         "test_macro_f1": report.get("test_macro_f1"),
-        "validation_accuracy": report["best_validation_accuracy"],
+        "validation_accuracy": report[f"best_validation_{report['selection_metric']}"],
         "trainable_parameters": report["trainable_parameters"],
         "bytes_on_disk": sum(path.stat().st_size for path in files),
         "train_seconds": report["train_seconds"],
@@ -188,11 +194,11 @@ def run_weights_method(method: str, seed: int, settings: Settings) -> dict[str, 
     frozen, parameters = trainable_model(settings.model, method, seed, "cpu", dtype)
     data = _lora_data(
         frozen.tokenizer, settings.dataset, settings.max_train_examples,
-        settings.max_validation_examples, settings.max_eval_examples,
+        settings.max_validation_examples, settings.max_eval_examples, settings.class_weights,
     )
     loop_settings = LoopSettings(
         1_000_000, eval_every=settings.eval_every, max_grad_norm=1.0,
-        time_budget=settings.budget_seconds,
+        time_budget=settings.budget_seconds, selection_metric=data[0].selection_metric,
     )
     lr = settings.lora_lr if method == "lora" else FULL_LR
     outcome = train_weights(frozen, parameters, lr, data, settings.batch_size, seed, loop_settings)
@@ -335,7 +341,8 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
         lines += [
             f"## {settings.dataset}, {settings.model}: {settings.budget_seconds:.0f} "
             f"{'wall' if settings.wall_clock else 'CPU'} s per method, batch "
-            f"{settings.batch_size}, dtype {settings.dtype}, {cpu}",
+            f"{settings.batch_size}, dtype {settings.dtype}"
+            f"{', balanced class weights' if settings.class_weights == 'balanced' else ''}, {cpu}",
             "",
             f"Measured on: {cpu} (2 cores); {test}.",
             "",
@@ -359,6 +366,9 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
         methods = [method for method in METHODS if method in summary]
         cap = (f" --max-eval-examples {settings.max_eval_examples}"
                if settings.max_eval_examples is not None else "")
+        cap += f" --batch-size {settings.batch_size}" if settings.batch_size != Settings.batch_size else ""
+        cap += (f" --class-weights {settings.class_weights}"
+                if settings.class_weights != Settings.class_weights else "")
         lines += [
             "",
             f"Reproduce (one thread per run, as measured): `OMP_NUM_THREADS=1 python "
@@ -516,6 +526,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-eval-examples", type=int, help="cap on test examples (default all)")
     parser.add_argument("--max-train-examples", type=int)
     parser.add_argument("--dtype", default=Settings.dtype)
+    parser.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=Settings.class_weights,
+                        help="balanced: every method's loss weighs classes alike and validation "
+                        "macro-F1 picks its best state")
     parser.add_argument("--wall-clock", action="store_true",
                         help="count the budget in wall seconds (default: CPU seconds)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -550,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, dataset=args.dataset, budget_seconds=args.budget_seconds, batch_size=args.batch_size,
         eval_every=args.eval_every, max_eval_examples=args.max_eval_examples,
         max_train_examples=args.max_train_examples, dtype=args.dtype,
-        wall_clock=args.wall_clock,
+        wall_clock=args.wall_clock, class_weights=args.class_weights,
     )
     if args.dry_run:
         settings = replace(settings, budget_seconds=0.01, batch_size=2, eval_every=1,

@@ -499,11 +499,11 @@ def test_explicit_flag_equal_to_the_default_beats_the_preset(monkeypatch, capsys
 def test_train_flags_of_the_recipe_reach_the_options(monkeypatch):
     built = _capture_train(monkeypatch)
     argv = ["train", "--reparameterize", "residual", "--residual-bottleneck", "64", "--verbalizer", "auto",
-            "--max-grad-norm", "0.5", "--lr-scale", "embedding"]
+            "--max-grad-norm", "0.5", "--lr-scale", "embedding", "--class-weights", "balanced"]
     assert main(argv) == 0
     (options,) = built
     assert (options.reparameterize, options.residual_bottleneck, options.verbalizer) == ("residual", 64, "auto")
-    assert (options.max_grad_norm, options.lr_scale) == (0.5, "embedding")
+    assert (options.max_grad_norm, options.lr_scale, options.class_weights) == (0.5, "embedding", "balanced")
     assert TrainOptions().max_grad_norm == 1.0  # clipping is on by default
 
 

@@ -21,6 +21,10 @@ def test_keys_change_with_what_changes_a_result(methods):
     assert methods.config_key("prompt", 0, settings) != methods.config_key("prompt", 1, settings)
     # Nothing trains in a baseline: the training budget is not part of its key.
     assert methods.config_key("zero_shot", 0, settings) == methods.config_key("zero_shot", 0, longer)
+    # Balanced class weights change the result; unweighted keys stay those recorded before them.
+    balanced = dataclasses.replace(settings, class_weights="balanced")
+    assert methods.config_key("lora", 0, balanced) != methods.config_key("lora", 0, settings)
+    assert "class_weights" not in methods.config_key("lora", 0, settings)
 
 
 def _record(methods, method, seed, accuracy, settings, parameters=0, cpu="Test CPU"):

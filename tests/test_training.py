@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import softprompt.models
@@ -25,12 +26,18 @@ from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, load_dataset
 from softprompt.evaluation.inspection import inspect_prompt
 from softprompt.fastpath.frozen import FrozenModel
+from softprompt.fastpath.scoring import label_scores
 from softprompt.models.tiny import HIDDEN
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
+from softprompt.training.distributed import SINGLE
 from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
-from softprompt.training.objectives import ClassificationObjective, GenerationObjective
+from softprompt.training.objectives import (
+    ClassificationObjective,
+    GenerationObjective,
+    balanced_class_weights,
+)
 from softprompt.training.optim import REFERENCE_EMBEDDING_STD, make_optimizer, make_scheduler
-from softprompt.training.setup import prepare, prompt_config
+from softprompt.training.setup import load_run, prepare, prompt_config
 
 # ====================================================================== fixtures and recorders
 REPORT_FIELDS = (
@@ -528,7 +535,8 @@ def test_train_options_list_every_problem(tmp_path):
         TrainOptions(num_virtual_tokens=0, batch_size=-2, optimizer="sgd", schedule="step", device="tpu",
                      dtype="int8", init="ZEROS", lr=0.0, warmup_steps=-1, steps=None, patience=0,
                      task_type="generation", resume=str(tmp_path), max_grad_norm=-1.0,
-                     reparameterize="deep", residual_bottleneck=0, verbalizer="auto")
+                     reparameterize="deep", residual_bottleneck=0, verbalizer="auto",
+                     class_weights="balanced")
     lines = str(error.value).splitlines()
     assert lines[0] == "invalid training options:"
     expected = [
@@ -540,6 +548,7 @@ def test_train_options_list_every_problem(tmp_path):
         "reparameterize='deep' is not valid; allowed: none, residual",
         "residual_bottleneck must be a positive integer, got 0",
         "max_grad_norm must be >= 0 (0: no clipping), got -1.0",
+        "class_weights='balanced' needs task_type='classification'",
         "verbalizer='auto' needs task_type='classification'",
         "num_virtual_tokens must be a positive integer, got 0",
         "batch_size must be a positive integer, got -2",
@@ -554,11 +563,51 @@ def test_train_options_list_every_problem(tmp_path):
     assert len(lines) - 1 == len(expected)
 
 
+def test_balanced_class_weights_weigh_every_class_alike_and_pick_the_prompt_by_macro_f1(
+        tiny, tmp_path, no_plots, write_jsonl):
+    assert balanced_class_weights([0, 0, 0, 1], 3).tolist() == pytest.approx([4 / 9, 4 / 3, 1.0])
+    # Three negatives for each positive: a minority class that the weights must lift.
+    rows = [row for index, row in enumerate(map(json.loads, tiny.data.read_text().splitlines()))
+            if row["label"] == "negative" or index % 6 == 0]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    options = TrainOptions(**tiny.options(tmp_path / "run", dataset=str(data), steps=4,
+                                          class_weights="balanced", baselines=False))
+    prepared = prepare(options)
+    run = load_run(prepared.options, prepared, torch.device("cpu"), SINGLE)
+    targets = run.train_data.targets
+    labels = run.objective.verbalizer.labels
+    counts = [targets.count(index) for index in range(len(labels))]
+    assert min(counts) < max(counts)
+    expected = {label: len(targets) / (len(labels) * count) for label, count in zip(labels, counts, strict=True)}
+    assert run.class_weights == pytest.approx(expected)
+    # The batch's loss: each example's cross-entropy times its class's weight.
+    batch = list(range(8))
+    scores = label_scores(run.frozen, [run.train_data.sequences[i] for i in batch],
+                          run.objective.verbalizer, prompts=[run.model.prompt] * len(batch))
+    gold = [targets[i] for i in batch]
+    manual = sum(expected[labels[label]] * F.cross_entropy(row[None], torch.tensor([label]))
+                 for row, label in zip(scores, gold, strict=True))
+    torch.testing.assert_close(run.objective.loss_sum(run.frozen, run.model.prompt, run.train_data, batch),
+                               manual, rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "run"
+    report = train(options).report
+    assert report["class_weights"] == pytest.approx(expected)
+    assert report["selection_metric"] == "macro_f1"
+    validated = [record["validation_macro_f1"] for record in _metrics(out / "metrics.jsonl")
+                 if "validation_macro_f1" in record]
+    assert report["best_validation_macro_f1"] == max(validated)
+    assert report["best_step"] == 2 * (validated.index(max(validated)) + 1)
+    assert load_prompt(out / "prompt").metadata["training"]["best_validation_macro_f1"] == max(validated)
+
+
 def test_train_options_single_problems_and_learning_rate():
     with pytest.raises(ValueError, match="init='TEXT' needs init_text"):
         TrainOptions(init="TEXT", init_text="")
     with pytest.raises(ValueError, match="task_type='ranking' is not valid"):
         TrainOptions(task_type="ranking")
+    with pytest.raises(ValueError, match="class_weights='inverse' is not valid; allowed: none, balanced"):
+        TrainOptions(class_weights="inverse")
     assert TrainOptions(steps=None, epochs=0.5).epochs == 0.5
     assert TrainOptions(init="random").init == "RANDOM"  # any case, stored as the enum value
     assert TrainOptions().learning_rate == 0.01

@@ -317,8 +317,9 @@ def _validate(state: LoopState, hooks: LoopHooks, settings: LoopSettings) -> boo
         state.best_validation_accuracy,
         state.best_step,
         "".join(f", {name} {scalars[f'validation_{name}']:.4f}"
-                for name in ("macro_f1", "chrf", "bleu")
-                if f"validation_{name}" in scalars and name != metric),
+                for name in ("accuracy", "macro_f1", "chrf", "bleu")
+                if f"validation_{name}" in scalars and name != metric
+                and (name != "accuracy" or metric == "macro_f1")),  # a generation's is exact match
     )
     hooks.save_state(state)
     return settings.patience is not None and state.evals_without_improvement >= settings.patience

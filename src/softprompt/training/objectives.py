@@ -8,8 +8,8 @@ a split. The training loop does not know which one it runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class Objective(Protocol):
     ``examples`` and ``selection_metric``'s value, which picks the best prompt (higher is better).
     """
 
-    selection_metric: ClassVar[str]
+    selection_metric: str
 
     def encode(self, records: Sequence[Record], context: str = "", split: str = "split") -> Any: ...
     def lengths(self, encoded: Any) -> list[int]: ...
@@ -92,11 +92,31 @@ class MeanLoss:
         return self.loss_sum(frozen, prompt, encoded, batch, shared_prefix) / self.count(encoded, batch)
 
 
+def balanced_class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Weights that make every class add as much to the loss as any other: ``n / (C x n_c)``
+    for a class seen ``n_c`` times among ``n`` targets (scikit-learn's "balanced"). Their mean
+    over the examples is 1, so the loss keeps its scale; a class absent from ``targets`` gets 1
+    (no loss term uses it).
+
+    Args:
+        targets: ``n`` label indices, each in ``[0, num_classes)``.
+        num_classes: ``C``.
+
+    Returns:
+        ``(C,)`` fp32 weights.
+    """
+    counts = torch.bincount(torch.tensor(list(targets), dtype=torch.long), minlength=num_classes)
+    weights = len(targets) / (num_classes * counts.clamp(min=1).float())
+    return torch.where(counts > 0, weights, torch.ones_like(weights))
+
+
 @dataclass
 class ClassificationObjective(MeanLoss):
     """Cross-entropy over the verbalizer's label words at the last text position; with a
     teacher's probabilities on the train split (``EncodedSplit.soft_targets``) the loss is
-    ``distill_weight`` x cross-entropy to them + the rest x cross-entropy to the gold labels."""
+    ``distill_weight`` x cross-entropy to them + the rest x cross-entropy to the gold labels.
+    After :meth:`balance_classes` each example's terms weigh as much as its class's weight, and
+    validation macro-F1 picks the best prompt."""
 
     tokenizer: Any
     template: Template
@@ -107,7 +127,16 @@ class ClassificationObjective(MeanLoss):
     shared_prefix: bool = True  # evaluation computes the prompt once per split
     text_column: str = "text"
     distill_weight: float = 0.0  # weight of the teacher's probabilities (soft_targets)
-    selection_metric: ClassVar[str] = "accuracy"
+    class_weights: torch.Tensor | None = None  # (C,) per label, from balance_classes
+    selection_metric: str = field(default="accuracy", init=False)
+
+    def balance_classes(self, targets: Sequence[int]) -> dict[str, float]:
+        """Weigh the loss by :func:`balanced_class_weights` of the train split's ``targets``
+        and pick the best prompt by macro-F1; returns each label's weight."""
+        labels = self.verbalizer.labels
+        self.class_weights = balanced_class_weights(targets, len(labels))
+        self.selection_metric = "macro_f1"
+        return dict(zip(labels, self.class_weights.tolist(), strict=True))
 
     def encode(self, records: Sequence[Record], context: str = "", split: str = "split") -> EncodedSplit:
         encoding = InputEncoding(
@@ -131,11 +160,12 @@ class ClassificationObjective(MeanLoss):
         texts = [encoded.sequences[i] for i in batch]
         scores = label_scores(frozen, texts, self.verbalizer, **inputs)
         targets = torch.tensor([encoded.targets[i] for i in batch], device=scores.device)
-        loss = F.cross_entropy(scores, targets, reduction="sum")
+        weight = None if self.class_weights is None else self.class_weights.to(scores)
+        loss = F.cross_entropy(scores, targets, weight=weight, reduction="sum")
         if encoded.soft_targets is None or not self.distill_weight:
             return loss
         teacher = encoded.soft_targets[batch].to(scores.device)
-        distilled = F.cross_entropy(scores, teacher, reduction="sum")
+        distilled = F.cross_entropy(scores, teacher, weight=weight, reduction="sum")
         return self.distill_weight * distilled + (1 - self.distill_weight) * loss
 
     def evaluate(self, frozen: FrozenModel, prompt: torch.Tensor | None, encoded: EncodedSplit,
@@ -168,7 +198,7 @@ class GenerationObjective(MeanLoss):
     target_language: str | None = None  # picks BLEU's tokenizer (zh for Chinese)
     group_column: str | None = None  # metrics also per value of this field (hsk_level)
     stop: tuple[str, ...] = ()  # strings that end a generated text (a newline: one-line targets)
-    selection_metric: ClassVar[str] = "chrf"
+    selection_metric: str = field(default="chrf", init=False)
 
     def encode(self, records: Sequence[Record], context: str = "", split: str = "split") -> GeneratedSplit:
         encoding = InputEncoding(

@@ -27,6 +27,7 @@ INITS = tuple(item.value for item in PromptTuningInit)
 REPARAMETERIZATIONS = ("none", "residual")  # core.reparameterize
 LR_SCALES = ("none", "embedding")  # optim.scaled_learning_rate
 AUTO_VERBALIZER = "auto"  # label words chosen from the train split (evaluation.label_words)
+CLASS_WEIGHTS = ("none", "balanced")  # objectives.balanced_class_weights
 METHODS = ("prompt", "prefix")
 
 # Named option sets, applied by `TrainOptions.from_preset` (``softprompt train --preset``).
@@ -132,6 +133,15 @@ class TrainOptions:
         default=0.5,
         metadata={"help": "With --teacher: the loss is this x cross-entropy to the teachers' "
                   "probabilities + (1 - this) x cross-entropy to the gold labels"},
+    )
+    class_weights: str = field(
+        default="none",
+        metadata={
+            "help": "balanced: weigh each class's loss by n / (classes x its train count), so a "
+            "minority class counts as much as a majority one; the best prompt is then the one "
+            "with the best validation macro-F1 (classification)",
+            "choices": CLASS_WEIGHTS,
+        },
     )
     reparameterize: str = field(
         default="none",
@@ -292,6 +302,8 @@ class TrainOptions:
             problems.append("teacher needs task_type='classification' (label probabilities)")
         if not 0 <= self.distill_weight <= 1:
             problems.append(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.class_weights != "none" and self.task_type != "classification":
+            problems.append(f"class_weights={self.class_weights!r} needs task_type='classification'")
         if self.verbalizer == AUTO_VERBALIZER and self.task_type != "classification":
             problems.append("verbalizer='auto' needs task_type='classification'")
         if self.init == "TEXT" and self.init_text is not None and not self.init_text.strip():

@@ -92,6 +92,7 @@ def build_report(
     verbalizer: dict[str, str] | None = None,
     label_words: dict[str, Any] | None = None,
     distillation: dict[str, Any] | None = None,
+    class_weights: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The run's ``report.json``.
 
@@ -117,6 +118,7 @@ def build_report(
         verbalizer: label -> word of a classifier.
         label_words: the label-word search's choice (``--verbalizer auto``).
         distillation: the teachers, their weight and train accuracy (``--teacher``).
+        class_weights: each label's loss weight (``--class-weights balanced``).
     """
     saved, total = model.get_nb_trainable_parameters()
     trainable = trained_parameters or saved
@@ -145,6 +147,7 @@ def build_report(
         **({"label_words": label_words} if label_words else {}),
         **({"init_from": options.init_from} if options.init_from else {}),
         **(distillation or {}),
+        **({"class_weights": class_weights} if class_weights else {}),
         "steps": state.step,
         "best_step": state.best_step,
         "train_examples": train_examples,
@@ -179,6 +182,7 @@ def training_summary(report: dict[str, Any]) -> dict[str, Any]:
         "test_accuracy",
         "test_macro_f1",
         "best_validation_accuracy",
+        "best_validation_macro_f1",
         "zero_shot_accuracy",
         "zero_shot_macro_f1",
         "init_accuracy",

@@ -86,6 +86,7 @@ class RunSetup:
     label_words: dict[str, Any] | None = None  # --verbalizer auto: the search's choice and why
     learning_rate: float = 0.0  # in effect (options.learning_rate, scaled by --lr-scale)
     distillation: dict[str, Any] | None = None  # --teacher: who taught, and how well
+    class_weights: dict[str, float] | None = None  # --class-weights balanced: each label's weight
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,6 +252,10 @@ def load_run(
         label_words,
         learning_rate(options, model),
     )
+    if options.class_weights == "balanced" and isinstance(objective, ClassificationObjective):
+        setup.class_weights = objective.balance_classes(setup.train_data.targets)
+        logger.info("class weights (balanced over the train split): %s", ", ".join(
+            f"{label}={weight:.3f}" for label, weight in setup.class_weights.items()))
     if options.teacher:
         probabilities, seconds = teacher_probabilities(
             (base, tokenizer), options.teacher, train_data, options.text_column,

@@ -218,6 +218,7 @@ def _run(
         verbalizer=metadata["verbalizer"],
         label_words=run.label_words,
         distillation=run.distillation,
+        class_weights=run.class_weights,
     )
     if context.is_main:
         # The best prompt is on disk already (saved when it was found): its weights file's size.
@@ -246,7 +247,9 @@ def _baselines(
     initial = run.objective.evaluate(
         run.frozen, run.model.prompt, run.test_data, description="initial prompt", context=context
     )
-    names = [run.objective.selection_metric, *(["macro_f1"] if "macro_f1" in zero_shot else [])]
+    names = list(dict.fromkeys(
+        [run.objective.selection_metric, *(["macro_f1"] if "macro_f1" in zero_shot else [])]
+    ))
     logger.info(
         "test %s: zero-shot %s, initial prompt %s",
         "/".join(names),
