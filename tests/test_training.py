@@ -571,7 +571,7 @@ def test_balanced_class_weights_weigh_every_class_alike_and_pick_the_prompt_by_m
             if row["label"] == "negative" or index % 6 == 0]
     data = write_jsonl(tmp_path / "uneven.jsonl", rows)
     options = TrainOptions(**tiny.options(tmp_path / "run", dataset=str(data), steps=4,
-                                          class_weights="balanced", baselines=False))
+                                          class_weights="balanced"))
     prepared = prepare(options)
     run = load_run(prepared.options, prepared, torch.device("cpu"), SINGLE)
     targets = run.train_data.targets
@@ -594,6 +594,8 @@ def test_balanced_class_weights_weigh_every_class_alike_and_pick_the_prompt_by_m
     report = train(options).report
     assert report["class_weights"] == pytest.approx(expected)
     assert report["selection_metric"] == "macro_f1"
+    # The baselines keep both of a classifier's figures whichever one selects the prompt.
+    assert {"zero_shot_accuracy", "zero_shot_macro_f1", "init_accuracy", "init_macro_f1"} <= set(report)
     validated = [record["validation_macro_f1"] for record in _metrics(out / "metrics.jsonl")
                  if "validation_macro_f1" in record]
     assert report["best_validation_macro_f1"] == max(validated)

@@ -188,11 +188,10 @@ def _run(
         run.frozen, run.model.prompt, run.test_data, description="test", context=context
     )
     logger.info(
-        "test %s of the best prompt (step %d): %.4f%s",
-        metric,
+        "test %s of the best prompt (step %d): %s",
+        "/".join(_reported_metrics(metric, test)),
         loop.state.best_step,
-        test[metric],
-        f", macro-F1 {test['macro_f1']:.4f}" if "macro_f1" in test else "",
+        "/".join(f"{test[name]:.4f}" for name in _reported_metrics(metric, test)),
     )
     if test.get("per_group"):
         logger.info("test by %s: %s", test["group_column"], "; ".join(
@@ -233,6 +232,13 @@ def _run(
     return TrainResult(output_dir, report)
 
 
+def _reported_metrics(selection_metric: str, result: dict[str, Any]) -> list[str]:
+    """The metrics logged and reported for a split: the selection metric first, then a
+    classifier's accuracy and macro-F1 (a generation's ``accuracy`` is exact match: left out)."""
+    classifier = ["accuracy", "macro_f1"] if "macro_f1" in result else []
+    return list(dict.fromkeys([selection_metric, *classifier]))
+
+
 def _baselines(
     instruction: str, run: RunSetup, context: distributed.DistContext
 ) -> dict[str, float]:
@@ -247,9 +253,7 @@ def _baselines(
     initial = run.objective.evaluate(
         run.frozen, run.model.prompt, run.test_data, description="initial prompt", context=context
     )
-    names = list(dict.fromkeys(
-        [run.objective.selection_metric, *(["macro_f1"] if "macro_f1" in zero_shot else [])]
-    ))
+    names = _reported_metrics(run.objective.selection_metric, zero_shot)
     logger.info(
         "test %s: zero-shot %s, initial prompt %s",
         "/".join(names),
