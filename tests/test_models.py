@@ -29,6 +29,7 @@ from softprompt.models import (
     ModelSource,
     cache,
     cache_dir,
+    check_model_loadable,
     concatenate_verified,
     format_models_table,
     list_bundled_models,
@@ -40,6 +41,8 @@ from softprompt.models import (
 )
 from softprompt.models.loading import ModelUnavailableError, TaskNotSupportedError
 from softprompt.models.tiny import gemma3_shaped, smollm2_shaped, tiny_llama, word_level_tokenizer
+from softprompt.training import TrainOptions
+from softprompt.training.setup import prepare
 
 # The chat prompt "What is the capital of France?" as the GGUF tokenizer of SmolLM2 encodes it.
 SMOLLM2_CHAT_IDS = [
@@ -579,6 +582,28 @@ def test_chunked_model_with_wrong_checksum_converts_nothing(
     _install_fake_parts(tmp_path / "good", monkeypatch, sha256="")
     loading.ensure_converted(resolve_model_source(QWEN))
     assert [path.name for path in converter.calls] == [BUNDLED_MODELS[QWEN].gguf_file]
+
+
+def test_chunked_model_whose_packages_are_gone_loads_from_its_cached_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_cache: Path, tiny_folder: Path
+) -> None:
+    monkeypatch.setattr(loading, "convert_gguf", FakeConverter(tiny_folder))
+    with pytest.raises(ModelNotInstalledError, match="make models-qwen"):
+        check_model_loadable(QWEN)  # neither packages nor a conversion
+    _install_fake_parts(tmp_path, monkeypatch, sha256="")
+    check_model_loadable(QWEN)
+    converted, _ = load_model(QWEN)
+    _install_fake_parts(tmp_path / "gone", monkeypatch, order=[None] * 6)
+    with pytest.raises(ModelNotInstalledError, match="0 of 6 parts present"):
+        resolve_model_source(QWEN)
+    check_model_loadable(QWEN)  # what `softprompt serve` checks before loading
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"review {index},{index % 2}\n" for index in range(20)))
+    prepare(TrainOptions(model=QWEN, dataset=str(data)))  # `softprompt train`'s checks pass
+    cached, _ = load_model(QWEN)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, cached(ids).logits)
 
 
 # --- chat template kept from the GGUF ----------------------------------------------------------

@@ -20,6 +20,7 @@ from softprompt.models.registry import (
     BundledModel,
     ModelNotInstalledError,
     ModelSource,
+    check_model_loadable,
     resolve_model_source,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "ModelUnavailableError",
     "TaskNotSupportedError",
     "cache_dir",
+    "check_model_loadable",
     "concatenate_verified",
     "format_models_table",
     "list_bundled_models",

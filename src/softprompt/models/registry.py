@@ -413,6 +413,25 @@ def resolve_model_source(name: str) -> ModelSource:
     )
 
 
+def check_model_loadable(name: str) -> None:
+    """Raise at once what ``load_model`` would raise for a name it cannot load, without loading:
+    a bundled model whose packages are gone passes while its conversion is cached (``load_model``
+    then uses the cache).
+
+    Args:
+        name (str): a bundled name, ``.gguf`` path, local folder or Hub id.
+
+    Raises:
+        As :func:`resolve_model_source`; :class:`ModelNotInstalledError` only when no valid cache
+        entry stands in for the missing packages.
+    """
+    try:
+        resolve_model_source(name)
+    except ModelNotInstalledError:
+        if bundled_cache_entry(str(name).strip().lower()) is None:
+            raise
+
+
 def bundled_cache_entry(name: str) -> Path | None:
     """The valid cache entry of a bundled model, found even when its packages are gone.
 

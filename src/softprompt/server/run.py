@@ -7,7 +7,6 @@ with ``python -m softprompt serve --model M --task NAME=DIR ...``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -41,21 +40,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_model_name(model: str) -> None:
-    """Raises at once for a model name that cannot resolve (the load itself runs later)."""
-    from softprompt.models import ModelNotInstalledError, resolve_model_source
-
-    with contextlib.suppress(ModelNotInstalledError):  # a cached conversion may still load
-        resolve_model_source(model)
-
-
 def build_app(options: ServeOptions) -> Any:
     """Builds the app; the engine itself loads in the background once the server starts.
 
     Args and Raises: as :func:`serve` (``host``, ``port`` and ``log_level`` are not used here).
     """
     _, create_app = _import_serving()
-    _check_model_name(options.model)  # fail before the slow model load, not in the background
+    from softprompt.models import check_model_loadable
+
+    check_model_loadable(options.model)  # fail before the slow model load, not in the background
 
     def make_engine() -> Any:
         from softprompt.inference import Engine

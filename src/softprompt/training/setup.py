@@ -108,11 +108,11 @@ def prepare(options: TrainOptions) -> Prepared:
         ValueError: ``cannot start training:`` and one line per problem (model, dataset,
             template, verbalizer).
     """
-    from softprompt.models import resolve_model_source
+    from softprompt.models import check_model_loadable
 
     problems = []
     try:
-        resolve_model_source(options.model)
+        check_model_loadable(options.model)
     except Exception as error:  # noqa: BLE001 - each problem is reported, none hidden
         problems.append(f"model={options.model!r}: {error}")
     splits = None
