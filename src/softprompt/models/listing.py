@@ -77,7 +77,8 @@ def format_models_table(rows: list[dict[str, Any]]) -> str:
         rows (list[dict[str, Any]]): rows from :func:`list_bundled_models`.
 
     Returns:
-        str: the table, then one install hint per model that is not installed.
+        str: the table, then one install hint per model that is not installed (saying so when
+        its cached conversion loads without it).
     """
     headers = ("name", "installed", "cached", "params", "hidden", "vocab", "description")
     table = [
@@ -99,7 +100,9 @@ def format_models_table(rows: list[dict[str, Any]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     hints = [
-        f"{row['name']}: not installed; run `{row['install']}` (or `{row['pip_install']}`)"
+        f"{row['name']}: not installed"
+        + ("; its cached conversion still loads; to rebuild it, run" if row.get("cached") else "; run")
+        + f" `{row['install']}` (or `{row['pip_install']}`)"
         for row in rows
         if not row.get("installed")
     ]
