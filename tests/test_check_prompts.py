@@ -50,3 +50,16 @@ def test_checking_one_prompt_keeps_the_other_prompts_results(check_prompts, tmp_
     assert check_prompts.merged(output, now) == [{"name": "a-rechecked", "status": "ok"},
                                                 {"name": "b-other", "status": "ok"}]
     assert check_prompts.merged(tmp_path / "absent.json", now) == now
+
+
+def test_a_prompt_whose_model_is_neither_installed_nor_cached_is_skipped(check_prompts, tmp_path, monkeypatch):
+    from softprompt.models import registry
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))  # nothing converted
+    monkeypatch.setattr(registry, "_distribution", lambda package: None)  # nothing installed
+    folder = tmp_path / "gemma-prompt"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"model": "gemma3-270m", "test_accuracy": 0.86,
+                                                    "test_examples": 1290}))
+    record = check_prompts.check_prompt(folder, tolerance=0.5)
+    assert record["status"] == "skipped" and "make models-all" in record["why"], record
