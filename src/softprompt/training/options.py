@@ -66,11 +66,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The seed's tweet recipe: 3 imbalanced classes (report.json adds macro-F1); the init text
     # is the dataset's instruction, "Classify if the text is positive, neutral or negative:"
-    # (data.templates.DEFAULT_INSTRUCTIONS).
+    # (data.templates.DEFAULT_INSTRUCTIONS). 600 steps, scored on every test example: 150 steps
+    # scored 11 points less macro-F1 (SmolLM2-135M, AMD EPYC; README, Results).
     "tweets": {
         "dataset": "tweet_sentiment",
         "num_virtual_tokens": 10,
         "verbalizer": "positive=positive,neutral=neutral,negative=negative",
+        "steps": 600,
+        "eval_every": 150,
+        "max_eval_examples": None,
     },
 }
 
