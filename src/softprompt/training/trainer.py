@@ -86,7 +86,8 @@ def train(
 
     Args:
         options: the run's options; or give them as keyword arguments (``num_virtual_tokens=20``).
-        preset: without ``options``, a named option set (``PRESETS``) under the keyword options.
+        preset: without ``options``, a named option set (``PRESETS``) or an earlier run's
+            ``options.json``, under the keyword options.
         **overrides: options applied on top of ``options`` (or of the preset).
 
     Returns:
