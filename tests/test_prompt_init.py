@@ -91,8 +91,9 @@ def test_peft_docstring_example_with_a_local_tokenizer(t5, tokenizer, tokenizer_
 # ----------------------------------------------------------------------------- TEXT
 
 
-def test_text_truncation_keeps_first_tokens(t5, tokenizer, text_config):
-    embedding = PromptEmbedding(text_config(5), t5.shared)
+def test_text_truncation_keeps_first_tokens(t5, tokenizer, text_config, caplog):
+    with caplog.at_level("WARNING", logger="softprompt.core.prompt"):
+        embedding = PromptEmbedding(text_config(5), t5.shared)
     text_ids = _text_ids(tokenizer)
     assert torch.equal(_weight(embedding), t5.shared.weight[text_ids[:5]].detach())
     report = embedding.init_report
@@ -100,6 +101,12 @@ def test_text_truncation_keeps_first_tokens(t5, tokenizer, text_config):
     assert report.text_token_ids == text_ids
     assert report.truncated == len(text_ids) - 5
     assert [source.split(":")[0] for source in report.sources] == ["text"] * 5
+    dropped = "".join(report.text_tokens[5:])
+    assert (f"the init text tokenizes to {len(text_ids)} tokens but the prompt has 5 virtual tokens: "
+            f"the last {len(text_ids) - 5} ({dropped})") in caplog.text
+    caplog.clear()
+    PromptEmbedding(text_config(len(text_ids)), t5.shared)
+    assert "init text" not in caplog.text  # nothing dropped, nothing said
 
 
 def test_text_fill_sample_vocab(t5, tokenizer, text_config):

@@ -257,6 +257,12 @@ def _text_init(
         truncated=max(0, len(token_ids) - total),
     )
     kept = token_ids[:total]
+    if report.truncated:
+        logger.warning(
+            "the init text tokenizes to %d tokens but the prompt has %d virtual tokens: the last "
+            "%d (%s) initialise no virtual token, as in PEFT; %d virtual tokens would keep them all",
+            len(token_ids), total, report.truncated, "".join(report.text_tokens[total:]), len(token_ids),
+        )
     report.sources.extend(f"text:{_piece(tokenizer, token_id)}" for token_id in kept)
     missing = total - len(kept)
     if missing and config.prompt_tuning_init_fill == InitFill.REPEAT:
