@@ -276,9 +276,9 @@ class TrainOptions:
     def from_preset(cls, preset: str | None, **given: Any) -> TrainOptions:
         """Options of a preset, with every ``given`` option winning.
 
-        A preset is a name in ``PRESETS`` or the ``options.json`` an earlier run wrote (every
-        ``prompts/<name>/`` holds one): its recipe, less its ``output_dir`` and ``resume``, so
-        the rerun writes a new run directory. A given option wins even when it equals the
+        A preset is a name in ``PRESETS`` or the ``options.json`` an earlier run wrote (a
+        committed ``prompts/<name>/`` keeps its run's): its recipe, less its ``output_dir`` and
+        ``resume``, so the rerun writes a new run directory. A given option wins even when it equals the
         default the preset would replace (``from_preset("quick", batch_size=8)`` keeps 8).
         ``preset=None`` is ``cls(**given)``.
 
