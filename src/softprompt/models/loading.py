@@ -313,7 +313,7 @@ def model_cache_path(name: str) -> Path | None:
     try:
         source = resolve_model_source(name)
     except ModelNotInstalledError:
-        return bundled_cache_entry(str(name).strip().lower())
+        return bundled_cache_entry(name)
     if source.needs_conversion:
         entry = cache.models_dir() / source.cache_slug
         return entry if cache.check_entry(entry, source.identity).ok else None
@@ -492,7 +492,7 @@ def load_model(
     try:
         source = resolve_model_source(name_or_path)
     except ModelNotInstalledError:
-        entry = bundled_cache_entry(str(name_or_path).strip().lower())
+        entry = bundled_cache_entry(name_or_path)
         if entry is None:
             raise
         logger.info("%s is not installed; using its cached conversion %s", name_or_path, entry)

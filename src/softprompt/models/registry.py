@@ -428,7 +428,7 @@ def check_model_loadable(name: str) -> None:
     try:
         resolve_model_source(name)
     except ModelNotInstalledError:
-        if bundled_cache_entry(str(name).strip().lower()) is None:
+        if bundled_cache_entry(name) is None:
             raise
 
 
@@ -436,12 +436,13 @@ def bundled_cache_entry(name: str) -> Path | None:
     """The valid cache entry of a bundled model, found even when its packages are gone.
 
     Args:
-        name (str): a bundled model name.
+        name (str): a bundled model name, spelt as :func:`resolve_model_source` accepts it (any
+            case, surrounding spaces).
 
     Returns:
         Path | None: the converted checkpoint folder, or None (not converted yet, or unknown).
     """
-    model = BUNDLED_MODELS.get(name)
+    model = BUNDLED_MODELS.get(str(name).strip().lower())
     if model is None:
         return None
     if is_installed(model):

@@ -278,9 +278,9 @@ class TrainOptions:
 
         A preset is a name in ``PRESETS`` or the ``options.json`` an earlier run wrote (a
         committed ``prompts/<name>/`` keeps its run's): its recipe, less its ``output_dir`` and
-        ``resume``, so the rerun writes a new run directory. A given option wins even when it equals the
-        default the preset would replace (``from_preset("quick", batch_size=8)`` keeps 8).
-        ``preset=None`` is ``cls(**given)``.
+        ``resume``, so the rerun writes a new run directory. A given option wins even when it
+        equals the default the preset would replace (``from_preset("quick", batch_size=8)``
+        keeps 8). ``preset=None`` is ``cls(**given)``.
 
         Raises:
             ValueError: an unknown name; a file that is missing, not JSON, not an object, or
