@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from softprompt.models.tiny import SENTENCES, tiny_llama, tiny_tokenizer
 from softprompt.training import TrainOptions, train
+from softprompt.training.distill import PROBABILITIES_KEY, TEACHER_FILE
 from softprompt.training.distributed import DistContext, check_batch_divisible
 
 TRAIN_ARGS = {  # a constant rate: a run resumed from 3 to 6 steps then equals a 6-step run
@@ -115,6 +116,21 @@ def test_sharded_frozen_base_matches_one(setup: tuple[Path, Path], single_run: P
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded 2 frozen decoder blocks over 2 ranks" in result.stderr
     assert torch.allclose(_prompt(single_run), _prompt(tmp_path / "sharded"), atol=1e-5)
+
+
+def test_teachers_are_scored_in_shares(setup: tuple[Path, Path], single_run: Path, tmp_path: Path) -> None:
+    model_dir, data = setup
+    options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS,
+               "teacher": str(single_run / "prompt")}
+    train(TrainOptions(**{**options, "teacher": [options["teacher"]]}, output_dir=str(tmp_path / "one")))
+    result = _torchrun(2, {**options, "output_dir": str(tmp_path / "two")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_examples = json.loads((tmp_path / "one" / "report.json").read_text())["train_examples"]
+    assert f"rank 0 scored {(train_examples + 1) // 2} of the {train_examples} train examples (2 ranks)" in result.stderr
+    # Gathered in order, the two shares are the one-process table, and so is the student.
+    one, two = (load_file(str(tmp_path / run / TEACHER_FILE))[PROBABILITIES_KEY] for run in ("one", "two"))
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
+    assert torch.allclose(_prompt(tmp_path / "one"), _prompt(tmp_path / "two"), atol=1e-6)
 
 
 def test_shard_base_needs_several_processes(setup: tuple[Path, Path], tmp_path: Path) -> None:

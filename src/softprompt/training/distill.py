@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from softprompt.core.checkpoint import PromptCheckpoint, atomic_write_bytes, load_prompt
 from softprompt.core.config import PrefixTuningConfig
 from softprompt.data import Record
+from softprompt.training.distributed import SINGLE, DistContext, gather_rows
 from softprompt.training.options import TrainOptions
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,12 @@ def teacher_probabilities(
     labels: Sequence[str],
     cache: Path | None = None,
     batch_size: int = 32,
+    context: DistContext = SINGLE,
 ) -> tuple[torch.Tensor, float]:
     """The teachers' mean label probabilities for every record, served by the Engine.
+
+    Under torchrun each rank scores its contiguous share of the records and the shares are
+    gathered, so every rank holds the whole ``(N, C)`` table; rank 0 alone writes ``cache``.
 
     Args:
         model_and_tokenizer: the run's frozen model (in the run's dtype) and its tokenizer.
@@ -113,6 +118,7 @@ def teacher_probabilities(
             teachers' probabilities for as many records, else written after scoring, so that
             a resumed run does not score again and trains on the same targets.
         batch_size: requests per Engine call.
+        context: this process's place in a distributed run (single-process by default).
 
     Returns:
         ``(N, C)`` fp32 probabilities in ``records`` order and ``labels`` columns, and the
@@ -130,15 +136,21 @@ def teacher_probabilities(
     started = time.perf_counter()
     engine = Engine(model_and_tokenizer=model_and_tokenizer)
     engine.add_task("teacher", list(teachers))
-    probabilities = torch.empty(len(records), len(labels))
-    starts = range(0, len(records), batch_size)
-    for start in tqdm(starts, desc=f"teacher ({len(teachers)} prompt(s))", leave=False):
-        batch = records[start : start + batch_size]
+    share = context.shard(list(records))
+    local = torch.empty(len(share), len(labels))
+    starts = range(0, len(share), batch_size)
+    description = f"teacher ({len(teachers)} prompt(s))"
+    for start in tqdm(starts, desc=description, leave=False, disable=not context.is_main):
+        batch = share[start : start + batch_size]
         results = engine.classify([("teacher", record[text_column]) for record in batch], truncate=True)
-        probabilities[start : start + len(batch)] = torch.tensor(
+        local[start : start + len(batch)] = torch.tensor(
             [[result.probabilities[label] for label in labels] for result in results]
         )
-    if cache is not None:
+    if context.enabled:
+        logger.info("teachers: rank %d scored %d of the %d train examples (%d ranks)",
+                    context.rank, len(local), len(records), context.world_size)
+    probabilities = gather_rows(local, context)
+    if cache is not None and context.is_main:
         atomic_write_bytes(cache, save({PROBABILITIES_KEY: probabilities}, metadata={"key": key}))
     return probabilities, time.perf_counter() - started
 

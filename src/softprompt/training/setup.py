@@ -261,6 +261,7 @@ def load_run(
             (base, tokenizer), options.teacher, train_data, options.text_column,
             prepared.verbalizer.labels,
             cache=output_dir / TEACHER_FILE if output_dir is not None else None,
+            context=context,
         )
         setup.train_data.soft_targets = probabilities
         setup.distillation = distillation_summary(
