@@ -238,9 +238,19 @@ def test_time_budget_ends_the_run_with_a_validation(tiny, tmp_path, monkeypatch,
     # budget is spent by the third step, which is the last and validates.
     clock = iter(range(0, 10_000, 5))
     monkeypatch.setattr(softprompt.training.loop, "_step_clock", lambda: float(next(clock)))
+    totals = []  # the progress bar counts towards the budget's last step, not the 12 steps
+    bar_class = softprompt.training.loop.tqdm
+    close = bar_class.close
+
+    def record_and_close(bar) -> None:
+        if bar.desc == "train":
+            totals.append((bar.n, bar.total))
+        close(bar)
+
+    monkeypatch.setattr(bar_class, "close", record_and_close)
     out = tmp_path / "run"
     report = train(**tiny.options(out, steps=12, eval_every=5, baselines=False, time_budget=12)).report
-    assert report["steps"] == 3
+    assert report["steps"] == 3 and totals == [(3, 3)]
     records = _metrics(out / "metrics.jsonl")
     assert [record["step"] for record in records if "validation_accuracy" in record] == [3]
     with pytest.raises(ValueError, match="time_budget must be > 0"):

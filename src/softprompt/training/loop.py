@@ -134,6 +134,15 @@ class LoopSettings:
         """Whether the steps so far have spent the time budget."""
         return self.time_budget is not None and state.train_seconds >= self.time_budget
 
+    def expected_total(self, state: LoopState) -> int:
+        """The step the run will end at: ``total_steps``, or sooner where the time budget, at the
+        mean step time so far, runs out first (what the progress bar counts towards)."""
+        if self.time_budget is None or state.step == 0 or state.train_seconds <= 0:
+            return self.total_steps
+        left = max(self.time_budget - state.train_seconds, 0.0)
+        per_step = state.train_seconds / state.step
+        return min(self.total_steps, state.step + math.ceil(left / per_step))
+
 
 @dataclass
 class LoopResult:
@@ -180,6 +189,7 @@ def train_loop(
             examples = sum(len(batch) for batch in step_batches)
             result.examples_seen += examples
             rate = throughput.add(examples)
+            progress.total = settings.expected_total(state)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
             last = state.step == settings.total_steps or settings.out_of_time(state)
