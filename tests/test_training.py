@@ -250,7 +250,7 @@ def test_time_budget_ends_the_run_with_a_validation(tiny, tmp_path, monkeypatch,
     monkeypatch.setattr(bar_class, "close", record_and_close)
     out = tmp_path / "run"
     report = train(**tiny.options(out, steps=12, eval_every=5, baselines=False, time_budget=12)).report
-    assert report["steps"] == 3 and totals == [(3, 3)]
+    assert report["steps"] == 3 and set(totals) == {(3, 3)}
     records = _metrics(out / "metrics.jsonl")
     assert [record["step"] for record in records if "validation_accuracy" in record] == [3]
     with pytest.raises(ValueError, match="time_budget must be > 0"):
