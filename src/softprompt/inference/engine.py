@@ -137,7 +137,7 @@ class Engine:
             )
         task = make_task(name, members)
         self._registry.put(task)
-        logger.info("task %s loaded (%s, %d prompt(s))", name, task.info.kind, len(dirs))
+        logger.info("task %r loaded (%s, %d prompt(s))", name, task.info.kind, len(dirs))
         return task.info
 
     def remove_task(self, name: str) -> None:
