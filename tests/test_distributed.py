@@ -133,6 +133,68 @@ def test_teachers_are_scored_in_shares(setup: tuple[Path, Path], single_run: Pat
     assert torch.allclose(_prompt(tmp_path / "one"), _prompt(tmp_path / "two"), atol=1e-6)
 
 
+SHARDED_BLOCKS_SCRIPT = """
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+from softprompt.fastpath.frozen import FrozenModel
+from softprompt.models.tiny import tiny_llama, tiny_tokenizer
+from softprompt.training import distributed
+
+context = distributed.init_distributed(torch.device("cpu"), 60)
+model = tiny_llama(seed=3).requires_grad_(False)
+distributed.shard_frozen_base(model, context)
+frozen = FrozenModel(model, tiny_tokenizer())
+ids = torch.tensor([[5, 6, 7, 8]])
+with torch.no_grad():
+    frozen.hidden_states(frozen.embed(ids), None, torch.arange(4)[None])
+blocks = distributed.decoder_layers(model)
+sharded = all(isinstance(weight, DTensor) for weight in blocks.parameters())
+whole = not isinstance(model.get_input_embeddings().weight, DTensor)
+# One write per rank (atomic on a pipe), so the two ranks' lines do not interleave.
+sys.stdout.write(f"rank {context.rank}: sharded after a forward {sharded}, embeddings whole {whole}\\n")
+sys.stdout.flush()
+distributed.shutdown(context)
+"""
+
+
+def test_sharded_blocks_are_gathered_only_while_they_run(tmp_path: Path) -> None:
+    script = tmp_path / "forward.py"
+    script.write_text(SHARDED_BLOCKS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: sharded after a forward True, embeddings whole True" in result.stdout
+
+
+def test_sharded_base_evaluates_splits_of_any_size(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    # 33 validation and test examples: shares of 17 and 16 would give the ranks 2 and 1 batches
+    # of 16, and the blocks' weight gathering would stall. Every rank runs the whole split.
+    model_dir, _ = setup
+    words = " ".join(SENTENCES).split()
+    generator = random.Random(1)
+    rows = [" ".join(generator.choice(words) for _ in range(generator.randint(3, 9))) for _ in range(400)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(
+        json.dumps({"text": text, "label": "positive" if "good" in text else "negative"}) + "\n"
+        for text in rows
+    ))
+    options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS, "steps": 2, "eval_every": 2,
+               "max_eval_examples": 33, "max_validation_examples": 33}
+    train(TrainOptions(**options, output_dir=str(tmp_path / "one")))
+    result = _torchrun(2, {**options, "shard_base": True, "output_dir": str(tmp_path / "two")}, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two"))
+    assert two["test_examples"] == 33
+    for metric in ("test_accuracy", "best_validation_accuracy", "zero_shot_accuracy"):
+        assert two.get(metric) == one.get(metric), metric
+    assert torch.allclose(_prompt(tmp_path / "one"), _prompt(tmp_path / "two"), atol=1e-5)
+
+
 def test_shard_base_needs_several_processes(setup: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, data = setup
     with pytest.raises(ValueError, match="shard_base needs several processes"):

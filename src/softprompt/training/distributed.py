@@ -38,13 +38,29 @@ class DistContext:
         return self.rank == 0
 
     def shard(self, items: list[Any]) -> list[Any]:
-        """This rank's contiguous share of ``items`` (sizes differ by at most one)."""
+        """This rank's contiguous share of ``items`` (sizes differ by at most one); all of them
+        in a context of one process."""
+        if not self.enabled:
+            return items
         base, extra = divmod(len(items), self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return items[start : start + base + (1 if self.rank < extra else 0)]
 
 
 SINGLE = DistContext()  # a single-process run
+
+
+def inference_context(context: DistContext, sharded_base: bool) -> DistContext:
+    """How no-grad work (evaluation, teacher scoring) is shared out among the ranks.
+
+    Normally each rank takes a share of the examples and the results are gathered. With a
+    sharded frozen base (``--shard-base``) every forward gathers each block's weights from all
+    ranks, so the ranks must run the same forwards in the same order; how many an evaluation
+    runs depends on its examples (their lengths, when a generation ends), so each rank runs the
+    whole split itself: a context of one process that keeps the rank, so that rank 0 alone
+    shows progress.
+    """
+    return DistContext(context.rank, 1, context.local_rank) if sharded_base else context
 
 
 def world_from_environment() -> DistContext:
@@ -110,6 +126,15 @@ def shard_frozen_base(model: torch.nn.Module, context: DistContext) -> int:
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    # The decoder body (what the fast path calls) as the root: a block that is a root of its own
+    # keeps its gathered weights after a forward until a backward, so an evaluation would end
+    # with every block whole on every rank. The body's own weights (embeddings, final norm) are
+    # left as they are.
+    body = model.base_model
+    in_blocks = {id(parameter) for parameter in layers.parameters()}
+    fully_shard(body, mesh=mesh, ignored_params={
+        parameter for parameter in body.parameters() if id(parameter) not in in_blocks
+    })
     return len(layers)
 
 

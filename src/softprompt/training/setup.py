@@ -43,7 +43,7 @@ from softprompt.training.distill import (
     start_weights,
     teacher_probabilities,
 )
-from softprompt.training.distributed import DistContext
+from softprompt.training.distributed import SINGLE, DistContext
 from softprompt.training.objectives import ClassificationObjective, GenerationObjective, Objective
 from softprompt.training.optim import scaled_learning_rate
 from softprompt.training.options import AUTO_VERBALIZER, TrainOptions
@@ -87,6 +87,8 @@ class RunSetup:
     learning_rate: float = 0.0  # in effect (options.learning_rate, scaled by --lr-scale)
     distillation: dict[str, Any] | None = None  # --teacher: who taught, and how well
     class_weights: dict[str, float] | None = None  # --class-weights balanced: each label's weight
+    # How evaluation and teacher scoring share out among the ranks (distributed.inference_context)
+    evaluation_context: DistContext = SINGLE
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,6 +253,7 @@ def load_run(
         dtype,
         label_words,
         learning_rate(options, model),
+        evaluation_context=distributed.inference_context(context, options.shard_base),
     )
     if options.class_weights == "balanced" and isinstance(objective, ClassificationObjective):
         setup.class_weights = objective.balance_classes(setup.train_data.targets)
@@ -261,7 +264,7 @@ def load_run(
             (base, tokenizer), options.teacher, train_data, options.text_column,
             prepared.verbalizer.labels,
             cache=output_dir / TEACHER_FILE if output_dir is not None else None,
-            context=context,
+            context=setup.evaluation_context,
         )
         setup.train_data.soft_targets = probabilities
         setup.distillation = distillation_summary(

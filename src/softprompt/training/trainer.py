@@ -173,7 +173,7 @@ def _run(
     )
     baselines = {}
     if options.baselines and not options.resume:
-        baselines = _baselines(prepared.instruction, run, context)
+        baselines = _baselines(prepared.instruction, run)
     metric = run.objective.selection_metric
     metadata = prompt_metadata(
         options, prepared.template, prepared.verbalizer, run.initial_prompt,
@@ -186,7 +186,8 @@ def _run(
     train_seconds = time.perf_counter() - train_started
     checkpoints.restore_best()
     test = run.objective.evaluate(
-        run.frozen, run.model.prompt, run.test_data, description="test", context=context
+        run.frozen, run.model.prompt, run.test_data, description="test",
+        context=run.evaluation_context,
     )
     logger.info(
         "test %s of the best prompt (step %d): %s",
@@ -240,19 +241,18 @@ def _reported_metrics(selection_metric: str, result: dict[str, Any]) -> list[str
     return list(dict.fromkeys([selection_metric, *classifier]))
 
 
-def _baselines(
-    instruction: str, run: RunSetup, context: distributed.DistContext
-) -> dict[str, float]:
+def _baselines(instruction: str, run: RunSetup) -> dict[str, float]:
     """The test selection metric (accuracy, or chrF for generation), and macro-F1 for a
     classifier, without a prompt (the instruction leads the input) and with the initial prompt:
     ``zero_shot_<metric>``, ``init_<metric>``."""
     lead = instruction + "\n" if instruction else ""
     instructed = run.objective.encode(run.test_records, context=lead, split="test")
     zero_shot = run.objective.evaluate(
-        run.frozen, None, instructed, description="zero-shot", context=context
+        run.frozen, None, instructed, description="zero-shot", context=run.evaluation_context
     )
     initial = run.objective.evaluate(
-        run.frozen, run.model.prompt, run.test_data, description="initial prompt", context=context
+        run.frozen, run.model.prompt, run.test_data, description="initial prompt",
+        context=run.evaluation_context,
     )
     names = _reported_metrics(run.objective.selection_metric, zero_shot)
     logger.info(
@@ -298,7 +298,7 @@ def _optimise(
         ),
         count=lambda batch: run.objective.count(run.train_data, batch),
     )
-    hooks = _hooks(run, checkpoints, optimizer, metrics, context)
+    hooks = _hooks(run, checkpoints, optimizer, metrics)
     settings = LoopSettings(
         steps,
         options.grad_accum,
@@ -327,12 +327,11 @@ def _hooks(
     checkpoints: PromptCheckpoints,
     optimizer: torch.optim.Optimizer,
     metrics: MetricsLog | None,
-    context: distributed.DistContext,
 ) -> LoopHooks:
     """Validation on the validation split, the best prompt and resumable state, metrics.jsonl."""
     return LoopHooks(
         validate=lambda: run.objective.evaluate(
-            run.frozen, run.model.prompt, run.validation_data, context=context
+            run.frozen, run.model.prompt, run.validation_data, context=run.evaluation_context
         ),
         keep_best=checkpoints.keep_best,
         save_state=lambda state: checkpoints.save_state(optimizer, state),
