@@ -195,6 +195,39 @@ def test_sharded_base_evaluates_splits_of_any_size(setup: tuple[Path, Path], tmp
     assert torch.allclose(_prompt(tmp_path / "one"), _prompt(tmp_path / "two"), atol=1e-5)
 
 
+UNEVEN_CLOCKS_SCRIPT = """
+import itertools
+import json
+import sys
+
+import softprompt.training.loop
+from softprompt.training import TrainOptions, train
+from softprompt.training.distributed import world_from_environment
+
+# A fake clock read at each step's start and end: rank 0's steps take 5 s, rank 1's 10 s.
+clock = itertools.count(0, 5 if world_from_environment().rank == 0 else 10)
+softprompt.training.loop._step_clock = lambda: float(next(clock))
+train(TrainOptions(**json.loads(sys.argv[1])))
+"""
+
+
+def test_ranks_stop_together_at_the_end_of_a_time_budget(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    # Alone, rank 0 would spend a 12 s budget after 3 steps and rank 1 after 2; counting the
+    # ranks' mean step time (7.5 s), both stop after step 2.
+    model_dir, data = setup
+    script = tmp_path / "uneven.py"
+    script.write_text(UNEVEN_CLOCKS_SCRIPT)
+    options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS, "steps": 12, "time_budget": 12,
+               "dist_timeout": 30, "output_dir": str(tmp_path / "run")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+         json.dumps(options)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 2
+
+
 def test_shard_base_needs_several_processes(setup: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, data = setup
     with pytest.raises(ValueError, match="shard_base needs several processes"):

@@ -185,7 +185,7 @@ def train_loop(
             step_began = _step_clock()
             loss = _step(trainable, step_batches, optimizer, scheduler, state, context,
                          settings.max_grad_norm)
-            state.train_seconds += _step_clock() - step_began
+            state.train_seconds += _step_seconds(_step_clock() - step_began, settings, context)
             examples = sum(len(batch) for batch in step_batches)
             result.examples_seen += examples
             rate = throughput.add(examples)
@@ -250,6 +250,16 @@ def _step(
     state.window_loss += loss
     state.window_steps += 1
     return loss
+
+
+def _step_seconds(seconds: float, settings: LoopSettings, context: DistContext) -> float:
+    """The seconds a step counts against the time budget: under torchrun the ranks' mean, so
+    that every rank stops at the same step (one rank stopping alone would leave the others
+    waiting in the next step's gradient sum)."""
+    if settings.time_budget is None or not context.enabled:
+        return seconds
+    total = torch.tensor([seconds], dtype=torch.float64)
+    return float(distributed.all_reduce_sum(total, context)) / context.world_size
 
 
 def _log_loss_window(state: LoopState, hooks: LoopHooks, lr: float, rate: float) -> None:
