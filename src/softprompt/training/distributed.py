@@ -4,7 +4,8 @@ Every rank holds the frozen model and the same prompt. Each global batch (the sa
 rank: same seed, same order) is split into contiguous shards, one per rank; each rank backprops
 ``sum of its losses / global count`` and the prompt's gradient (kilobytes) is all-reduced with a
 sum, so the step equals a single-process step on the whole batch. Evaluation is split across
-ranks and the scores are gathered. Rank 0 alone writes checkpoints, logs and the report.
+ranks and the scores are gathered (with a sharded base every rank runs it whole:
+`inference_context`). Rank 0 alone writes checkpoints, logs and the report.
 """
 
 from __future__ import annotations
