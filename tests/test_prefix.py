@@ -273,8 +273,10 @@ def test_prefix_options_that_cannot_work_are_refused():
 
     with pytest.raises(ValueError, match="prefix_projection needs method='prefix'"):
         TrainOptions(prefix_projection=True)
-    with pytest.raises(ValueError, match="needs shared_prefix and no shard_base"):
+    with pytest.raises(ValueError, match="needs shared_prefix, and neither shard_base nor gradient_checkpointing"):
         TrainOptions(method="prefix", shared_prefix=False)
+    with pytest.raises(ValueError, match="neither shard_base nor gradient_checkpointing"):
+        TrainOptions(method="prefix", gradient_checkpointing=True)
     assert TrainOptions(method="prefix").learning_rate == 0.01
     assert TrainOptions(method="prefix", prefix_projection=True).learning_rate == 1e-4
 

@@ -263,6 +263,12 @@ class TrainOptions:
         default=False,
         metadata={"help": "Shard the frozen decoder blocks across torchrun ranks (FSDP2)"},
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each frozen block's activations in the backward pass "
+                  "instead of keeping them: less memory for long inputs or large batches, "
+                  "about one more forward per step (plain prompts; no shared prefix)"},
+    )
     dist_timeout: float = field(
         default=600.0, metadata={"help": "Seconds a distributed collective may wait"}
     )
@@ -356,8 +362,9 @@ class TrainOptions:
         if self.method != "prefix":
             return ["prefix_projection needs method='prefix'"] if self.prefix_projection else []
         problems = []
-        if not self.shared_prefix or self.shard_base:
-            problems.append("method='prefix' is keys/values: it needs shared_prefix and no shard_base")
+        if not self.shared_prefix or self.shard_base or self.gradient_checkpointing:
+            problems.append("method='prefix' is keys/values: it needs shared_prefix, and neither "
+                            "shard_base nor gradient_checkpointing")
         if self.reparameterize == "residual":
             problems.append(
                 "reparameterize='residual' is for input prompts; a prefix trains through its own "

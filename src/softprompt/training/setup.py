@@ -48,6 +48,7 @@ from softprompt.training.objectives import ClassificationObjective, GenerationOb
 from softprompt.training.optim import scaled_learning_rate
 from softprompt.training.options import AUTO_VERBALIZER, TrainOptions
 from softprompt.training.prefix import get_prefix_model
+from softprompt.training.recompute import recompute_blocks_in_backward
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,11 @@ def load_run(
         # second call (the prompt-prefix pass) would find them gone: use one forward per batch.
         shared_prefix = False
         logger.info("sharded %d frozen decoder blocks over %d ranks", blocks, context.world_size)
+    if options.gradient_checkpointing:
+        blocks = recompute_blocks_in_backward(base)
+        shared_prefix = False  # a recomputed block cannot write the prompt's keys/values cache
+        logger.info("gradient checkpointing: %d frozen blocks recompute their activations in "
+                    "the backward pass; one forward per batch (no shared prefix)", blocks)
     if isinstance(objective, ClassificationObjective):
         objective.shared_prefix = shared_prefix
     setup = RunSetup(
