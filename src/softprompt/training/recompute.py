@@ -38,6 +38,8 @@ def recompute_blocks_in_backward(model: torch.nn.Module) -> int:
 
 
 def _checkpointed(forward: Any) -> Any:
+    """``forward`` (a block's), checkpointed while gradients are recorded."""
+
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
