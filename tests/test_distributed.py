@@ -65,11 +65,16 @@ def _prompt(run_dir: Path) -> torch.Tensor:
     return load_file(str(run_dir / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
 
 
-def _torchrun(nproc: int, options: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+def _launch(nproc: int, target: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``target`` (a script and its arguments, or ``-m module ...``) in ``nproc`` processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--standalone", "-m", "softprompt", "train", *_cli_args(options)]
+               "--standalone", *target]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _torchrun(nproc: int, options: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    return _launch(nproc, ["-m", "softprompt", "train", *_cli_args(options)], timeout)
 
 
 def test_shard_splits_every_item_once() -> None:
@@ -162,10 +167,7 @@ distributed.shutdown(context)
 def test_sharded_blocks_are_gathered_only_while_they_run(tmp_path: Path) -> None:
     script = tmp_path / "forward.py"
     script.write_text(SHARDED_BLOCKS_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = _launch(2, [str(script)], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: sharded after a forward True, embeddings whole True" in result.stdout
@@ -219,11 +221,7 @@ def test_ranks_stop_together_at_the_end_of_a_time_budget(setup: tuple[Path, Path
     script.write_text(UNEVEN_CLOCKS_SCRIPT)
     options = {"model": str(model_dir), "dataset": str(data), **TRAIN_ARGS, "steps": 12, "time_budget": 12,
                "dist_timeout": 30, "output_dir": str(tmp_path / "run")}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
-         json.dumps(options)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = _launch(2, [str(script), json.dumps(options)], timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 2
 
