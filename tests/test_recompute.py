@@ -43,8 +43,9 @@ def test_checkpointed_blocks_give_the_same_gradient_and_keep_less():
 
     # Without gradients (evaluation, the Engine) a block runs as before, cache and all.
     cache = frozen.new_cache()
+    positions = torch.arange(40)[None].expand(4, -1)
     with torch.no_grad():
-        frozen.hidden_states(frozen.embed(token_ids), None, positions := torch.arange(40)[None].expand(4, -1), cache)
+        frozen.hidden_states(frozen.embed(token_ids), None, positions, cache)
     assert cache.get_seq_length() == 40
     # With gradients, a block that would write a cache twice is refused.
     with pytest.raises(RuntimeError, match="cannot write into a keys/values cache"):
