@@ -362,7 +362,7 @@ class TrainOptions:
         if self.method != "prefix":
             return ["prefix_projection needs method='prefix'"] if self.prefix_projection else []
         problems = []
-        if not self.shared_prefix or self.shard_base or self.gradient_checkpointing:
+        if not self.prompt_prefix_shared:
             problems.append("method='prefix' is keys/values: it needs shared_prefix, and neither "
                             "shard_base nor gradient_checkpointing")
         if self.reparameterize == "residual":
@@ -373,6 +373,15 @@ class TrainOptions:
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             problems.append(f"encoder_hidden_size must be >= 1, got {self.encoder_hidden_size}")
         return problems
+
+    @property
+    def prompt_prefix_shared(self) -> bool:
+        """Whether training computes the prompt's keys/values once per batch (the fast path).
+        Not with ``shard_base`` (FSDP2 frees a block's gathered weights after each call, so the
+        backward of the prefix pass would find them gone) nor with ``gradient_checkpointing`` (a
+        recomputed block cannot write the prefix into a cache twice): then one forward of
+        ``[prompt, text]`` per batch."""
+        return self.shared_prefix and not self.shard_base and not self.gradient_checkpointing
 
     @property
     def learning_rate(self) -> float:

@@ -232,16 +232,12 @@ def load_run(
         model.prompt_encoder.reparameterization = ResidualReparameterization(
             model.peft_config.token_dim, options.residual_bottleneck, options.seed
         ).to(model.device)
-    shared_prefix = options.shared_prefix
+    shared_prefix = options.prompt_prefix_shared
     if options.shard_base:
         blocks = distributed.shard_frozen_base(base, context)
-        # FSDP2 frees a frozen block's gathered weights after each call, so the backward of a
-        # second call (the prompt-prefix pass) would find them gone: use one forward per batch.
-        shared_prefix = False
         logger.info("sharded %d frozen decoder blocks over %d ranks", blocks, context.world_size)
     if options.gradient_checkpointing:
         blocks = recompute_blocks_in_backward(base)
-        shared_prefix = False  # a recomputed block cannot write the prompt's keys/values cache
         logger.info("gradient checkpointing: %d frozen blocks recompute their activations in "
                     "the backward pass; one forward per batch (no shared prefix)", blocks)
     if isinstance(objective, ClassificationObjective):
