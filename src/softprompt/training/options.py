@@ -267,7 +267,7 @@ class TrainOptions:
         default=False,
         metadata={"help": "Recompute each frozen block's activations in the backward pass "
                   "instead of keeping them: less memory for long inputs or large batches, "
-                  "about one more forward per step (plain prompts; no shared prefix)"},
+                  "about one more forward per step"},
     )
     dist_timeout: float = field(
         default=600.0, metadata={"help": "Seconds a distributed collective may wait"}
@@ -363,8 +363,8 @@ class TrainOptions:
             return ["prefix_projection needs method='prefix'"] if self.prefix_projection else []
         problems = []
         if not self.prompt_prefix_shared:
-            problems.append("method='prefix' is keys/values: it needs shared_prefix, and neither "
-                            "shard_base nor gradient_checkpointing")
+            problems.append("method='prefix' is keys/values: it needs shared_prefix, and not "
+                            "shard_base")
         if self.reparameterize == "residual":
             problems.append(
                 "reparameterize='residual' is for input prompts; a prefix trains through its own "
@@ -378,10 +378,9 @@ class TrainOptions:
     def prompt_prefix_shared(self) -> bool:
         """Whether training computes the prompt's keys/values once per batch (the fast path).
         Not with ``shard_base`` (FSDP2 frees a block's gathered weights after each call, so the
-        backward of the prefix pass would find them gone) nor with ``gradient_checkpointing`` (a
-        recomputed block cannot write the prefix into a cache twice): then one forward of
-        ``[prompt, text]`` per batch."""
-        return self.shared_prefix and not self.shard_base and not self.gradient_checkpointing
+        backward of the prefix pass would find them gone): then one forward of ``[prompt, text]``
+        per batch."""
+        return self.shared_prefix and not self.shard_base
 
     @property
     def learning_rate(self) -> float:

@@ -239,7 +239,7 @@ def load_run(
     if options.gradient_checkpointing:
         blocks = recompute_blocks_in_backward(base)
         logger.info("gradient checkpointing: %d frozen blocks recompute their activations in "
-                    "the backward pass; one forward per batch (no shared prefix)", blocks)
+                    "the backward pass", blocks)
     if isinstance(objective, ClassificationObjective):
         objective.shared_prefix = shared_prefix
     setup = RunSetup(
