@@ -24,12 +24,12 @@ RESULTS = Path(__file__).parent / "results" / "amd-epyc" / "gradient-checkpointi
 
 # name -> train() options of the variant
 VARIANTS: dict[str, dict[str, Any]] = {
-    "prompt, fast path": {},
-    "prompt, one forward per batch": {"shared_prefix": False},
-    "prompt, fast path, checkpointed": {"gradient_checkpointing": True},
-    "prompt, one forward per batch, checkpointed": {"shared_prefix": False, "gradient_checkpointing": True},
-    "deep prompt": {"method": "prefix"},
-    "deep prompt, checkpointed": {"method": "prefix", "gradient_checkpointing": True},
+    "prompt-fast-path": {},
+    "prompt-one-forward": {"shared_prefix": False},
+    "prompt-fast-path-checkpointed": {"gradient_checkpointing": True},
+    "prompt-one-forward-checkpointed": {"shared_prefix": False, "gradient_checkpointing": True},
+    "deep-prompt": {"method": "prefix"},
+    "deep-prompt-checkpointed": {"method": "prefix", "gradient_checkpointing": True},
 }
 
 
