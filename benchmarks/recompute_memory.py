@@ -3,7 +3,9 @@
 Each variant trains a few steps of one large batch in a fresh process (a process's peak RSS
 covers everything it ever held, so variants cannot share one), twice, one variant after the
 other; run it on an otherwise idle machine. Results are appended to a JSON-lines file, one
-record per run, with the processor and thread count.
+record per run, with the processor and thread count (default:
+``benchmarks/results/gradient-checkpointing-<model>.jsonl``; the AMD EPYC figures of the README
+are in ``results/amd-epyc/``).
 
     python benchmarks/recompute_memory.py --model smollm2-135m --batch-size 32 --repeats 2
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "amd-epyc" / "gradient-checkpointing-smollm2-135m.jsonl"
+RESULTS_DIR = Path(__file__).parent / "results"
 
 # name -> train() options of the variant
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -64,12 +66,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, help="JSON-lines file to append to")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_variant(args.worker, args.model, args.batch_size, args.steps)))
         return
+    results = args.results or RESULTS_DIR / f"gradient-checkpointing-{args.model}.jsonl"
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -82,8 +85,8 @@ def main() -> None:
             record = {**json.loads(output.strip().splitlines()[-1]), "repeat": repeat}
             print(f"{name}: {record['peak_rss_mib']:,.0f} MiB, "
                   f"{record['train_examples_per_second']:.1f} examples/s", flush=True)
-            with args.results.open("a") as results:
-                results.write(json.dumps(record) + "\n")
+            with results.open("a") as file:
+                file.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
