@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -213,6 +212,7 @@ def run_weights_method(method: str, seed: int, settings: Settings) -> dict[str, 
 def run_one(method: str, seed: int, settings: Settings, runs_dir: Path) -> dict[str, Any]:
     """One config, in this process; returns its record (peak RSS is this process's)."""
     import softprompt.training.loop as loop
+    from softprompt.bench.common import peak_rss_mb
 
     if not settings.wall_clock:
         loop._step_clock = time.process_time  # the budget in CPU seconds of this process
@@ -233,7 +233,7 @@ def run_one(method: str, seed: int, settings: Settings, runs_dir: Path) -> dict[
         "seed": seed,
         **asdict(settings),
         **outcome,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mb(),
         "wall_seconds": time.perf_counter() - started,
         "cpu_model": _cpu_model(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -37,8 +37,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def run_variant(name: str, model: str, batch_size: int, steps: int) -> dict[str, Any]:
     """Train ``steps`` steps of the variant in this process; its peak RSS and speed."""
-    import resource
-
+    from softprompt.bench.common import peak_rss_mb
     from softprompt.models.precision import read_cpuinfo
     from softprompt.training import train
 
@@ -52,7 +51,7 @@ def run_variant(name: str, model: str, batch_size: int, steps: int) -> dict[str,
         "model": model,
         "batch_size": batch_size,
         "steps": steps,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mb(),
         "train_examples_per_second": run.report["train_examples_per_second"],
         "cpu_model": read_cpuinfo().model,
         "threads": torch.get_num_threads(),
