@@ -339,10 +339,13 @@ def train_weights(
 
     from softprompt.training.loop import BatchOrder, LoopHooks, Trainable, train_loop
     from softprompt.training.optim import make_optimizer, make_scheduler
+    from softprompt.training.state import LoopState
 
     objective, (train_data, validation, test) = data
     optimizer = make_optimizer(parameters, "adamw", lr)
-    scheduler = make_scheduler(optimizer, loop_settings.total_steps, warmup_steps, schedule)
+    state = LoopState()
+    scheduler = make_scheduler(optimizer, loop_settings.total_steps, warmup_steps, schedule,
+                               budget_spent=loop_settings.budget_progress(state))
     best: list[torch.Tensor] = []  # the trained tensors at the best validation
 
     def keep_best(_: Any) -> None:
@@ -358,7 +361,7 @@ def train_weights(
     )
     order = BatchOrder(objective.lengths(train_data), batch_size, seed)
     started = time.perf_counter()
-    result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks)
+    result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks, state)
     train_seconds = time.perf_counter() - started  # wall, validation included
     with torch.no_grad():
         for parameter, value in zip(parameters, best, strict=True):

@@ -60,7 +60,7 @@ from ablations import (  # noqa: E402  (a sibling script, not a package)
     trainable_model,
 )
 
-from softprompt.training.options import CLASS_WEIGHTS  # noqa: E402  (torch-free)
+from softprompt.training.options import CLASS_WEIGHTS, SCHEDULES  # noqa: E402  (torch-free)
 
 METHODS = ("zero_shot", "few_shot", "prompt", "residual", "prefix", "prefix_mlp", "lora", "full")
 PROMPT_METHODS = {
@@ -106,6 +106,8 @@ class Settings:
     lora_lr: float = 1e-3
     wall_clock: bool = False  # count the budget in wall seconds, not the process's CPU seconds
     class_weights: str = "none"  # balanced: every method's loss weighs classes alike (--class-weights)
+    # cosine: every method's learning rate decays to 0 as its budget runs out (--schedule)
+    schedule: str = "constant"
 
     def results_path(self, directory: Path = RESULTS_DIR) -> Path:
         return directory / f"methods-{self.dataset}-{self.model}.jsonl"
@@ -113,8 +115,9 @@ class Settings:
 
 def config_key(method: str, seed: int, settings: Settings) -> str:
     values = asdict(settings)
-    if settings.class_weights == "none":  # the keys recorded before the option existed
-        del values["class_weights"]
+    for name, default in (("class_weights", "none"), ("schedule", "constant")):
+        if values[name] == default:  # the keys recorded before the option existed
+            del values[name]
     if method in ("zero_shot", "few_shot"):  # nothing trains: only the evaluation matters
         values = {k: values[k] for k in ("model", "dataset", "max_eval_examples", "dtype")}
     return "|".join([method, f"seed{seed}"] + [f"{k}={values[k]}" for k in sorted(values)])
@@ -140,7 +143,7 @@ def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) 
         baselines=False,
         dtype=settings.dtype,
         class_weights=settings.class_weights,
-        schedule="constant",  # a time budget has no known last step to decay towards
+        schedule=settings.schedule,  # decays over the time budget (optim.make_scheduler)
         output_dir=str(output),
         **PROMPT_METHODS[method],
     ).report
@@ -200,7 +203,8 @@ def run_weights_method(method: str, seed: int, settings: Settings) -> dict[str, 
         time_budget=settings.budget_seconds, selection_metric=data[0].selection_metric,
     )
     lr = settings.lora_lr if method == "lora" else FULL_LR
-    outcome = train_weights(frozen, parameters, lr, data, settings.batch_size, seed, loop_settings)
+    outcome = train_weights(frozen, parameters, lr, data, settings.batch_size, seed, loop_settings,
+                            schedule=settings.schedule)
     return {
         **outcome,
         "bytes_on_disk": outcome["trainable_parameters"] * 4,  # fp32 tensors
@@ -342,7 +346,8 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
             f"## {settings.dataset}, {settings.model}: {settings.budget_seconds:.0f} "
             f"{'wall' if settings.wall_clock else 'CPU'} s per method, batch "
             f"{settings.batch_size}, dtype {settings.dtype}"
-            f"{', balanced class weights' if settings.class_weights == 'balanced' else ''}, {cpu}",
+            f"{', balanced class weights' if settings.class_weights == 'balanced' else ''}"
+            f"{', cosine decay over the budget' if settings.schedule == 'cosine' else ''}, {cpu}",
             "",
             f"Measured on: {cpu} (2 cores); {test}.",
             "",
@@ -369,6 +374,7 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
         cap += f" --batch-size {settings.batch_size}" if settings.batch_size != Settings.batch_size else ""
         cap += (f" --class-weights {settings.class_weights}"
                 if settings.class_weights != Settings.class_weights else "")
+        cap += f" --schedule {settings.schedule}" if settings.schedule != Settings.schedule else ""
         lines += [
             "",
             f"Reproduce (one thread per run, as measured): `OMP_NUM_THREADS=1 python "
@@ -529,6 +535,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=Settings.class_weights,
                         help="balanced: every method's loss weighs classes alike and validation "
                         "macro-F1 picks its best state")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=Settings.schedule,
+                        help="every trained method's learning rate after warmup: constant, or a "
+                        "linear or cosine decay to 0 as its budget runs out")
     parser.add_argument("--wall-clock", action="store_true",
                         help="count the budget in wall seconds (default: CPU seconds)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -563,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, dataset=args.dataset, budget_seconds=args.budget_seconds, batch_size=args.batch_size,
         eval_every=args.eval_every, max_eval_examples=args.max_eval_examples,
         max_train_examples=args.max_train_examples, dtype=args.dtype,
-        wall_clock=args.wall_clock, class_weights=args.class_weights,
+        wall_clock=args.wall_clock, class_weights=args.class_weights, schedule=args.schedule,
     )
     if args.dry_run:
         settings = replace(settings, budget_seconds=0.01, batch_size=2, eval_every=1,

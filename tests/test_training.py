@@ -257,6 +257,44 @@ def test_time_budget_ends_the_run_with_a_validation(tiny, tmp_path, monkeypatch,
         train(**tiny.options(tmp_path / "bad", time_budget=0))
 
 
+def test_a_decay_reaches_zero_where_the_time_budget_ends(tiny, tmp_path, monkeypatch, no_plots):
+    # 1 s per step on a fake clock and a 10 s budget: the budget ends the run at step 10 of 100,
+    # and the linear decay follows the budget, not the 100 steps (at 0.9x, 0.8x ... where a
+    # step-based decay would still run at 0.91x by step 10).
+    clock = iter(range(10_000))
+    monkeypatch.setattr(softprompt.training.loop, "_step_clock", lambda: float(next(clock)))
+    rates = []
+    adamw_step = torch.optim.AdamW.step
+
+    def record_rate(optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return adamw_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record_rate)
+    options = tiny.options(tmp_path / "run", steps=100, warmup_steps=0, schedule="linear",
+                           baselines=False, time_budget=10, eval_every=50)
+    report = train(**options).report
+    assert report["steps"] == 10
+    assert rates == pytest.approx([report["lr"] * (1 - step / 10) for step in range(10)], abs=1e-12)
+
+
+def test_schedules_decay_over_the_larger_of_steps_and_budget_spent():
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    parameter.grad = torch.ones(2)
+    spent = [0.0]  # the fraction of a time budget spent, as the loop's clock would report it
+    optimizer = make_optimizer([parameter], "adamw", 0.5)
+    scheduler = make_scheduler(optimizer, 11, 1, "cosine", budget_spent=lambda: spent[0])
+    rates = []
+    for budget_fraction in (0.0, 0.0, 0.5, 0.25, 1.0):
+        spent[0] = budget_fraction
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    # Steps 1..5 of a 10-step decay after 1 warmup step: 0, 0.1, 0.2, ... of the way by steps.
+    expected = [max(step / 10, fraction) for step, fraction in zip(range(5), (0.0, 0.0, 0.5, 0.25, 1.0))]
+    assert rates == pytest.approx([0.5 * 0.5 * (1 + math.cos(math.pi * p)) for p in expected], abs=1e-12)
+
+
 def test_base_model_weights_are_unchanged(main_run, tiny):
     (base, before), = main_run["loaded"]
     after = base.state_dict()

@@ -134,6 +134,15 @@ class LoopSettings:
         """Whether the steps so far have spent the time budget."""
         return self.time_budget is not None and state.train_seconds >= self.time_budget
 
+    def budget_progress(self, state: LoopState) -> Callable[[], float] | None:
+        """What a schedule reads to decay over the time budget (`optim.make_scheduler`): a
+        function giving the fraction of the budget that ``state``'s steps have spent so far;
+        None without a budget."""
+        if self.time_budget is None:
+            return None
+        budget = self.time_budget
+        return lambda: min(1.0, state.train_seconds / budget)
+
     def expected_total(self, state: LoopState) -> int:
         """The step the run will end at: ``total_steps``, or sooner where the time budget, at the
         mean step time so far, runs out first (what the progress bar counts towards)."""
@@ -183,9 +192,10 @@ def train_loop(
             step_start = (state.step, state.epoch, state.batch_in_epoch)
             step_batches, batches = _take_batches(order, state, batches, settings.grad_accum)
             step_began = _step_clock()
-            loss = _step(trainable, step_batches, optimizer, scheduler, state, context,
+            loss = _step(trainable, step_batches, optimizer, state, context,
                          settings.max_grad_norm)
             state.train_seconds += _step_seconds(_step_clock() - step_began, settings, context)
+            scheduler.step()  # after the clock: a time-budget decay reads the seconds spent
             examples = sum(len(batch) for batch in step_batches)
             result.examples_seen += examples
             rate = throughput.add(examples)
@@ -222,7 +232,6 @@ def _step(
     trainable: Trainable,
     batches: list[list[int]],
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: LoopState,
     context: DistContext,
     max_grad_norm: float = 0.0,
@@ -245,7 +254,6 @@ def _step(
         raise TrainingDivergedError(f"gradient norm is {norm} at step {state.step + 1}; stopped.")
     state.window_grad_norm = max(state.window_grad_norm, norm)
     optimizer.step()
-    scheduler.step()
     state.step += 1
     state.window_loss += loss
     state.window_steps += 1

@@ -1,19 +1,23 @@
 """Optimizers and learning-rate schedules for what a run trains (the prompt, or LoRA's matrices).
 
-The schedules are torch's own: a linear warmup (``LinearLR`` from ``1/warmup`` to 1, so step
-``s < warmup`` runs at ``(s + 1) / warmup`` of the base rate) followed, in a ``SequentialLR``,
-by ``ConstantLR``, ``LinearLR`` down to 0 or ``CosineAnnealingLR`` down to 0 over the remaining
-``total - warmup`` steps.
+A schedule is a linear warmup (step ``s < warmup`` runs at ``(s + 1) / warmup`` of the base rate)
+followed by a constant rate, or a linear or cosine decay to 0 at the end of the run. Where the
+run has a time budget, its end is whichever comes first, the last step or the budget: the decay
+follows the larger of the two fractions spent (Li et al., ICLR 2020, "Budgeted training": a
+schedule that reaches 0 when the budget does beats a constant rate cut off by it).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch.optim import lr_scheduler
 
-SCHEDULES = ("constant", "linear", "cosine")
+from softprompt.training.options import SCHEDULES
+
 # The std of SmolLM2-135M's embedding entries (core.prompt.embedding_std), the model the default
 # learning rates were tuned on (README, Results).
 REFERENCE_EMBEDDING_STD = 0.135
@@ -63,13 +67,14 @@ def make_scheduler(
     warmup_steps: int,
     schedule: str,
     start_step: int = 0,
+    budget_spent: Callable[[], float] | None = None,
 ) -> lr_scheduler.LRScheduler:
     """Warmup, then a constant, linear or cosine learning rate, positioned at ``start_step``.
 
     A resumed run rebuilds its scheduler here rather than loading a saved one: the learning rate
-    is a function of the step alone, and a saved torch scheduler would pin the decay horizon of
-    the first run, so a run resumed with more steps would go on at a learning rate of 0 (linear)
-    or climb back up (cosine).
+    is a function of the step (and of the time budget spent) alone, and a saved torch scheduler
+    would pin the decay horizon of the first run, so a run resumed with more steps would go on
+    at a learning rate of 0 (linear) or climb back up (cosine).
 
     Args:
         optimizer: the optimizer whose param groups' ``lr`` is scheduled (from ``initial_lr``
@@ -78,6 +83,8 @@ def make_scheduler(
         warmup_steps: steps of linear warmup (0 for none).
         schedule: ``constant``, ``linear`` or ``cosine``.
         start_step: optimizer steps already taken (a resumed run).
+        budget_spent: where the run has a time budget, the fraction of it spent so far (read at
+            each step); the decay then reaches 0 at the budget's end if that comes first.
 
     Raises:
         ValueError: an unknown schedule.
@@ -85,29 +92,19 @@ def make_scheduler(
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
     for group in optimizer.param_groups:
-        # torch's schedulers scale the current lr step by step; a resumed optimizer holds the
-        # decayed one, so every build starts from the base lr and replays up to ``start_step``.
+        # A resumed optimizer holds the decayed lr: every build starts from the base one.
         group["lr"] = group.setdefault("initial_lr", group["lr"])
     decay_steps = max(1, total_steps - warmup_steps)
-    if schedule == "constant":
-        decay: lr_scheduler.LRScheduler = lr_scheduler.ConstantLR(
-            optimizer, factor=1.0, total_iters=0
-        )
-    elif schedule == "linear":
-        decay = lr_scheduler.LinearLR(
-            optimizer, start_factor=1.0, end_factor=0.0, total_iters=decay_steps
-        )
-    else:
-        decay = lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps)
-    scheduler = decay
-    if warmup_steps:
-        warmup = lr_scheduler.LinearLR(
-            optimizer,
-            start_factor=1.0 / warmup_steps,
-            end_factor=1.0,
-            total_iters=max(1, warmup_steps - 1),
-        )
-        scheduler = lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / decay_steps
+        if budget_spent is not None:
+            progress = max(progress, budget_spent())
+        return decay_factor(schedule, min(progress, 1.0))
+
+    scheduler = lr_scheduler.LambdaLR(optimizer, factor)
     with warnings.catch_warnings():
         # Replaying the schedule takes no optimizer steps, which torch would warn about.
         warnings.filterwarnings(
@@ -116,3 +113,13 @@ def make_scheduler(
         for _ in range(start_step):
             scheduler.step()
     return scheduler
+
+
+def decay_factor(schedule: str, progress: float) -> float:
+    """The fraction of the base learning rate ``schedule`` runs at after warmup, ``progress``
+    (0 to 1) of the way to the run's end."""
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0

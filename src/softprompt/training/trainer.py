@@ -283,8 +283,18 @@ def _optimise(
     )
     state = checkpoints.begin(optimizer, resume=bool(options.resume))
     steps = total_steps(options, len(run.train_data))
+    settings = LoopSettings(
+        steps,
+        options.grad_accum,
+        options.eval_every,
+        options.patience,
+        selection_metric=run.objective.selection_metric,
+        max_grad_norm=options.max_grad_norm,
+        time_budget=options.time_budget,
+    )
     scheduler = make_scheduler(
-        optimizer, steps, options.warmup_steps, options.schedule, start_step=state.step
+        optimizer, steps, options.warmup_steps, options.schedule, start_step=state.step,
+        budget_spent=settings.budget_progress(state),
     )
     order = BatchOrder(run.objective.lengths(run.train_data), options.batch_size, options.seed)
     padding = order.padding(state.epoch)
@@ -299,15 +309,6 @@ def _optimise(
         count=lambda batch: run.objective.count(run.train_data, batch),
     )
     hooks = _hooks(run, checkpoints, optimizer, metrics)
-    settings = LoopSettings(
-        steps,
-        options.grad_accum,
-        options.eval_every,
-        options.patience,
-        selection_metric=run.objective.selection_metric,
-        max_grad_norm=options.max_grad_norm,
-        time_budget=options.time_budget,
-    )
     try:
         loop = train_loop(trainable, order, optimizer, scheduler, settings, hooks, state, context)
     except TrainingDivergedError as error:
