@@ -220,7 +220,7 @@ class TrainOptions:
     time_budget: float | None = field(
         default=None,
         metadata={"help": "Stop after this many seconds of training steps (validation not "
-                  "counted); the last step validates"},
+                  "counted); the last step validates, and the schedule's decay ends there"},
     )
     batch_size: int = field(default=8, metadata={"help": "Examples per forward"})
     grad_accum: int = field(default=1, metadata={"help": "Forwards per optimizer step"})
