@@ -25,6 +25,10 @@ def test_keys_change_with_what_changes_a_result(methods):
     balanced = dataclasses.replace(settings, class_weights="balanced")
     assert methods.config_key("lora", 0, balanced) != methods.config_key("lora", 0, settings)
     assert "class_weights" not in methods.config_key("lora", 0, settings)
+    # So does a learning rate that decays over the budget.
+    decayed = dataclasses.replace(settings, schedule="cosine")
+    assert methods.config_key("prefix_mlp", 0, decayed) != methods.config_key("prefix_mlp", 0, settings)
+    assert "schedule" not in methods.config_key("prefix_mlp", 0, settings)
 
 
 def _record(methods, method, seed, accuracy, settings, parameters=0, cpu="Test CPU"):
