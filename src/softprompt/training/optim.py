@@ -3,8 +3,8 @@
 A schedule is a linear warmup (step ``s < warmup`` runs at ``(s + 1) / warmup`` of the base rate)
 followed by a constant rate, or a linear or cosine decay to 0 at the end of the run. Where the
 run has a time budget, its end is whichever comes first, the last step or the budget: the decay
-follows the larger of the two fractions spent (Li et al., ICLR 2020, "Budgeted training": a
-schedule that reaches 0 when the budget does beats a constant rate cut off by it).
+follows the larger of the two fractions spent, so a run is not cut off at full learning rate
+(the budget-aware schedules of Li et al., "Budgeted Training", ICLR 2020).
 """
 
 from __future__ import annotations
