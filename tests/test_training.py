@@ -285,13 +285,14 @@ def test_schedules_decay_over_the_larger_of_steps_and_budget_spent():
     optimizer = make_optimizer([parameter], "adamw", 0.5)
     scheduler = make_scheduler(optimizer, 11, 1, "cosine", budget_spent=lambda: spent[0])
     rates = []
-    for budget_fraction in (0.0, 0.0, 0.5, 0.25, 1.0):
+    fractions = (0.0, 0.0, 0.5, 0.25, 1.0)
+    for budget_fraction in fractions:
         spent[0] = budget_fraction
         optimizer.step()
         scheduler.step()
         rates.append(optimizer.param_groups[0]["lr"])
     # Steps 1..5 of a 10-step decay after 1 warmup step: 0, 0.1, 0.2, ... of the way by steps.
-    expected = [max(step / 10, fraction) for step, fraction in zip(range(5), (0.0, 0.0, 0.5, 0.25, 1.0))]
+    expected = [max(step / 10, fraction) for step, fraction in zip(range(5), fractions, strict=True)]
     assert rates == pytest.approx([0.5 * 0.5 * (1 + math.cos(math.pi * p)) for p in expected], abs=1e-12)
 
 
