@@ -115,8 +115,8 @@ class Settings:
 
 def config_key(method: str, seed: int, settings: Settings) -> str:
     values = asdict(settings)
-    for name, default in (("class_weights", "none"), ("schedule", "constant")):
-        if values[name] == default:  # the keys recorded before the option existed
+    for name in ("class_weights", "schedule"):
+        if values[name] == getattr(Settings, name):  # the keys recorded before the option existed
             del values[name]
     if method in ("zero_shot", "few_shot"):  # nothing trains: only the evaluation matters
         values = {k: values[k] for k in ("model", "dataset", "max_eval_examples", "dtype")}
@@ -347,7 +347,8 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
             f"{'wall' if settings.wall_clock else 'CPU'} s per method, batch "
             f"{settings.batch_size}, dtype {settings.dtype}"
             f"{', balanced class weights' if settings.class_weights == 'balanced' else ''}"
-            f"{', cosine decay over the budget' if settings.schedule == 'cosine' else ''}, {cpu}",
+            f"{f', {settings.schedule} decay over the budget' if settings.schedule != Settings.schedule else ''}"
+            f", {cpu}",
             "",
             f"Measured on: {cpu} (2 cores); {test}.",
             "",
