@@ -316,6 +316,7 @@ def train_weights(
     loop_settings: Any,
     warmup_steps: int = 10,
     schedule: str = "constant",
+    ema_decay: float = 0.0,
 ) -> dict[str, Any]:
     """Train model weights (LoRA's or all) with the prompts' objective, batch order and loop
     (AdamW, warmup then ``schedule``); the best validation state is tested.
@@ -330,6 +331,8 @@ def train_weights(
         loop_settings: steps, validation interval, clipping, time budget (`LoopSettings`).
         warmup_steps: linear warmup steps.
         schedule: the learning rate after warmup: constant, linear or cosine decay.
+        ema_decay: validate (and test) the moving average of the weights with this decay, as
+            ``softprompt train --ema-decay`` does for prompts (0: the weights themselves).
 
     Returns:
         test accuracy and macro-F1, best validation accuracy, trainable parameters, steps,
@@ -337,6 +340,7 @@ def train_weights(
     """
     import torch
 
+    from softprompt.training.averaging import ParameterAverage
     from softprompt.training.loop import BatchOrder, LoopHooks, Trainable, train_loop
     from softprompt.training.optim import make_optimizer, make_scheduler
     from softprompt.training.state import LoopState
@@ -361,7 +365,9 @@ def train_weights(
     )
     order = BatchOrder(objective.lengths(train_data), batch_size, seed)
     started = time.perf_counter()
-    result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks, state)
+    average = ParameterAverage(parameters, ema_decay) if ema_decay else None
+    result = train_loop(trainable, order, optimizer, scheduler, loop_settings, hooks, state,
+                        average=average)
     train_seconds = time.perf_counter() - started  # wall, validation included
     with torch.no_grad():
         for parameter, value in zip(parameters, best, strict=True):

@@ -108,6 +108,7 @@ class Settings:
     class_weights: str = "none"  # balanced: every method's loss weighs classes alike (--class-weights)
     # cosine: every method's learning rate decays to 0 as its budget runs out (--schedule)
     schedule: str = "constant"
+    ema_decay: float = 0.0  # every trained method validates and tests its moving average (--ema-decay)
 
     def results_path(self, directory: Path = RESULTS_DIR) -> Path:
         return directory / f"methods-{self.dataset}-{self.model}.jsonl"
@@ -115,7 +116,7 @@ class Settings:
 
 def config_key(method: str, seed: int, settings: Settings) -> str:
     values = asdict(settings)
-    for name in ("class_weights", "schedule"):
+    for name in ("class_weights", "schedule", "ema_decay"):
         if values[name] == getattr(Settings, name):  # the keys recorded before the option existed
             del values[name]
     if method in ("zero_shot", "few_shot"):  # nothing trains: only the evaluation matters
@@ -144,6 +145,7 @@ def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) 
         dtype=settings.dtype,
         class_weights=settings.class_weights,
         schedule=settings.schedule,  # decays over the time budget (optim.make_scheduler)
+        ema_decay=settings.ema_decay,
         output_dir=str(output),
         **PROMPT_METHODS[method],
     ).report
@@ -204,7 +206,7 @@ def run_weights_method(method: str, seed: int, settings: Settings) -> dict[str, 
     )
     lr = settings.lora_lr if method == "lora" else FULL_LR
     outcome = train_weights(frozen, parameters, lr, data, settings.batch_size, seed, loop_settings,
-                            schedule=settings.schedule)
+                            schedule=settings.schedule, ema_decay=settings.ema_decay)
     return {
         **outcome,
         "bytes_on_disk": outcome["trainable_parameters"] * 4,  # fp32 tensors
@@ -348,6 +350,7 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
             f"{settings.batch_size}, dtype {settings.dtype}"
             f"{', balanced class weights' if settings.class_weights == 'balanced' else ''}"
             f"{f', {settings.schedule} decay over the budget' if settings.schedule != Settings.schedule else ''}"
+            f"{f', moving average {settings.ema_decay:g}' if settings.ema_decay else ''}"
             f", {cpu}",
             "",
             f"Measured on: {cpu} (2 cores); {test}.",
@@ -376,6 +379,7 @@ def render_report(groups: list[tuple[Settings, list[dict[str, Any]]]], plot: Pat
         cap += (f" --class-weights {settings.class_weights}"
                 if settings.class_weights != Settings.class_weights else "")
         cap += f" --schedule {settings.schedule}" if settings.schedule != Settings.schedule else ""
+        cap += f" --ema-decay {settings.ema_decay:g}" if settings.ema_decay else ""
         lines += [
             "",
             f"Reproduce (one thread per run, as measured): `OMP_NUM_THREADS=1 python "
@@ -539,6 +543,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--schedule", choices=SCHEDULES, default=Settings.schedule,
                         help="every trained method's learning rate after warmup: constant, or a "
                         "linear or cosine decay to 0 as its budget runs out")
+    parser.add_argument("--ema-decay", type=float, default=Settings.ema_decay,
+                        help="every trained method validates and tests the moving average of "
+                        "what it trains, with this decay (0: off)")
     parser.add_argument("--wall-clock", action="store_true",
                         help="count the budget in wall seconds (default: CPU seconds)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -574,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=args.eval_every, max_eval_examples=args.max_eval_examples,
         max_train_examples=args.max_train_examples, dtype=args.dtype,
         wall_clock=args.wall_clock, class_weights=args.class_weights, schedule=args.schedule,
+        ema_decay=args.ema_decay,
     )
     if args.dry_run:
         settings = replace(settings, budget_seconds=0.01, batch_size=2, eval_every=1,

@@ -29,6 +29,10 @@ def test_keys_change_with_what_changes_a_result(methods):
     decayed = dataclasses.replace(settings, schedule="cosine")
     assert methods.config_key("prefix_mlp", 0, decayed) != methods.config_key("prefix_mlp", 0, settings)
     assert "schedule" not in methods.config_key("prefix_mlp", 0, settings)
+    # And validating a moving average of what trains.
+    averaged = dataclasses.replace(settings, ema_decay=0.99)
+    assert methods.config_key("lora", 0, averaged) != methods.config_key("lora", 0, settings)
+    assert "ema_decay" not in methods.config_key("lora", 0, settings)
 
 
 def _record(methods, method, seed, accuracy, settings, parameters=0, cpu="Test CPU"):

@@ -29,6 +29,7 @@ from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.scoring import label_scores
 from softprompt.models.tiny import HIDDEN
 from softprompt.training import PRESETS, TrainingDivergedError, TrainOptions, train
+from softprompt.training.averaging import ParameterAverage
 from softprompt.training.distributed import SINGLE
 from softprompt.training.loop import BatchOrder, LoopHooks, LoopSettings, Trainable, train_loop
 from softprompt.training.objectives import (
@@ -233,6 +234,71 @@ def test_best_prompt_survives_a_worse_later_validation(tiny, sizes, tmp_path, mo
     assert no_plots == [out / "curves.png"]
 
 
+def test_moving_average_follows_its_definition_and_swaps_back_exactly():
+    first, second = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.ones(4))
+    average = ParameterAverage([first, second], decay=0.5)
+    expected = [first.detach().clone(), second.detach().clone()]
+    for step in range(1, 5):
+        with torch.no_grad():
+            first.add_(1.0)
+            second.mul_(-2.0)
+        average.update(step)
+        d = min(0.5, (1 + step) / (10 + step))  # 0.18, 0.25, 0.31, 0.36, then 0.5 from step 8
+        expected = [d * mean + (1 - d) * tensor.detach() for mean, tensor in zip(expected, (first, second), strict=True)]
+    raw = [first.detach().clone(), second.detach().clone()]
+    with average.applied():
+        assert all(torch.allclose(tensor, mean) for tensor, mean in zip((first, second), expected, strict=True))
+    assert torch.equal(first, raw[0]) and torch.equal(second, raw[1])
+    assert average.decay_at(100) == 0.5 and average.decay_at(1) == pytest.approx(2 / 11)
+    named = average.named_averages(["prompt", "mlp.weight"])
+    assert list(named) == ["average.prompt", "average.mlp.weight"]
+    restored = ParameterAverage([first, second], decay=0.5)
+    restored.load_named(["prompt", "mlp.weight"], named)
+    assert all(torch.equal(a, b) for a, b in zip(restored.averages, average.averages, strict=True))
+    with pytest.raises(ValueError, match="no moving average \\(average.mlp.weight\\)"):
+        restored.load_named(["prompt", "mlp.weight"], {"average.prompt": named["average.prompt"]})
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        ParameterAverage([first], decay=1.0)
+
+
+def test_with_a_moving_average_validation_and_the_best_prompt_use_the_average(
+    tiny, sizes, tmp_path, monkeypatch, no_plots
+):
+    """Each validation scores the average of the prompts after every step so far; the best prompt
+    and the test split get that average; the resumable state keeps the raw prompt beside it."""
+    evaluations = record_evaluations(monkeypatch, scripted={sizes["validation"]: [0.25, 0.75, 0.5]})
+    start, raw_after_step = [], []
+    original_update = ParameterAverage.update
+
+    def update(self, step):
+        if not start:
+            start.append(self.averages[0].clone())  # the initial prompt, before any update
+        raw_after_step.append(self.parameters[0].detach().clone())
+        original_update(self, step)
+
+    monkeypatch.setattr(ParameterAverage, "update", update)
+    out = tmp_path / "run"
+    report = train(**tiny.options(out, baselines=False, ema_decay=0.8)).report
+    assert report["ema_decay"] == 0.8
+    averages, mean = [], start[0]
+    for step, raw in enumerate(raw_after_step, start=1):
+        d = min(0.8, (1 + step) / (10 + step))
+        mean = d * mean + (1 - d) * raw
+        averages.append(mean)
+    validations = [item for item in evaluations if item.examples == sizes["validation"]]
+    assert len(raw_after_step) == 6 and len(validations) == 3
+    for index, validation in enumerate(validations):  # validations at steps 2, 4 and 6
+        assert torch.allclose(validation.prompt, averages[2 * index + 1], atol=1e-6, rtol=0)
+    tests = [item for item in evaluations if item.examples == sizes["test"]]
+    saved = load_file(str(out / "state" / "prompt.safetensors"))
+    assert set(saved) == {"prompt", "average.prompt"}
+    assert torch.equal(saved["prompt"], raw_after_step[-1])
+    assert torch.allclose(saved["average.prompt"], validations[2].prompt, atol=1e-6, rtol=0)
+    assert torch.equal(load_prompt(out / "prompt").weights, validations[1].prompt)
+    assert torch.equal(tests[0].prompt, validations[1].prompt)
+    assert not torch.allclose(validations[2].prompt, raw_after_step[-1], atol=1e-4)
+
+
 def test_time_budget_ends_the_run_with_a_validation(tiny, tmp_path, monkeypatch, no_plots):
     # Each optimizer step "takes" 5 s on a fake clock (read at its start and end), so a 12 s
     # budget is spent by the third step, which is the last and validates.
@@ -324,7 +390,9 @@ def _optimizer_tensors(run: Path) -> dict[str, torch.Tensor]:
     ("adafactor", {}),
     # The MLP's weights and moments are part of the state; clipping is active at every step.
     ("adamw", {"reparameterize": "residual", "residual_bottleneck": 8, "max_grad_norm": 1e-3}),
-], ids=["adamw", "adafactor", "residual-clipped"])
+    # The moving average of every trained tensor is part of the state too.
+    ("adamw", {"reparameterize": "residual", "residual_bottleneck": 8, "ema_decay": 0.9}),
+], ids=["adamw", "adafactor", "residual-clipped", "residual-averaged"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path, monkeypatch, no_plots, optimizer,
                                                                  extra):
     options = {"steps": 7, "eval_every": 2, "baselines": False, "optimizer": optimizer, "warmup_steps": 3,
@@ -362,7 +430,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path,
     # Same final prompt (and MLP), same optimizer state, same best prompt, same metrics and results.
     final = {name: load_file(str(tmp_path / name / "state" / "prompt.safetensors")) for name in ("straight", "resumed")}
     assert final["straight"].keys() == final["resumed"].keys()
-    assert len(final["straight"]) == (7 if extra else 1)
+    trained = 7 if "reparameterize" in extra else 1
+    assert len(final["straight"]) == trained * (2 if "ema_decay" in extra else 1)
     for key, tensor in final["straight"].items():
         assert torch.allclose(tensor, final["resumed"][key], atol=1e-6, rtol=0), key
     straight_optimizer, resumed_optimizer = (_optimizer_tensors(tmp_path / name) for name in ("straight", "resumed"))

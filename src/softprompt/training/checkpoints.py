@@ -18,6 +18,7 @@ from softprompt.core.checkpoint import load_prompt
 from softprompt.core.prefix import PrefixTunedModel
 from softprompt.core.prompt_model import PromptTunedModel
 from softprompt.data import Template, Verbalizer
+from softprompt.training.averaging import AVERAGE_PREFIX, ParameterAverage
 from softprompt.training.distributed import DistContext
 from softprompt.training.options import TrainOptions
 from softprompt.training.state import LoopState, load_state, save_state
@@ -125,23 +126,31 @@ class PromptCheckpoints:
             if parameter.requires_grad
         }
 
-    def begin(self, optimizer: torch.optim.Optimizer, resume: bool) -> LoopState:
+    def begin(
+        self, optimizer: torch.optim.Optimizer, resume: bool, average: ParameterAverage | None = None
+    ) -> LoopState:
         """The loop's starting state.
 
         A new run saves the initial prompt as the first best (a run stopped at once keeps it). A
-        resumed run restores the prompt, the optimizer and the RNG from ``OUT/state`` and the best
-        prompt from ``OUT/prompt``.
+        resumed run restores the prompt, the optimizer, the RNG and the moving ``average`` (where
+        the run keeps one) from ``OUT/state`` and the best prompt from ``OUT/prompt``.
         """
         if not resume:
             self.save_prompt()
             return LoopState()
         saved, state = load_state(self.output_dir, optimizer)
         trained = self.trained()
+        averages = {name: saved.pop(name) for name in list(saved) if name.startswith(AVERAGE_PREFIX)}
         if saved.keys() != trained.keys():
             raise ValueError(
                 f"{self.output_dir}: the saved state holds {sorted(saved)}, this run trains "
                 f"{sorted(trained)}"
             )
+        if average is not None:
+            try:
+                average.load_named(list(trained), averages)
+            except ValueError as error:
+                raise ValueError(f"{self.output_dir}: {error}") from None
         with torch.no_grad():
             for name, parameter in trained.items():
                 parameter.copy_(saved[name].to(parameter.device))
@@ -159,10 +168,19 @@ class PromptCheckpoints:
             }
         )
 
-    def save_state(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
-        """Write the current prompt, the optimizer and the counters to ``OUT/state`` (rank 0)."""
+    def save_state(
+        self,
+        optimizer: torch.optim.Optimizer,
+        state: LoopState,
+        average: ParameterAverage | None = None,
+    ) -> None:
+        """Write the current prompt, the optimizer, the counters and the moving average (where
+        the run keeps one) to ``OUT/state`` (rank 0)."""
         if self.context.is_main:
-            save_state(self.output_dir, self.trained(), optimizer, state)
+            trained = self.trained()
+            if average is not None:
+                trained = {**trained, **average.named_averages(list(trained))}
+            save_state(self.output_dir, trained, optimizer, state)
 
     def restore_best(self) -> None:
         """Put the best prompt back into the model (to score the test split with it).

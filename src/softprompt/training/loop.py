@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from softprompt.data import length_grouped_batches, padding_fraction
 from softprompt.training import distributed
+from softprompt.training.averaging import ParameterAverage
 from softprompt.training.distributed import SINGLE, DistContext
 from softprompt.training.state import LoopState
 
@@ -170,8 +172,13 @@ def train_loop(
     hooks: LoopHooks,
     state: LoopState | None = None,
     context: DistContext = SINGLE,
+    average: ParameterAverage | None = None,
 ) -> LoopResult:
     """Optimise ``trainable`` from ``state`` (a resumed run's counters) to ``settings.total_steps``.
+
+    With ``average`` (over ``trainable.parameters``) the loop updates it after every step, and
+    validation and ``hooks.keep_best`` see the averaged tensors; ``hooks.save_state`` sees the
+    trained ones.
 
     Raises:
         TrainingDivergedError: the loss of a step is NaN or infinite (no step is taken with it).
@@ -196,6 +203,8 @@ def train_loop(
                          settings.max_grad_norm)
             state.train_seconds += _step_seconds(_step_clock() - step_began, settings, context)
             scheduler.step()  # after the clock: a time-budget decay reads the seconds spent
+            if average is not None:
+                average.update(state.step)
             examples = sum(len(batch) for batch in step_batches)
             result.examples_seen += examples
             rate = throughput.add(examples)
@@ -208,7 +217,7 @@ def train_loop(
                 throughput.reset()
             every = settings.eval_every
             due = last or (every is not None and state.step % every == 0)
-            if due and _validate(state, hooks, settings):
+            if due and _validate(state, hooks, settings, average):
                 logger.info("early stop at step %d: no improvement in %d evaluations",
                             state.step, settings.patience)
                 break
@@ -315,21 +324,25 @@ def _backward(trainable: Trainable, batches: list[list[int]], context: DistConte
     return float(loss_sum) / total_count
 
 
-def _validate(state: LoopState, hooks: LoopHooks, settings: LoopSettings) -> bool:
-    """Validate, keep the best state, save resumable state; True means stop early.
+def _validate(
+    state: LoopState, hooks: LoopHooks, settings: LoopSettings, average: ParameterAverage | None
+) -> bool:
+    """Validate (the moving average where there is one), keep the best state, save resumable
+    state; True means stop early.
 
     ``state.best_validation_accuracy`` holds the best value of the selection metric (the name is
     kept so that saved states resume).
     """
-    result = hooks.validate()
     metric = settings.selection_metric
-    value = result[metric]
-    if value > state.best_validation_accuracy:  # a tie keeps the earlier best
-        state.best_validation_accuracy, state.best_step = value, state.step
-        state.evals_without_improvement = 0
-        hooks.keep_best(state)
-    else:
-        state.evals_without_improvement += 1
+    with average.applied() if average is not None else nullcontext():
+        result = hooks.validate()
+        value = result[metric]
+        if value > state.best_validation_accuracy:  # a tie keeps the earlier best
+            state.best_validation_accuracy, state.best_step = value, state.step
+            state.evals_without_improvement = 0
+            hooks.keep_best(state)
+        else:
+            state.evals_without_improvement += 1
     state.history.append({"step": state.step, f"validation_{metric}": value})
     scalars = {
         f"validation_{name}": number

@@ -213,6 +213,12 @@ class TrainOptions:
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Clip the gradient's global norm to this (0: no clipping)"}
     )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Keep an exponential moving average of the trained tensors with this "
+                  "decay (warmed up: min(decay, (1+step)/(10+step))); validation, the best "
+                  "prompt and the test use the average (0: off; e.g. 0.99)"},
+    )
     steps: int | None = field(default=150, metadata={"help": "Optimizer steps (overrides epochs)"})
     epochs: float | None = field(
         default=None, metadata={"help": "Epochs over the train split (when steps is unset)"}
@@ -339,6 +345,8 @@ class TrainOptions:
             problems.append(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if self.teacher and self.task_type != "classification":
             problems.append("teacher needs task_type='classification' (label probabilities)")
         if not 0 <= self.distill_weight <= 1:

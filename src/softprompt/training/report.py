@@ -143,6 +143,7 @@ def build_report(
         "saved_parameters": saved,
         "prompt_bytes": saved_prompt.numel() * saved_prompt.element_size(),
         "max_grad_norm": options.max_grad_norm,
+        **({"ema_decay": options.ema_decay} if options.ema_decay else {}),
         "verbalizer": verbalizer,
         **({"label_words": label_words} if label_words else {}),
         **({"init_from": options.init_from} if options.init_from else {}),

@@ -21,6 +21,7 @@ import torch
 
 from softprompt.core.checkpoint import WEIGHTS_NAME, atomic_write_json
 from softprompt.training import distributed
+from softprompt.training.averaging import ParameterAverage
 from softprompt.training.checkpoints import PromptCheckpoints, prompt_metadata
 from softprompt.training.loop import (
     BatchOrder,
@@ -281,7 +282,8 @@ def _optimise(
     optimizer = make_optimizer(
         parameters, options.optimizer, run.learning_rate, options.weight_decay
     )
-    state = checkpoints.begin(optimizer, resume=bool(options.resume))
+    average = ParameterAverage(parameters, options.ema_decay) if options.ema_decay else None
+    state = checkpoints.begin(optimizer, resume=bool(options.resume), average=average)
     steps = total_steps(options, len(run.train_data))
     settings = LoopSettings(
         steps,
@@ -308,9 +310,11 @@ def _optimise(
         ),
         count=lambda batch: run.objective.count(run.train_data, batch),
     )
-    hooks = _hooks(run, checkpoints, optimizer, metrics)
+    hooks = _hooks(run, checkpoints, optimizer, metrics, average)
     try:
-        loop = train_loop(trainable, order, optimizer, scheduler, settings, hooks, state, context)
+        loop = train_loop(
+            trainable, order, optimizer, scheduler, settings, hooks, state, context, average
+        )
     except TrainingDivergedError as error:
         raise TrainingDivergedError(
             f"{error} The best prompt so far is in {checkpoints.prompt_dir}. "
@@ -328,13 +332,15 @@ def _hooks(
     checkpoints: PromptCheckpoints,
     optimizer: torch.optim.Optimizer,
     metrics: MetricsLog | None,
+    average: ParameterAverage | None,
 ) -> LoopHooks:
-    """Validation on the validation split, the best prompt and resumable state, metrics.jsonl."""
+    """Validation on the validation split, the best prompt and resumable state (with the moving
+    ``average`` where the run keeps one), metrics.jsonl."""
     return LoopHooks(
         validate=lambda: run.objective.evaluate(
             run.frozen, run.model.prompt, run.validation_data, context=run.evaluation_context
         ),
         keep_best=checkpoints.keep_best,
-        save_state=lambda state: checkpoints.save_state(optimizer, state),
+        save_state=lambda state: checkpoints.save_state(optimizer, state, average),
         log=metrics.write if metrics is not None else lambda record: None,
     )
