@@ -475,6 +475,16 @@ def test_schema_errors_are_422(server: MainServer, body: Any) -> None:
     assert error["code"] == "validation_error" and error["message"].startswith("invalid request")
 
 
+def test_a_record_input_is_422_naming_inputs(server: MainServer) -> None:
+    """A template has one field, so an input is a text; a record was once accepted by the schema
+    and then refused by the engine with a 500."""
+    with server.client() as client:
+        response = client.post("/v1/classify", json={"task": "sentiment",
+                                                     "inputs": [{"text": "good"}]})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "inputs"
+
+
 @pytest.mark.parametrize("body", [
     {"model": "echo", "prompt": []},
     {"model": "echo", "prompt": "x", "max_tokens": 0},

@@ -68,9 +68,9 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field(min_length=1, description="Name of a loaded classification task.")
-    inputs: list[InputText | dict[str, InputText]] = Field(
-        min_length=1, description="Texts to classify (at least one); a record (field -> text) "
-                                  "fills a template with several fields.")
+    inputs: list[InputText] = Field(
+        min_length=1, description="Texts to classify (at least one); each fills the task's "
+                                  "template (which has one field).")
     truncate: bool = Field(False, description="Cut inputs that are too long instead of failing.")
 
 
