@@ -411,6 +411,37 @@ def test_a_completion_without_stop_uses_the_tasks_own(server: MainServer, prompt
     assert unstopped["choices"][0]["text"] == text
 
 
+def test_an_input_that_tokenizes_to_nothing_is_400(server: MainServer, prompts_dir: Path) -> None:
+    """With a bare ``{text}`` template an empty text has no tokens: the engine refuses it, and
+    the client is told so (400 naming the field), not answered 500."""
+    admin = {"X-API-Key": ADMIN_KEY}
+    bare = {"sentiment": {**SENTIMENT_META, "template": "{text}"},
+            "echo": {**ECHO_META, "template": "{text}"}}
+    with server.client() as client:
+        for name, meta in bare.items():
+            write_prompt(prompts_dir / f"bare-{name}", 3, meta, 12)
+            added = client.post("/v1/tasks", json={"name": f"bare-{name}", "path": f"bare-{name}"},
+                                headers=admin)
+            assert added.status_code == 201, added.text
+        try:
+            classify = client.post("/v1/classify", json={"task": "bare-sentiment",
+                                                         "inputs": ["good", ""]})
+            complete = client.post("/v1/completions", json={"model": "bare-echo", "prompt": ""})
+            streamed = client.post("/v1/completions", json={"model": "bare-echo", "prompt": "",
+                                                            "stream": True})
+            fine = client.post("/v1/completions", json={"model": "bare-echo", "prompt": "good",
+                                                        "max_tokens": 2})
+        finally:
+            for name in bare:
+                client.delete(f"/v1/tasks/bare-{name}", headers=admin)
+    for response, param in ((classify, "inputs"), (complete, "prompt"), (streamed, "prompt")):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_input" and error["param"] == param
+        assert "tokenizes to no tokens" in error["message"]
+    assert fine.status_code == 200
+
+
 def test_models_lists_tasks(server: MainServer) -> None:
     with server.client() as client:
         body = client.get("/v1/models").json()

@@ -344,6 +344,7 @@ class MicroBatcher:
     def _slot_error(self, item: WorkItem, error: BaseException) -> ApiError:
         """Maps an exception the engine returned for one input to the client's answer."""
         param = "task" if item.kind == "classify" else "model"
+        field = "inputs" if item.kind == "classify" else "prompt"
         if isinstance(error, ApiError):
             return error
         if isinstance(error, TaskNotFoundError):
@@ -353,8 +354,10 @@ class MicroBatcher:
             message = str(error) if limit is None else (
                 f"input is {length} tokens (template included) but task '{item.task}' allows at "
                 f"most {limit}; shorten it or send truncate=true")
-            return ApiError(400, message, "input_too_long",
-                            param="inputs" if item.kind == "classify" else "prompt")
+            return ApiError(400, message, "input_too_long", param=field)
+        if isinstance(error, (TypeError, ValueError)):  # the engine refused this input itself
+            return ApiError(400, f"invalid {field} for task '{item.task}': {error}",
+                            "invalid_input", param=field)
         logger.error("engine failed on one %s input of task %r: %r", item.kind, item.task, error)
         return internal_error(error)
 
