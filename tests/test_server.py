@@ -523,10 +523,14 @@ def test_a_record_input_is_422_naming_inputs(server: MainServer) -> None:
     {"model": "echo", "prompt": "x", "stream": "yes please"},
     {"model": "echo", "prompt": "x", "n": 2},
     {"model": "echo", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+    {"model": "echo", "prompt": "x", "temperature": 1, "seed": -1},
+    {"model": "echo", "prompt": "x", "temperature": 1, "seed": 2**64},  # beyond a torch seed
 ])
 def test_completion_schema_errors_are_422(server: MainServer, body: dict) -> None:
     with server.client() as client:
-        assert client.post("/v1/completions", json=body).status_code == 422
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] in body
 
 
 # --- task management ---------------------------------------------------------------------------

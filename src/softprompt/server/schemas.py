@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_SEED = 2**64 - 1  # the largest seed a torch.Generator takes
 MAX_INPUT_CHARS = 100_000  # per text; far above any model's context, stops abusive bodies early
 
 InputText = Annotated[str, Field(max_length=MAX_INPUT_CHARS)]
@@ -101,7 +102,8 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(
         None, description="Up to 4 stop sequences; omitted or null: the task's own (those its "
                           "prompt was trained with, listed in /v1/models); [] for none.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="Seed for reproducible sampling (0 to 2**64 - 1).")
     n: int = Field(1, ge=1, le=1, description="Completions per prompt; only 1 is supported.")
     stream: bool = Field(False, description="Send the text as server-sent events as it is "
                                             "generated, then data: [DONE].")
