@@ -286,6 +286,28 @@ def test_nothing_is_lost_under_load_with_cancellations(step_server: RunningServe
     assert "# TYPE softprompt_tokens_per_second gauge" in text
 
 
+def test_a_tiny_temperature_samples_greedily_and_spares_its_batch_mates(
+        step_server: RunningServer, slow) -> None:
+    """A temperature so small that logits / temperature overflow once made NaN probabilities:
+    the step raised, and every generation running beside it was answered 500."""
+    long = {"model": "echo", "prompt": "the movie", "max_tokens": 30, "temperature": 0,
+            "stop": []}
+    tiny = {"model": "echo2", "prompt": "the game", "max_tokens": 5, "stop": []}
+    with step_server.client() as client:
+        expected = client.post("/v1/completions", json=long).json()["choices"][0]["text"]
+        greedy = client.post("/v1/completions", json={**tiny, "temperature": 0}).json()
+        with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as response:
+            lines = response.iter_lines()
+            first = next(lines)  # the long generation runs
+            sampled = client.post("/v1/completions", json={**tiny, "temperature": 1e-45})
+            rest = [line for line in lines if line]
+    events = [json.loads(line[len("data: "):]) for line in [first, *rest[:-1]]]
+    assert sampled.status_code == 200, sampled.text
+    assert sampled.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    assert rest[-1] == "data: [DONE]" and all("error" not in event for event in events), events
+    assert "".join(event["choices"][0]["text"] for event in events) == expected
+
+
 def test_a_model_without_plain_keys_values_gets_the_batch_worker(setup) -> None:
     from softprompt.server.batcher import MicroBatcher
     from softprompt.server.metrics import ServerMetrics

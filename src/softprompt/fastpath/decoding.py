@@ -195,8 +195,10 @@ def choose_token(
     if params.temperature == 0:
         return int(scores.argmax())
     # Sampling runs on the CPU with the request's own generator: the same seed gives the same
-    # tokens whatever the device or the batch-mates.
-    probabilities = (scores.float().cpu() / params.temperature).softmax(dim=-1)
+    # tokens whatever the device or the batch-mates. The best score is subtracted first, so a
+    # tiny temperature cannot overflow to inf (and NaN probabilities): it tends to greedy.
+    scores = scores.float().cpu()
+    probabilities = ((scores - scores.max()) / params.temperature).softmax(dim=-1)
     probabilities = top_p_filter(probabilities, params.top_p)
     return int(torch.multinomial(probabilities, 1, generator=generator))
 
