@@ -198,6 +198,25 @@ def test_a_disconnect_mid_stream_frees_the_slot(step_server: RunningServer, slow
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 3
 
 
+def test_a_client_gone_before_its_answer_frees_the_slot(step_server: RunningServer,
+                                                        slow) -> None:
+    """A non-streamed completion whose client disconnects is dropped at the next step, as a
+    stream is; it used to run to its end (or to the request timeout) for nobody."""
+    slow.step_delay = 0.05
+    cancelled_before = metric(step_server, "softprompt_cancelled_generations_total")
+    body = {"model": "echo", "prompt": "the movie", "max_tokens": 45, "temperature": 0}
+    with (httpx.Client(base_url=step_server.url, timeout=0.5, trust_env=False) as client,
+          pytest.raises(httpx.ReadTimeout)):
+        client.post("/v1/completions", json=body)
+    gone = time.monotonic()  # 45 steps of 0.05 s would take about 1.7 s more
+    wait_until(lambda: metric(step_server, "softprompt_running_sequences") == 0, 5.0)
+    assert time.monotonic() - gone < 1.0
+    assert metric(step_server, "softprompt_cancelled_generations_total") == cancelled_before + 1
+    with step_server.client() as client:
+        again = client.post("/v1/completions", json={**body, "max_tokens": 3})
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 3
+
+
 def test_classification_is_served_between_decoding_steps(step_server: RunningServer,
                                                          slow) -> None:
     """Four long generations run; a classification meanwhile takes a few steps, not theirs."""

@@ -8,17 +8,19 @@ micro-batcher; admin requests run while no batch holds the engine.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from softprompt.inference import GenerateParams, TaskInfo, TaskLoadError, TaskNotFoundError
 from softprompt.server import schemas as s
-from softprompt.server.batcher import unknown_task_error
+from softprompt.server.batcher import MicroBatcher, WorkItem, unknown_task_error
 from softprompt.server.metrics import CONTENT_TYPE
 from softprompt.server.schemas import ApiError
 from softprompt.server.security import check_admin, check_task_name, resolve_prompt_path
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorResponse}
-    for code in (400, 401, 403, 404, 409, 413, 422, 429, 500, 503, 504)}
+    for code in (400, 401, 403, 404, 409, 413, 422, 429, 499, 500, 503, 504)}
 
 State = Annotated[ServerState, Depends(server_state)]
 OptionalHeader = Annotated[str | None, Header()]  # the name says which: x_api_key -> X-API-Key
@@ -38,7 +40,8 @@ router = APIRouter()
 
 
 @router.post("/v1/classify", response_model=s.ClassifyResponse, responses=ERROR_RESPONSES)
-async def classify(body: s.ClassifyRequest, state: State) -> s.ClassifyResponse:
+async def classify(body: s.ClassifyRequest, state: State, request: Request
+                   ) -> s.ClassifyResponse:
     """Classifies each input with a classification task; inputs are batched with others'."""
     batcher = state.ready()
     info = state.task(body.task, "task")
@@ -46,13 +49,13 @@ async def classify(body: s.ClassifyRequest, state: State) -> s.ClassifyResponse:
         raise ApiError(400, f"task '{body.task}' is a {info.kind} task; use /v1/completions",
                        "wrong_task_kind", param="task")
     items = batcher.submit("classify", body.task, body.inputs, truncate=body.truncate)
-    results = await batcher.wait(items, state.options.request_timeout)
+    results = await _wait(request, batcher, items, state.options.request_timeout)
     return s.ClassifyResponse(task=body.task, results=[
         s.ClassifyItem(label=r.label, probabilities=dict(r.probabilities)) for r in results])
 
 
 @router.post("/v1/completions", response_model=s.CompletionResponse, responses=ERROR_RESPONSES)
-async def completions(body: s.CompletionRequest, state: State) -> Response:
+async def completions(body: s.CompletionRequest, state: State, request: Request) -> Response:
     """Completes each prompt with the task's soft prompt in front (OpenAI's shape); with
     ``"stream": true`` as server-sent events. ``max_tokens`` is capped by the server's limit."""
     batcher = state.ready()
@@ -66,7 +69,7 @@ async def completions(body: s.CompletionRequest, state: State) -> Response:
                            truncate=body.truncate, stream=body.stream)
     if body.stream:
         return await stream_completion(batcher, items, body.model, options.request_timeout)
-    results = await batcher.wait(items, state.options.request_timeout)
+    results = await _wait(request, batcher, items, options.request_timeout)
     completion_tokens = sum(int(r.num_tokens) for r in results)
     prompt_tokens = sum(item.prompt_tokens for item in items)
     return JSONResponse(s.CompletionResponse(
@@ -158,6 +161,32 @@ async def health(state: State) -> JSONResponse:
 async def prometheus_metrics(state: State) -> Response:
     """Prometheus text exposition of the server's metrics."""
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _wait(request: Request, batcher: MicroBatcher, items: Sequence[WorkItem],
+                timeout_s: float) -> list[Any]:
+    """The items' results; a client that disconnects first abandons them (answered 499).
+
+    So the worker drops a gone client's generations at its next step, as it does a stream's,
+    instead of running them to their end for nobody.
+    """
+    waiting = asyncio.ensure_future(batcher.wait(items, timeout_s))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiting.done():
+            waiting.cancel()  # batcher.wait abandons the items when cancelled
+    if not waiting.done() or waiting.cancelled():
+        raise ApiError(499, "client closed the connection before the answer", "client_gone")
+    return waiting.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _task_exists(name: str) -> ApiError:
