@@ -737,6 +737,27 @@ def test_train_options_single_problems_and_learning_rate():
     assert TrainOptions.from_dict({**options.to_dict(), "unknown": 1}) == options
 
 
+def test_epochs_given_without_steps_set_the_run_length(monkeypatch):
+    import softprompt.training.trainer as trainer_module
+    from softprompt.cli import main
+
+    seen: list[TrainOptions] = []
+
+    def stop_before_the_data(options):
+        seen.append(options)
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(trainer_module, "prepare", stop_before_the_data)
+    assert main(["train", "--epochs", "2"]) == 2
+    for kwargs in ({"epochs": 2}, {"preset": "demo", "epochs": 2}, {"epochs": 2, "steps": 7}):
+        with pytest.raises(ValueError, match="stopped"):
+            train(**kwargs)
+    # Without steps the epochs set the length (not the default 150 or the preset's 300 steps).
+    assert [(options.steps, options.epochs) for options in seen] == [
+        (None, 2), (None, 2), (None, 2), (7, 2)
+    ]
+
+
 def test_presets_apply_and_explicit_options_win():
     quick = TrainOptions.from_preset(preset="quick")
     for name, value in PRESETS["quick"].items():

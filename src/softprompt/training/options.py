@@ -221,7 +221,8 @@ class TrainOptions:
     )
     steps: int | None = field(default=150, metadata={"help": "Optimizer steps (overrides epochs)"})
     epochs: float | None = field(
-        default=None, metadata={"help": "Epochs over the train split (when steps is unset)"}
+        default=None,
+        metadata={"help": "Epochs over the train split (given without steps, they set the length)"},
     )
     time_budget: float | None = field(
         default=None,

@@ -89,7 +89,8 @@ def train(
         options: the run's options; or give them as keyword arguments (``num_virtual_tokens=20``).
         preset: without ``options``, a named option set (``PRESETS``) or an earlier run's
             ``options.json``, under the keyword options.
-        **overrides: options applied on top of ``options`` (or of the preset).
+        **overrides: options applied on top of ``options`` (or of the preset); ``epochs``
+            without ``steps`` unsets the steps, so the epochs set the run's length.
 
     Returns:
         The output directory and the report (also in ``OUT/report.json``).
@@ -98,6 +99,8 @@ def train(
         ValueError: bad options or data, all problems listed at once, before the model loads.
         TrainingDivergedError: NaN/inf loss; the best checkpoint so far stays in ``OUT/prompt``.
     """
+    if overrides.get("epochs") is not None and "steps" not in overrides:
+        overrides["steps"] = None  # epochs given alone set the run's length, not the default steps
     # The options the caller set (the rest are defaults): on resume, only these override the
     # saved run.
     given = set(overrides) | (options.non_defaults() if options is not None else set())
