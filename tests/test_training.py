@@ -801,8 +801,12 @@ def test_an_earlier_runs_options_json_trains_the_same_prompt_again(tiny, tmp_pat
         ("{not json", "is not a readable JSON file"),
         ("[1, 2]", "must hold a JSON object of options, got list"),
         ('{"steps": 3, "warp": 9, "mode": 1}', "names options this version does not have: mode, warp"),
+        (
+            '{"steps": "two", "lr": "0.1", "baselines": 1, "teacher": "t", "seed": 2, "epochs": 1}',
+            "gives options a value of the wrong type: steps='two', lr='0.1', baselines=1, teacher='t'$",
+        ),
     ],
-    ids=["missing", "not-json", "not-an-object", "unknown-options"],
+    ids=["missing", "not-json", "not-an-object", "unknown-options", "wrong-types"],
 )
 def test_a_bad_options_file_as_preset_is_named(tmp_path, content, message):
     path = tmp_path / "options.json"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,26 @@ def _recipe(path: Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"preset {str(path)!r} names options this version does not have: "
                          f"{', '.join(unknown)}")
+    hints = typing.get_type_hints(TrainOptions)
+    wrong = [f"{key}={value!r}" for key, value in values.items() if not _fits(value, hints[key])]
+    if wrong:
+        raise ValueError(f"preset {str(path)!r} gives options a value of the wrong type: "
+                         f"{', '.join(wrong)}")
     return {key: value for key, value in values.items() if key not in ("output_dir", "resume")}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON ``value`` is of the type ``hint`` (an int is a float; a bool is no number)."""
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(entry, item) for entry in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 @dataclass
