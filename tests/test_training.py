@@ -649,12 +649,13 @@ def test_missing_dataset_is_reported_with_the_other_problems(tmp_path, monkeypat
 
 
 def test_train_options_list_every_problem(tmp_path):
+    (tmp_path / "file").write_text("not a run directory\n")
     with pytest.raises(ValueError) as error:
         TrainOptions(num_virtual_tokens=0, batch_size=-2, optimizer="sgd", schedule="step", device="tpu",
                      dtype="int8", init="ZEROS", lr=0.0, warmup_steps=-1, steps=None, patience=0,
                      task_type="generation", resume=str(tmp_path), max_grad_norm=-1.0,
                      reparameterize="deep", residual_bottleneck=0, verbalizer="auto",
-                     class_weights="balanced")
+                     class_weights="balanced", output_dir=str(tmp_path / "file"))
     lines = str(error.value).splitlines()
     assert lines[0] == "invalid training options:"
     expected = [
@@ -674,6 +675,7 @@ def test_train_options_list_every_problem(tmp_path):
         "set steps, or epochs > 0",
         "lr must be > 0, got 0.0",
         "warmup_steps must be >= 0, got -1",
+        f"output_dir={str(tmp_path / 'file')!r} is a file, not a directory",
         f"resume={str(tmp_path)!r}: no resumable run there",
     ]
     for fragment in expected:

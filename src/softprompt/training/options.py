@@ -380,6 +380,8 @@ class TrainOptions:
         if self.init == "TEXT" and self.init_text is not None and not self.init_text.strip():
             problems.append("init='TEXT' needs init_text")
         problems += self._prefix_problems()
+        if self.output_dir is not None and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            problems.append(f"output_dir={self.output_dir!r} is a file, not a directory")
         if self.resume is not None and not (Path(self.resume) / "state").is_dir():
             problems.append(
                 f"resume={self.resume!r}: no resumable run there "
