@@ -342,6 +342,21 @@ def test_save_checks_the_shape(tmp_path):
 # ----------------------------------------------------------------------------- atomic save
 
 
+def test_save_onto_a_file_is_refused_and_keeps_the_file(tmp_path, capsys):
+    from softprompt.cli import main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me\n")
+    with pytest.raises(ValueError, match="notes.txt: is a file, not a checkpoint directory"):
+        _ours(tiny_llama, "CAUSAL_LM").save_pretrained(target)
+    _ours(tiny_llama, "CAUSAL_LM").save_pretrained(tmp_path / "prompt")
+    soup = ["soup", str(tmp_path / "prompt"), str(tmp_path / "prompt"), "--output", str(target)]
+    assert main(soup) == 2
+    assert "is a file, not a checkpoint directory" in capsys.readouterr().err
+    assert target.read_text() == "keep me\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "prompt"]
+
+
 def test_failing_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     model = _ours(tiny_llama, "CAUSAL_LM")
     target = tmp_path / "prompt"

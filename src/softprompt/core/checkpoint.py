@@ -102,8 +102,13 @@ def save_prompt(
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        ValueError: ``weights`` do not have the config's shape, or ``directory`` is a file.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: is a file, not a checkpoint directory; not overwritten")
     expected = config.weights_shape
     if tuple(weights.shape) != expected:
         raise ValueError(f"prompt weights have shape {tuple(weights.shape)}, config expects {expected}")
