@@ -224,6 +224,27 @@ def test_train_eval_inspect_predict_on_the_tiny_setup(tiny, tmp_path, capsys):
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_eval_and_predict_load_the_base_model_a_peft_checkpoint_names(tiny, tmp_path, capsys):
+    from peft import PromptTuningConfig as PeftPromptConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny.model)),
+        PeftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    )
+    peft_model.save_pretrained(str(tmp_path / "peft"))  # no softprompt.json: the model is named
+    assert not (tmp_path / "peft" / "softprompt.json").exists()  # in adapter_config.json only
+    prompt = ["--prompt", str(tmp_path / "peft")]
+    assert main(["predict", *prompt, "--json", "the movie was great"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "the movie was great"
+    assert main([
+        "eval", *prompt, "--dataset", str(tiny.data), "--template", tiny.template,
+        "--verbalizer", tiny.verbalizer, "--max-examples", "4", "--json",
+    ]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(tiny.model)
+
+
 def test_data_preview(tiny, capsys):
     assert (
         main(["data", "preview", str(tiny.data), "--template", tiny.template, "--examples", "1"])

@@ -98,8 +98,9 @@ def _predict(args: argparse.Namespace) -> int:
     from softprompt.inference import Engine
 
     options = PredictOptions(**given_options(args, PredictOptions))
-    metadata = load_prompt(options.prompt).metadata
-    model = options.model or metadata.get("base_model") or "smollm2-135m"
+    checkpoint = load_prompt(options.prompt)
+    metadata = checkpoint.metadata
+    model = options.model or checkpoint.base_model or "smollm2-135m"
     engine = Engine(model, device=options.device, dtype=options.dtype)
     info = engine.add_task("task", options.prompt)
     if info.kind == "generation":

@@ -51,6 +51,12 @@ class PromptCheckpoint:
     # (e.g. ``base_model.classifier.weight`` for SEQ_CLS), which a prompt alone cannot carry.
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def base_model(self) -> str | None:
+        """The model it was tuned on: ``softprompt.json``'s ``base_model``, else (a checkpoint
+        PEFT wrote) ``adapter_config.json``'s ``base_model_name_or_path``; None if neither."""
+        return self.metadata.get("base_model") or self.config.base_model_name_or_path
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file and a rename: readers never see half a file

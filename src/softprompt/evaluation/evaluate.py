@@ -82,7 +82,9 @@ def evaluate_prompt(
     """
     options = _resolve(options, overrides)
     checkpoint = load_prompt(options.prompt) if options.prompt else None
-    setting = _setting(options, checkpoint.metadata if checkpoint else {})
+    setting = _setting(
+        options, checkpoint.metadata if checkpoint else {}, checkpoint.base_model if checkpoint else None
+    )
     generation = setting["task"] == "generation"
     splits = load_dataset(
         setting["dataset"],
@@ -230,8 +232,11 @@ def _resolve(options: EvalOptions | None, overrides: dict[str, Any]) -> EvalOpti
     return options
 
 
-def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Each dataset setting: the option if given, else the checkpoint's, else the default."""
+def _setting(
+    options: EvalOptions, metadata: dict[str, Any], base_model: str | None = None
+) -> dict[str, Any]:
+    """Each dataset setting: the option if given, else the checkpoint's, else the default
+    (``base_model``: the model the checkpoint names, :attr:`PromptCheckpoint.base_model`)."""
 
     def pick(name: str, default: Any = None) -> Any:
         value = getattr(options, name)
@@ -245,7 +250,7 @@ def _setting(options: EvalOptions, metadata: dict[str, Any]) -> dict[str, Any]:
     direction = pick("direction")
     return {
         "task": task,
-        "model": options.model or metadata.get("base_model") or DEFAULT_MODEL,
+        "model": options.model or base_model or DEFAULT_MODEL,
         "dataset": dataset,
         "text_column": text_column,
         "label_column": pick("label_column", "label"),

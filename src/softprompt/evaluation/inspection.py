@@ -69,7 +69,7 @@ def inspect_prompt(prompt_dir: str | Path, model: str | None = None, top_k: int 
     from softprompt.models import load_model
 
     checkpoint = load_prompt(prompt_dir)
-    model_name = model or checkpoint.metadata.get("base_model") or checkpoint.config.base_model_name_or_path
+    model_name = model or checkpoint.base_model
     if not model_name:
         raise ValueError(f"{prompt_dir}: the checkpoint does not name its base model; pass --model")
     base, tokenizer = load_model(model_name)
