@@ -639,6 +639,21 @@ def test_bad_data_options_fail_together_before_the_model_loads(tiny, tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
+def test_a_prompt_longer_than_the_models_positions_is_refused_before_training(tiny, tmp_path):
+    from softprompt.data.encoding import input_limit
+
+    assert input_limit(None, 256, 250, 2) == 4 and input_limit(64, 256, 20) == 64
+    with pytest.raises(ValueError, match="prompt of 250 virtual tokens and 6 label-word tokens"):
+        input_limit(64, 256, 250, 6)
+    # The tiny Llama has 256 positions: the prompt would train, but no text could follow it.
+    options = tiny.options(tmp_path / "run", num_virtual_tokens=256, init="RANDOM")
+    with pytest.raises(ValueError, match="num_virtual_tokens=256: a prompt of 256 virtual tokens "
+                       r"leaves no room for text in the model's 256 positions") as error:
+        train(**options)
+    assert "max_length must be" not in str(error.value)
+    assert not (tmp_path / "run" / "prompt").exists()
+
+
 def test_missing_dataset_is_reported_with_the_other_problems(tmp_path, monkeypatch):
     monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError) as error:

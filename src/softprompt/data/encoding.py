@@ -33,8 +33,18 @@ def input_limit(
     max_length: int | None, max_positions: int, prompt_length: int, continuation_room: int = 0
 ) -> int:
     """Tokens an encoded input may have: the prompt's ``max_length`` (None: no own limit),
-    capped by the positions the model leaves after the prompt and the label continuations."""
+    capped by the positions the model leaves after the prompt and the label continuations.
+
+    Raises:
+        ValueError: the prompt (and the continuations) leave no position for the text.
+    """
     room = max_positions - prompt_length - continuation_room
+    if room < 1:
+        labels = f" and {continuation_room} label-word tokens" if continuation_room else ""
+        raise ValueError(
+            f"a prompt of {prompt_length} virtual tokens{labels} leaves no room for text in the "
+            f"model's {max_positions} positions (max_position_embeddings); use fewer virtual tokens"
+        )
     return min(room, max_length) if max_length else room
 
 

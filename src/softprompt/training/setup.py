@@ -30,7 +30,7 @@ from softprompt.data import (
     load_dataset,
     resolve_verbalizer,
 )
-from softprompt.data.encoding import InputEncoding, text_field_of
+from softprompt.data.encoding import InputEncoding, input_limit, text_field_of
 from softprompt.evaluation.generation import default_stop
 from softprompt.evaluation.label_words import choose_label_words
 from softprompt.fastpath.frozen import FrozenModel
@@ -220,6 +220,11 @@ def load_run(
         )
     objective = make_objective(options, prepared, tokenizer)
     frozen = FrozenModel(base, tokenizer, compile=options.compile)
+    continuations = objective.verbalizer.continuation_room if isinstance(objective, ClassificationObjective) else 0
+    try:  # a prompt that leaves the text no position could train, but never be served
+        input_limit(options.max_length, frozen.max_positions, options.num_virtual_tokens, continuations)
+    except ValueError as error:
+        raise ValueError(f"num_virtual_tokens={options.num_virtual_tokens}: {error}") from None
     if options.method == "prefix":
         model = get_prefix_model(base, frozen, prompt_config(options, prepared), options, tokenizer)
     else:
