@@ -654,6 +654,16 @@ def test_a_prompt_longer_than_the_models_positions_is_refused_before_training(ti
     assert not (tmp_path / "run" / "prompt").exists()
 
 
+@pytest.mark.parametrize("verbalizer", [None, "auto", "positive=good"])
+def test_one_label_only_is_refused_before_the_model_loads(tmp_path, monkeypatch, write_jsonl, verbalizer):
+    monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    rows = [{"text": f"review number {index}", "label": "positive"} for index in range(20)]
+    data = write_jsonl(tmp_path / "one-label.jsonl", rows)
+    with pytest.raises(ValueError, match="classification needs at least 2 labels, got only 'positive'"):
+        train(dataset=str(data), verbalizer=verbalizer, output_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_dataset_is_reported_with_the_other_problems(tmp_path, monkeypatch):
     monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError) as error:

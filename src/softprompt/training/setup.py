@@ -185,13 +185,21 @@ def _verbalizer(
             f"dataset={options.dataset!r}: no labels in column {options.label_column!r}"
         )
         return None
-    if options.verbalizer == AUTO_VERBALIZER:  # chosen with the model, in `load_run`
+    verbalizer = None
+    if options.verbalizer != AUTO_VERBALIZER:  # auto: chosen with the model, in `load_run`
+        try:
+            verbalizer = resolve_verbalizer(options.verbalizer, splits.labels)
+        except ValueError as error:
+            problems.append(f"verbalizer: {error}")
+            return None
+    classes = verbalizer.labels if verbalizer is not None else splits.labels
+    if len(classes) < 2:  # a softmax over one label word: the loss is 0, nothing would train
+        problems.append(
+            f"dataset={options.dataset!r}: classification needs at least 2 labels, got only "
+            f"{classes[0]!r} (column {options.label_column!r} and the verbalizer)"
+        )
         return None
-    try:
-        return resolve_verbalizer(options.verbalizer, splits.labels)
-    except ValueError as error:
-        problems.append(f"verbalizer: {error}")
-        return None
+    return verbalizer
 
 
 def load_run(
