@@ -116,7 +116,7 @@ def test_train_with_bad_values_exits_2_listing_each(capsys):
     assert "invalid training options" in error
     assert "num_virtual_tokens must be a positive integer, got 0" in error
     assert "optimizer='sgd' is not valid" in error
-    assert "lr must be > 0, got -1.0" in error
+    assert "lr must be > 0 and finite, got -1.0" in error
 
 
 def test_unparsable_flag_is_an_argparse_error(capsys):

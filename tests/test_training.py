@@ -698,7 +698,7 @@ def test_train_options_list_every_problem(tmp_path):
         "batch_size must be a positive integer, got -2",
         "patience must be a positive integer or unset, got 0",
         "set steps, or epochs > 0",
-        "lr must be > 0, got 0.0",
+        "lr must be > 0 and finite, got 0.0",
         "warmup_steps must be >= 0, got -1",
         f"output_dir={str(tmp_path / 'file')!r} is a file, not a directory",
         f"resume={str(tmp_path)!r}: no resumable run there",
@@ -756,6 +756,9 @@ def test_train_options_single_problems_and_learning_rate():
     with pytest.raises(ValueError, match="class_weights='inverse' is not valid; allowed: none, balanced"):
         TrainOptions(class_weights="inverse")
     assert TrainOptions(steps=None, epochs=0.5).epochs == 0.5
+    for rate in (math.inf, math.nan):  # an infinite rate is not caught by "> 0"; it diverges
+        with pytest.raises(ValueError, match=f"lr must be > 0 and finite, got {rate}"):
+            TrainOptions(lr=rate)
     assert TrainOptions(init="random").init == "RANDOM"  # any case, stored as the enum value
     assert TrainOptions().learning_rate == 0.01
     assert TrainOptions(optimizer="adafactor").learning_rate == 0.3

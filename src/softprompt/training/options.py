@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -361,8 +362,8 @@ class TrainOptions:
             problems.append("set steps, or epochs > 0")
         if self.time_budget is not None and not self.time_budget > 0:
             problems.append(f"time_budget must be > 0 seconds or unset, got {self.time_budget}")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            problems.append(f"lr must be > 0 and finite, got {self.lr}")
         if not self.max_grad_norm >= 0:
             problems.append(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup_steps < 0:
