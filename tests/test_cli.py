@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import softprompt.models
 from softprompt.cli import build_parser, main
@@ -243,6 +244,26 @@ def test_eval_and_predict_load_the_base_model_a_peft_checkpoint_names(tiny, tmp_
         "--verbalizer", tiny.verbalizer, "--max-examples", "4", "--json",
     ]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == str(tiny.model)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_length", "64", "max_length='64', not an integer"),
+        ("verbalizer", "x", "verbalizer='x', not an object of label -> word(s)"),
+        ("template", 5, "template=5, not a string"),
+    ],
+)
+def test_eval_names_a_bad_setting_in_softprompt_json(tmp_path, capsys, field, value, message):
+    from softprompt.core.checkpoint import save_prompt
+    from softprompt.core.config import PromptTuningConfig
+
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, token_dim=4)
+    save_prompt(tmp_path / "prompt", torch.zeros(2, 4), config, {field: value})
+    assert main(["eval", "--prompt", str(tmp_path / "prompt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"softprompt eval: error: {tmp_path / 'prompt'}: softprompt.json has {message}"
+    )
 
 
 def test_data_preview(tiny, capsys):
