@@ -67,6 +67,14 @@ def test_nearest_tokens_match_a_brute_force_search(model_dir):
             assert [score for _, _, score in neighbours] == pytest.approx(expected.values[row].tolist(), abs=1e-5)
 
 
+def test_top_k_beyond_the_vocabulary_lists_each_token_once(model_dir):
+    base, tokenizer = load_model(str(model_dir))
+    prompt = torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(0))
+    for neighbours in nearest_tokens(prompt, base.get_input_embeddings(), tokenizer, top_k=100000, chunk=7):
+        assert sorted(token for _, token, _ in neighbours) == list(range(len(tokenizer)))
+        assert all(-1.0001 <= cosine <= 1.0001 for _, _, cosine in neighbours)
+
+
 def test_drift_is_zero_right_after_init_and_measures_a_change(model_dir, tmp_path):
     model, tokenizer = _text_init_model(model_dir)
     model.save_pretrained(tmp_path / "untrained", {"base_model": str(model_dir)})

@@ -31,12 +31,13 @@ def nearest_tokens(
         prompt: ``(n, H)`` prompt rows.
         embeddings: the model's input embedding module.
         tokenizer: decodes token ids.
-        top_k: neighbours per row.
+        top_k: neighbours per row (at most the vocabulary).
 
     Returns:
         For each row, ``top_k`` tuples ``(token text, token id, cosine)``, best first.
     """
     vocab_size = min(embeddings.weight.shape[0], len(tokenizer))
+    top_k = min(top_k, vocab_size)  # beyond it, only the placeholders (id 0, cosine -2) remain
     rows = torch.nn.functional.normalize(prompt.float().cpu(), dim=-1)
     best_values = torch.full((rows.shape[0], top_k), -2.0)
     best_ids = torch.zeros((rows.shape[0], top_k), dtype=torch.long)
