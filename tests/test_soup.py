@@ -71,6 +71,19 @@ def test_greedy_soup_keeps_a_prompt_only_if_the_validation_score_holds(runs, tmp
     assert not list((tmp_path / "new").glob(".soup-*"))  # the trial soups are cleaned up
 
 
+def test_a_soup_onto_one_of_its_prompts_is_refused(tmp_path, capsys, monkeypatch):
+    from softprompt.core.checkpoint import save_prompt
+    from softprompt.core.config import PromptTuningConfig
+
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, token_dim=4)
+    for name, value in (("a", 0.0), ("b", 1.0)):
+        save_prompt(tmp_path / name, torch.full((2, 4), value), config)
+    monkeypatch.chdir(tmp_path)
+    assert main(["soup", str(tmp_path / "a"), "b", "--output", "./b/"]) == 2
+    assert "output='./b/' is one of the prompts; the soup would replace it" in capsys.readouterr().err
+    assert torch.equal(load_prompt(tmp_path / "b").weights, torch.ones(2, 4))  # b is kept
+
+
 def test_prompts_that_cannot_be_averaged_are_each_named(runs, tmp_path, capsys):
     other = tmp_path / "other-template"
     shutil.copytree(runs["seed1"], other)

@@ -8,6 +8,7 @@ the checkpoint's ``softprompt.json``, which records how its prompt was trained.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from softprompt.options import (
     DTYPE_HELP,
@@ -166,4 +167,6 @@ class SoupOptions:
         problems += positive_problems(self, ("max_examples",), optional=True)
         if len(self.prompts) < 2:
             problems.append(f"a soup needs at least 2 prompts, got {len(self.prompts)}")
+        if any(Path(prompt).resolve() == Path(self.output).resolve() for prompt in self.prompts):
+            problems.append(f"output={self.output!r} is one of the prompts; the soup would replace it")
         raise_problems("soup options", problems)
