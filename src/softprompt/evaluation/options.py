@@ -117,6 +117,9 @@ class EvalOptions:
             problems.append(
                 "chat_template applies to the zero-shot baseline only (--baseline zero-shot)"
             )
+        for name in ("output", "predictions"):  # files: found out only after the evaluation
+            if getattr(self, name) is not None and Path(getattr(self, name)).is_dir():
+                problems.append(f"{name}={getattr(self, name)!r} is a directory; give a file path")
         raise_problems("eval options", problems)
 
 
