@@ -266,12 +266,14 @@ def test_eval_names_a_bad_setting_in_softprompt_json(tmp_path, capsys, field, va
     )
 
 
-def test_eval_output_paths_that_are_directories_exit_2_before_evaluating(tmp_path, capsys):
+def test_eval_and_inspect_output_paths_that_are_directories_exit_2_first(tmp_path, capsys):
     argv = ["eval", "--prompt", str(tmp_path / "missing-prompt")]
     assert main([*argv, "--output", str(tmp_path), "--predictions", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert f"output={str(tmp_path)!r} is a directory; give a file path" in error
     assert f"predictions={str(tmp_path)!r} is a directory; give a file path" in error
+    assert main(["inspect", str(tmp_path / "missing-prompt"), "--plot", str(tmp_path)]) == 2
+    assert f"plot={str(tmp_path)!r} is a directory; give a PNG file path" in capsys.readouterr().err
 
 
 def test_data_preview(tiny, capsys):

@@ -140,7 +140,10 @@ class InspectOptions:
     )
 
     def __post_init__(self) -> None:
-        raise_problems("inspect options", positive_problems(self, ("top_k",)))
+        problems = positive_problems(self, ("top_k",))
+        if self.plot is not None and Path(self.plot).is_dir():  # else found out after the model
+            problems.append(f"plot={self.plot!r} is a directory; give a PNG file path")
+        raise_problems("inspect options", problems)
 
 
 @dataclass
