@@ -505,6 +505,19 @@ def test_resume_needs_saved_state(tmp_path):
         train(resume=str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["prompt.safetensors", "optimizer.safetensors"])
+def test_a_truncated_state_file_is_named_not_a_traceback(tmp_path, name):
+    from softprompt.training.loop import LoopState
+    from softprompt.training.state import load_state, save_state
+
+    parameter = torch.nn.Parameter(torch.zeros(2, 3))
+    optimizer = torch.optim.AdamW([parameter])
+    state = save_state(tmp_path, {"prompt": parameter.detach()}, optimizer, LoopState())
+    (state / name).write_bytes((state / name).read_bytes()[:50])  # a disk filled mid-copy
+    with pytest.raises(ValueError, match=f"{state}: cannot resume, state is unreadable"):
+        load_state(tmp_path, optimizer)
+
+
 # ====================================================================== gradient clipping
 def _quadratic_run(max_grad_norm: float, steps: int = 2) -> tuple[torch.nn.Parameter, list[float], list[dict]]:
     """SGD (lr 1) on ``sum((p - 10)^2)`` from 0: the gradient's norm is 20 * sqrt(12) ~ 69 at first.

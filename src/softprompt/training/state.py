@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompt.core.checkpoint import replace_directory
@@ -129,7 +130,7 @@ def load_state(
         if "prompt" not in trained:
             raise KeyError("prompt")
         tensors = load_file(str(directory / "optimizer.safetensors"))
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise ValueError(f"{directory}: cannot resume, state is unreadable ({error})") from None
     torch.set_rng_state(tensors.pop("torch_rng"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, document["optimizer"]))
