@@ -128,6 +128,15 @@ def test_a_prefix_for_another_model_is_refused(tmp_path):
         check_prompt(other, servable_prompt(load_prompt(tmp_path / "p")), "p")
 
 
+def test_a_prefix_loaded_as_a_prompt_is_named_a_prefix(tmp_path):
+    from softprompt.core.prompt_model import PromptTunedModel
+
+    _peft_prefix_model(tiny_llama).save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match="peft: a prefix \\(PREFIX_TUNING\\) checkpoint") as error:
+        PromptTunedModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    assert "another model" not in str(error.value)  # it was the same model
+
+
 # ----------------------------------------------------------------------------- the Engine
 SENTIMENT = {
     "template": "{text} : answer",

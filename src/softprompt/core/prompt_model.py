@@ -244,8 +244,16 @@ class PromptTunedModel(nn.Module):
             model: the frozen base model.
             directory: the checkpoint directory.
             is_trainable: keep the prompt trainable to continue training (PEFT cannot).
+
+        Raises:
+            ValueError: a prefix checkpoint, or one tuned for a model of another width.
         """
         checkpoint = load_prompt(directory)
+        if not isinstance(checkpoint.config, PromptTuningConfig):  # its width would be misread
+            raise ValueError(
+                f"{directory}: a prefix (PREFIX_TUNING) checkpoint; PromptTunedModel loads "
+                "PROMPT_TUNING ones (serve a prefix with the Engine, eval or predict)"
+            )
         check_prompt_width(
             checkpoint.weights.shape[1], model.get_input_embeddings().weight.shape[1],
             str(directory), checkpoint.config.base_model_name_or_path,
