@@ -466,6 +466,19 @@ def test_template_render_and_fields() -> None:
     assert rendered == "Title: T\nReview: fun {x} {not a field}\nT:"
 
 
+def test_a_context_too_long_to_fit_says_cutting_cannot_help(tokenizer) -> None:
+    from softprompt.data.encoding import InputEncoding, InputTooLongError
+
+    few_shot = InputEncoding(tokenizer, Template("{text} :"), "text", 8, "the movie was great " * 4)
+    with pytest.raises(InputTooLongError, match="tokens with its text cut away .* shorten the "
+                       "template, the instruction or the few-shot examples") as error:
+        few_shot.encode([{"text": "good"}])  # truncation is on: it cannot help
+    assert "truncate=True" not in str(error.value)
+    plain = InputEncoding(tokenizer, Template("{text} :"), "text", 3)
+    with pytest.raises(InputTooLongError, match="shorten it or pass truncate=True"):
+        plain.encode([{"text": "the movie was great"}], truncate=False)
+
+
 def test_template_missing_field() -> None:
     template = Template("Review: {review}\nSentiment:")
     with pytest.raises(ValueError, match=r"field \{review\}.*available columns: text, label"):

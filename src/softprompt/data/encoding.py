@@ -21,8 +21,15 @@ from softprompt.data.templates import Template
 class InputTooLongError(ValueError):
     """An input has more tokens than allowed, and may not (or cannot) be cut."""
 
-    def __init__(self, length: int, limit: int, what: str) -> None:
+    def __init__(self, length: int, limit: int, what: str, *, cut: bool = False) -> None:
         self.length, self.limit = length, limit
+        if cut:  # truncation was on: only the text can be cut, and cutting it all is not enough
+            super().__init__(
+                f"input is {length} tokens with its text cut away (the template and the context "
+                f"before it) but {what} allows at most {limit}; shorten the template, the "
+                "instruction or the few-shot examples"
+            )
+            return
         super().__init__(
             f"input is {length} tokens (template included) but {what} allows at most {limit}; "
             "shorten it or pass truncate=True"
@@ -127,7 +134,7 @@ class InputEncoding:
             ids = self._render_ids({**record, self.text_field: self.tokenizer.decode(kept)})
             length = len(ids)
         if length > self.max_length:  # the template (and context) alone is too long
-            raise InputTooLongError(length, self.max_length, what)
+            raise InputTooLongError(length, self.max_length, what, cut=True)
         return ids
 
     def _render_ids(self, record: Mapping[str, str]) -> list[int]:
