@@ -207,6 +207,7 @@ def run_prompt_tuning(config: Config, settings: Settings, runs_dir: Path) -> dic
         "schedule": settings.schedule,
         "method": config.method,
         "output_dir": str(output),
+        "overwrite": True,  # a config that died part-way runs again from the start
         "warmup_steps": min(10, settings.budget_steps - 1),
     }
     if settings.lr is not None:

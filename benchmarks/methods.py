@@ -147,6 +147,7 @@ def run_prompt_method(method: str, seed: int, settings: Settings, output: Path) 
         schedule=settings.schedule,  # decays over the time budget (optim.make_scheduler)
         ema_decay=settings.ema_decay,
         output_dir=str(output),
+        overwrite=True,  # a config that died part-way runs again from the start
         **PROMPT_METHODS[method],
     ).report
     files = list((output / "prompt").glob("adapter_model.safetensors"))

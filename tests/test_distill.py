@@ -108,7 +108,7 @@ def test_teachers_are_scored_once_per_run_directory(tiny, teacher, tmp_path, mon
     assert resumed["steps"] == 4
     # Other teachers: the file is not theirs, so they are scored (and the file replaced).
     monkeypatch.undo()
-    prepared = prepare(TrainOptions(**tiny.options(tmp_path / "student", teacher=[prompt_dir, prompt_dir])))
+    prepared = prepare(TrainOptions(**tiny.options(tmp_path / "student", teacher=[prompt_dir, prompt_dir], overwrite=True)))
     run = load_run(prepared.options, prepared, torch.device("cpu"), SINGLE, tmp_path / "student")
     assert run.distillation["teacher_seconds"] > 0
     torch.testing.assert_close(run.train_data.soft_targets, scored)  # an ensemble of one prompt twice

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -503,6 +504,38 @@ def test_resume_refuses_to_change_what_defines_the_run(tiny, tmp_path, monkeypat
 def test_resume_needs_saved_state(tmp_path):
     with pytest.raises(ValueError, match="no resumable run there"):
         train(resume=str(tmp_path))
+
+
+def test_a_run_directory_is_not_trained_over_without_overwrite(tiny, tmp_path, monkeypatch, no_plots):
+    out = tmp_path / "run"
+    train(**tiny.options(out, steps=2, eval_every=2, baselines=False))
+    kept = load_prompt(out / "prompt").weights
+    loads = []
+    original_load = softprompt.models.load_model
+    monkeypatch.setattr(softprompt.models, "load_model", lambda *a, **k: loads.append(1) or original_load(*a, **k))
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume") as error:
+        train(**tiny.options(out, steps=2, eval_every=2, baselines=False, seed=1))
+    assert str(out) in str(error.value) and not loads  # refused before the model loads
+    assert torch.equal(load_prompt(out / "prompt").weights, kept)
+    train(**tiny.options(out, steps=2, eval_every=2, baselines=False, seed=1, overwrite=True))
+    assert not torch.equal(load_prompt(out / "prompt").weights, kept)
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, monkeypatch):
+    from softprompt.training import trainer
+
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 3, 18, 35, 0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer, "datetime", FrozenClock)
+    options = TrainOptions(dataset="rotten_tomatoes", model="smollm2-135m")
+    claimed = [trainer._default_output_dir(options, claim=True) for _ in range(3)]
+    stamp = "runs/rotten_tomatoes-smollm2-135m-20261203-183500"
+    assert [str(path) for path in claimed] == [stamp, f"{stamp}-2", f"{stamp}-3"]
+    assert all(path.is_dir() for path in claimed)
 
 
 @pytest.mark.parametrize("name", ["prompt.safetensors", "optimizer.safetensors"])

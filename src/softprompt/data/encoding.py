@@ -32,7 +32,7 @@ class InputTooLongError(ValueError):
             return
         super().__init__(
             f"input is {length} tokens (template included) but {what} allows at most {limit}; "
-            "shorten it or pass truncate=True"
+            "shorten it or pass truncate=True (--truncate on the command line)"
         )
 
 

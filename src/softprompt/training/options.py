@@ -30,6 +30,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 INITS = tuple(item.value for item in PromptTuningInit)
 REPARAMETERIZATIONS = ("none", "residual")  # core.reparameterize
 LR_SCALES = ("none", "embedding")  # optim.scaled_learning_rate
+# Every run writes its options here first, so the file marks a directory that holds a run.
+OPTIONS_FILE = "options.json"
 AUTO_VERBALIZER = "auto"  # label words chosen from the train split (evaluation.label_words)
 CLASS_WEIGHTS = ("none", "balanced")  # objectives.balanced_class_weights
 METHODS = ("prompt", "prefix")
@@ -277,6 +279,11 @@ class TrainOptions:
         default=None, metadata={"help": "Default runs/<dataset>-<model>-<time>"}
     )
     resume: str | None = field(default=None, metadata={"help": "Run directory to continue"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Train into an --output-dir that already holds a run, replacing its "
+                  "prompt, state and report (without it, such a directory is refused)"},
+    )
     baselines: bool = field(
         default=True, metadata={"help": "Also evaluate zero-shot and the initial prompt"}
     )
@@ -383,6 +390,13 @@ class TrainOptions:
         problems += self._prefix_problems()
         if self.output_dir is not None and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             problems.append(f"output_dir={self.output_dir!r} is a file, not a directory")
+        elif (self.output_dir is not None and self.resume is None and not self.overwrite
+              and (Path(self.output_dir) / OPTIONS_FILE).is_file()):
+            problems.append(
+                f"output_dir={self.output_dir!r} already holds a run; continue it with "
+                f"--resume {self.output_dir}, replace it with --overwrite, or choose another "
+                "--output-dir"
+            )
         if self.resume is not None and not (Path(self.resume) / "state").is_dir():
             problems.append(
                 f"resume={self.resume!r}: no resumable run there "

@@ -33,7 +33,7 @@ from softprompt.training.loop import (
     train_loop,
 )
 from softprompt.training.optim import make_optimizer, make_scheduler
-from softprompt.training.options import TrainOptions
+from softprompt.training.options import OPTIONS_FILE, TrainOptions
 from softprompt.training.report import MetricsLog, build_report, plot_curves, training_summary
 from softprompt.training.setup import (
     Prepared,
@@ -46,7 +46,6 @@ from softprompt.training.setup import (
 
 logger = logging.getLogger(__name__)
 
-OPTIONS_FILE = "options.json"
 # Options a resumed run may set differently from the saved run (the rest define the run).
 RESUME_CHANGEABLE = (
     "steps",
@@ -69,7 +68,9 @@ class TrainResult:
     report: dict[str, Any]
 
 
-def _default_output_dir(options: TrainOptions) -> Path:
+def _default_output_dir(options: TrainOptions, claim: bool) -> Path:
+    """``runs/<dataset>-<model>-<time>``, with ``-2``, ``-3``... for runs started in the same
+    second; ``claim`` creates it (atomically, so two processes never share one)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     dataset = (
         Path(options.dataset).stem
@@ -77,7 +78,16 @@ def _default_output_dir(options: TrainOptions) -> Path:
         else options.dataset
     )
     model = Path(options.model).stem if "/" in options.model else options.model
-    return Path("runs") / f"{dataset}-{model}-{stamp}"
+    name, copy = f"{dataset}-{model}-{stamp}", 1
+    while True:
+        path = Path("runs") / (name if copy == 1 else f"{name}-{copy}")
+        if not claim:
+            return path
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            copy += 1
 
 
 def train(
@@ -117,7 +127,9 @@ def train(
     context = distributed.init_distributed(device, options.dist_timeout)
     try:
         output_dir = (
-            Path(options.output_dir) if options.output_dir else _default_output_dir(options)
+            Path(options.output_dir)
+            if options.output_dir
+            else _default_output_dir(options, claim=context.is_main)
         )
         output_dir = Path(distributed.broadcast_object(str(output_dir), context))
         if context.is_main:
