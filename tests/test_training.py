@@ -519,6 +519,8 @@ def test_a_run_directory_is_not_trained_over_without_overwrite(tiny, tmp_path, m
     assert torch.equal(load_prompt(out / "prompt").weights, kept)
     train(**tiny.options(out, steps=2, eval_every=2, baselines=False, seed=1, overwrite=True))
     assert not torch.equal(load_prompt(out / "prompt").weights, kept)
+    assert json.loads((out / "options.json").read_text())["overwrite"] is True
+    assert not TrainOptions.from_preset(str(out / "options.json")).overwrite  # not part of a recipe
 
 
 def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, monkeypatch):

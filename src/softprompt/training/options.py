@@ -107,7 +107,9 @@ def _recipe(path: Path) -> dict[str, Any]:
     if wrong:
         raise ValueError(f"preset {str(path)!r} gives options a value of the wrong type: "
                          f"{', '.join(wrong)}")
-    return {key: value for key, value in values.items() if key not in ("output_dir", "resume")}
+    # Where and how the earlier run was written is not part of its recipe.
+    return {key: value for key, value in values.items()
+            if key not in ("output_dir", "resume", "overwrite")}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -321,8 +323,8 @@ class TrainOptions:
         """Options of a preset, with every ``given`` option winning.
 
         A preset is a name in ``PRESETS`` or the ``options.json`` an earlier run wrote (a
-        committed ``prompts/<name>/`` keeps its run's): its recipe, less its ``output_dir`` and
-        ``resume``, so the rerun writes a new run directory. A given option wins even when it
+        committed ``prompts/<name>/`` keeps its run's): its recipe, less its ``output_dir``,
+        ``resume`` and ``overwrite``, so the rerun writes a new run directory. A given option wins even when it
         equals the default the preset would replace (``from_preset("quick", batch_size=8)``
         keeps 8). ``preset=None`` is ``cls(**given)``.
 
