@@ -6,12 +6,17 @@ import pytest
 import torch
 
 from softprompt.core.combine import insert_prompt
+from softprompt.data import TokenizedVerbalizer
+from softprompt.evaluation.classification import score_split
+from softprompt.evaluation.generation import generate_texts
 from softprompt.fastpath.frozen import FrozenModel
 from softprompt.fastpath.prompt_kv import (
+    common_leading_tokens,
     compute_prompt_kv,
     continuation_batch,
     prefixed_batch,
     run,
+    share_leading_tokens,
     stack_prompt_kv,
     uncached_batch,
 )
@@ -127,6 +132,63 @@ def test_continuations_run_behind_each_text(name):
                 assert torch.allclose(hidden[row, start : start + len(tokens)], expected, atol=1e-5)
     with pytest.raises(ValueError, match="every position kept"):
         continuation_batch(frozen, prefixed_batch(frozen, kvs[0], texts[:1]), [[[9]]])
+
+
+def test_common_leading_tokens_leave_every_text_a_token_of_its_own():
+    assert common_leading_tokens([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_leading_tokens([[1, 2, 3], [1, 2, 3]]) == 2  # not all three: a text needs one
+    assert common_leading_tokens([[1, 2], [3, 2]]) == 0
+    assert common_leading_tokens([[4]]) == 0
+    assert common_leading_tokens([]) == 0
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("with_prompt", [False, True], ids=["no_prompt", "prompt"])
+def test_shared_leading_tokens_run_once_with_the_plain_forwards_numbers(name, with_prompt):
+    """A context every text starts with moves into the prefix; each text's own tokens then come
+    out as in the plain forward of [prompt, context, text] (Gemma 3's window of 4 is shorter
+    than the rows)."""
+    frozen = FrozenModel(BUILDERS[name]())
+    prompt = _prompt(5, 1) if with_prompt else None
+    context = random_ids(1, 6, seed=40)[0].tolist()
+    texts = [context + text for text in _texts()]
+    with torch.no_grad():
+        kv = compute_prompt_kv(frozen, prompt) if prompt is not None else None
+        shared, rest = share_leading_tokens(frozen, kv, texts)
+        assert [len(text) for text in rest] == list(LENGTHS)
+        assert int(shared.lengths[0]) == len(context) + (5 if with_prompt else 0) == shared.width
+        batch = prefixed_batch(frozen, shared, rest)
+        hidden = run(frozen, batch)
+        for row, text in enumerate(texts):
+            expected = _plain_hidden(frozen, prompt, text)[len(context) :]
+            assert torch.allclose(hidden[row, : len(rest[row])], expected, atol=1e-5)
+        # Nothing shared: the prefix and the texts come back as they were.
+        assert share_leading_tokens(frozen, kv, _texts()) == (kv, _texts())
+
+
+def test_scores_and_generations_with_a_shared_context_match_the_unshared_path(tokenizer):
+    """Zero-/few-shot baselines: the context runs once, the labels' scores (single- and
+    multi-token words) and the greedy texts do not change."""
+    frozen = FrozenModel(tiny_llama(seed=1), tokenizer)
+    context = random_ids(1, 9, seed=41)[0].tolist()
+    texts = [context + text for text in _texts((6, 2, 4, 3, 7))]
+    verbalizers = [
+        TokenizedVerbalizer(["a", "b"], [[11], [23]], [[[11]], [[23]]]),
+        TokenizedVerbalizer(["a", "b", "c"], [[11, 12], [23], [11, 30, 31]],
+                            [[[11, 12]], [[23]], [[11, 30, 31]]]),
+    ]
+    for verbalizer in verbalizers:
+        shared = score_split(frozen, None, texts, verbalizer, batch_size=2)
+        unshared = score_split(frozen, None, texts, verbalizer, batch_size=2, shared_prefix=False)
+        assert torch.allclose(shared, unshared, atol=1e-4)
+    generated = generate_texts(frozen, None, texts, max_new_tokens=5, batch_size=2)
+    with torch.no_grad():  # transformers' own greedy decoding of each whole text
+        reference = [
+            frozen.model.generate(torch.tensor([text]), max_new_tokens=5, do_sample=False)[0, len(text) :]
+            for text in texts
+        ]
+    expected = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference]
+    assert generated == expected and any(generated)
 
 
 def test_prompt_kv_shapes_and_one_forward_per_cache():

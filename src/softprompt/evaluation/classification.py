@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from softprompt.data import Record, Template, TokenizedVerbalizer
 from softprompt.data.encoding import InputEncoding
 from softprompt.fastpath.frozen import FrozenModel
-from softprompt.fastpath.prompt_kv import compute_prompt_kv
+from softprompt.fastpath.prompt_kv import compute_prompt_kv, share_leading_tokens
 from softprompt.fastpath.scoring import label_scores
 
 
@@ -69,14 +69,19 @@ def score_split(
         sequences: encoded examples.
         verbalizer: the label words.
         batch_size: examples per forward (batches are formed by length).
-        shared_prefix: compute the prompt's keys/values once for the whole split (same numbers
-            as running the prompt with every batch, which False does).
+        shared_prefix: compute the prompt's keys/values once for the whole split, with the
+            tokens every example starts with (a baseline's context, the template's first
+            words): the same numbers, up to rounding, as running them with every batch, which
+            False does.
         description: progress bar label; None hides the bar.
 
     Returns:
         ``(N, C)`` fp32 label scores in the original order.
     """
-    prefix = compute_prompt_kv(frozen, prompt) if prompt is not None and shared_prefix else None
+    prefix = None
+    if shared_prefix:
+        prefix = compute_prompt_kv(frozen, prompt) if prompt is not None else None
+        prefix, sequences = share_leading_tokens(frozen, prefix, sequences)
     order = sorted(range(len(sequences)), key=lambda position: len(sequences[position]))
     scores = torch.empty(len(sequences), len(verbalizer.labels))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

@@ -26,7 +26,12 @@ from softprompt.data import Record, Template
 from softprompt.data.encoding import InputEncoding
 from softprompt.fastpath.decoding import DecodeRequest, GenerateParams, decode, find_stop
 from softprompt.fastpath.frozen import FrozenModel
-from softprompt.fastpath.prompt_kv import PromptKV, compute_prompt_kv, prefixed_batch
+from softprompt.fastpath.prompt_kv import (
+    PromptKV,
+    compute_prompt_kv,
+    prefixed_batch,
+    share_leading_tokens,
+)
 from softprompt.fastpath.step_batch import decode_together
 
 
@@ -97,7 +102,8 @@ def generate_texts(
     stop: Sequence[str] = (),
     description: str | None = None,
 ) -> list[str]:
-    """Greedy generation for every input, the prompt's keys/values computed once.
+    """Greedy generation for every input, the prompt's keys/values (with the tokens every
+    input starts with) computed once.
 
     Args:
         frozen: the frozen model.
@@ -115,6 +121,7 @@ def generate_texts(
     prefix = prompt
     if isinstance(prompt, (torch.Tensor, DeepPrompt)):
         prefix = compute_prompt_kv(frozen, prompt)
+    prefix, inputs = share_leading_tokens(frozen, prefix, inputs)  # a baseline's context runs once
     prompt_length = 0 if prefix is None else int(prefix.lengths.max())
     # Stop strings are applied afterwards (`finish_text`): a model may begin with a newline, which
     # as a stop string in the decoding loop would end its text before it starts.

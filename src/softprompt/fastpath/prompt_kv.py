@@ -185,6 +185,81 @@ def check_prompt(
         )
 
 
+def common_leading_tokens(token_ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares, leaving each at least one of its own."""
+    if not token_ids:
+        return 0
+    first = token_ids[0]
+    shared = min(len(ids) for ids in token_ids) - 1
+    for ids in token_ids[1:]:
+        matched = 0
+        while matched < shared and ids[matched] == first[matched]:
+            matched += 1
+        shared = matched
+    return max(shared, 0)
+
+
+def extend_prompt_kv(frozen: FrozenModel, prefix: PromptKV | None, token_ids: Sequence[int]) -> PromptKV:
+    """Keys and values of ``prefix`` followed by ``token_ids``, run once behind it.
+
+    A text behind the result sees what it sees behind ``prefix`` with ``token_ids`` at its start:
+    the tokens take the positions after the prefix's, and their keys/values are the ones that
+    forward computes.
+
+    Args:
+        frozen: the frozen model.
+        prefix: a one-row prefix (a prompt's or a deep prompt's keys/values), or None.
+        token_ids: the non-empty tokens to append.
+
+    Returns:
+        A one-row :class:`PromptKV`, ``len(token_ids)`` wider than ``prefix``.
+
+    Raises:
+        PromptCacheUnsupportedError: the model's cache is not plain keys/values.
+    """
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=frozen.device)
+    if prefix is None:
+        return compute_prompt_kv(frozen, frozen.embed(ids))
+    if prefix.rows != 1:
+        raise ValueError(f"only a one-row prefix can be extended, got {prefix.rows} rows")
+    batch = prefixed_batch(frozen, prefix, [ids.tolist()], keep_all_positions=True)
+    run(frozen, batch)  # appends the tokens (and their length padding) to batch.cache
+    padded = prefix.width + batch.inputs_embeds.shape[1]
+    length = prefix.width + len(ids)
+    layers = tuple(
+        (keys[:, :, :length], values[:, :, :length]) for keys, values in _plain_layers(batch.cache, padded)
+    )
+    return PromptKV(layers, prefix.lengths + len(ids))
+
+
+def share_leading_tokens(
+    frozen: FrozenModel, prefix: PromptKV | None, token_ids: Sequence[Sequence[int]]
+) -> tuple[PromptKV | None, list[Sequence[int]]]:
+    """Move the tokens every text starts with into the prefix, so that they run once.
+
+    A split's texts often share their first tokens: a zero- or few-shot context, a template's
+    first words. Scored behind the extended prefix, each text runs only its own tokens, with the
+    same result (up to rounding). Where nothing is shared, or the model's cache cannot hold the
+    tokens, the prefix and texts come back unchanged.
+
+    Args:
+        frozen: the frozen model.
+        prefix: a one-row prefix, or None.
+        token_ids: the texts.
+
+    Returns:
+        The prefix, and every text less the shared tokens.
+    """
+    shared = common_leading_tokens(token_ids)
+    if not shared or (prefix is not None and prefix.rows != 1):
+        return prefix, list(token_ids)
+    try:
+        extended = extend_prompt_kv(frozen, prefix, token_ids[0][:shared])
+    except PromptCacheUnsupportedError:
+        return prefix, list(token_ids)
+    return extended, [ids[shared:] for ids in token_ids]
+
+
 def stack_prompt_kv(prompts: Sequence[PromptKV]) -> PromptKV:
     """One row per one-row prompt, right-aligned to the longest (each distinct one copied once).
 
