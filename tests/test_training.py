@@ -235,6 +235,18 @@ def test_best_prompt_survives_a_worse_later_validation(tiny, sizes, tmp_path, mo
     assert no_plots == [out / "curves.png"]
 
 
+def test_no_init_baseline_scores_the_test_split_without_a_prompt_only(tiny, sizes, tmp_path, monkeypatch,
+                                                                        no_plots):
+    evaluations = record_evaluations(monkeypatch)
+    report = train(**tiny.options(tmp_path / "run", init_baseline=False)).report
+    tests = [item for item in evaluations if item.examples == sizes["test"]]
+    # Zero-shot (no prompt), then the best prompt: the initial prompt is not scored.
+    assert [item.prompt is None for item in tests] == [True, False]
+    assert {"zero_shot_accuracy", "zero_shot_macro_f1"} <= set(report)
+    assert "init_accuracy" not in report and "init_macro_f1" not in report
+    assert PRESETS["demo"]["init_baseline"] is False  # make demo spends its minutes on training
+
+
 def test_moving_average_follows_its_definition_and_swaps_back_exactly():
     first, second = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.ones(4))
     average = ParameterAverage([first, second], decay=0.5)

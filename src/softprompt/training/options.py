@@ -51,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_eval_examples": None,
         "max_validation_examples": 500,
         "ema_decay": 0.99,
+        "init_baseline": False,
     },
     "full": {
         "num_virtual_tokens": 50,
@@ -290,6 +291,11 @@ class TrainOptions:
     )
     baselines: bool = field(
         default=True, metadata={"help": "Also evaluate zero-shot and the initial prompt"}
+    )
+    init_baseline: bool = field(
+        default=True,
+        metadata={"help": "With --baselines, also evaluate the initial prompt (before any step); "
+                  "--no-init-baseline keeps zero-shot alone"},
     )
     shared_prefix: bool = field(
         default=True, metadata={"help": "Compute the prompt once per batch (fast path)"}

@@ -53,6 +53,7 @@ RESUME_CHANGEABLE = (
     "eval_every",
     "patience",
     "baselines",
+    "init_baseline",
     "device",
     "dist_timeout",
 )
@@ -189,7 +190,7 @@ def _run(
     )
     baselines = {}
     if options.baselines and not options.resume:
-        baselines = _baselines(prepared.instruction, run)
+        baselines = _baselines(prepared.instruction, run, options.init_baseline)
     metric = run.objective.selection_metric
     metadata = prompt_metadata(
         options, prepared.template, prepared.verbalizer, run.initial_prompt,
@@ -257,31 +258,27 @@ def _reported_metrics(selection_metric: str, result: dict[str, Any]) -> list[str
     return list(dict.fromkeys([selection_metric, *classifier]))
 
 
-def _baselines(instruction: str, run: RunSetup) -> dict[str, float]:
+def _baselines(instruction: str, run: RunSetup, with_initial: bool) -> dict[str, float]:
     """The test selection metric (accuracy, or chrF for generation), and macro-F1 for a
-    classifier, without a prompt (the instruction leads the input) and with the initial prompt:
-    ``zero_shot_<metric>``, ``init_<metric>``."""
+    classifier, without a prompt (the instruction leads the input) and, if ``with_initial``,
+    with the initial prompt: ``zero_shot_<metric>``, ``init_<metric>``."""
     lead = instruction + "\n" if instruction else ""
     instructed = run.objective.encode(run.test_records, context=lead, split="test")
-    zero_shot = run.objective.evaluate(
+    results = {"zero_shot": run.objective.evaluate(
         run.frozen, None, instructed, description="zero-shot", context=run.evaluation_context
-    )
-    initial = run.objective.evaluate(
-        run.frozen, run.model.prompt, run.test_data, description="initial prompt",
-        context=run.evaluation_context,
-    )
-    names = _reported_metrics(run.objective.selection_metric, zero_shot)
-    logger.info(
-        "test %s: zero-shot %s, initial prompt %s",
-        "/".join(names),
-        "/".join(f"{zero_shot[name]:.4f}" for name in names),
-        "/".join(f"{initial[name]:.4f}" for name in names),
-    )
-    return {
-        f"{kind}_{name}": result[name]
-        for kind, result in (("zero_shot", zero_shot), ("init", initial))
-        for name in names
-    }
+    )}
+    if with_initial:
+        results["init"] = run.objective.evaluate(
+            run.frozen, run.model.prompt, run.test_data, description="initial prompt",
+            context=run.evaluation_context,
+        )
+    names = _reported_metrics(run.objective.selection_metric, results["zero_shot"])
+    labels = {"zero_shot": "zero-shot", "init": "initial prompt"}
+    logger.info("test %s: %s", "/".join(names), ", ".join(
+        f"{labels[kind]} " + "/".join(f"{result[name]:.4f}" for name in names)
+        for kind, result in results.items()
+    ))
+    return {f"{kind}_{name}": result[name] for kind, result in results.items() for name in names}
 
 
 def _optimise(
