@@ -39,8 +39,8 @@ METHODS = ("prompt", "prefix")
 # Named option sets, applied by `TrainOptions.from_preset` (``softprompt train --preset``).
 # "demo" is `make demo`: the best recipe measured to fit 10 minutes on 2 CPU cores, a deep prompt,
 # 300 steps x 16 with a cosine decay, validating and keeping the moving average of the prompt,
-# scored on every test example (SmolLM2-135M, AMD EPYC, seeds 0-4: 86.57 +- 0.29%; without the
-# average 86.03 +- 0.64%; README, Results). "full" is the long run of a plain prompt: 50
+# scored on every test example, against zero-shot only (SmolLM2-135M, AMD EPYC, seeds 0-4:
+# 86.57 +- 0.29%; without the average 86.03 +- 0.64%; README, Results). "full" is the long run of a plain prompt: 50
 # tokens, about 0.8 epoch with a cosine decay (86.2% in 67 minutes on one CPU core).
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
