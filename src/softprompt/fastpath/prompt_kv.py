@@ -5,7 +5,9 @@ A soft prompt's keys and values are the same for every text that follows it, so 
 computed once (per batch in training, with gradients; per task in serving, without) and the
 body then runs on the text tokens only. The same move serves any shared prefix: a text scored
 against several multi-token label words is run once, and the label continuations run behind its
-keys/values (:func:`continuation_batch`).
+keys/values (:func:`continuation_batch`); the tokens every text of a split starts with (a
+baseline's few-shot context, a template's first words) run once behind the prompt
+(:func:`share_leading_tokens`).
 
 Rows may carry prefixes of different lengths (tasks, ensemble members), so a batch is laid out
 as::

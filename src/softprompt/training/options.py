@@ -298,7 +298,9 @@ class TrainOptions:
                   "--no-init-baseline keeps zero-shot alone"},
     )
     shared_prefix: bool = field(
-        default=True, metadata={"help": "Compute the prompt once per batch (fast path)"}
+        default=True,
+        metadata={"help": "Compute the prompt once per batch, and in evaluation the tokens every "
+                  "example starts with once per split (fast path)"},
     )
     compile: bool = field(
         default=False,
