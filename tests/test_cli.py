@@ -249,7 +249,10 @@ def test_eval_and_predict_load_the_base_model_a_peft_checkpoint_names(tiny, tmp_
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("max_length", "64", "max_length='64', not an integer"),
+        ("max_length", "64", "max_length='64', not a positive integer"),
+        ("max_length", 0, "max_length=0, not a positive integer"),
+        ("stop", [""], "stop=[''], not a list of non-empty strings"),
+        ("task", "summarise", "task='summarise', not classification or generation"),
         ("verbalizer", "x", "verbalizer='x', not an object of label -> word(s)"),
         ("template", 5, "template=5, not a string"),
     ],

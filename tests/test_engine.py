@@ -295,6 +295,24 @@ def test_width_mismatch_is_refused(tiny, tmp_path):
     assert engine.tasks() == []
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"max_length": 0}, "max_length=0, not a positive integer"),
+        ({"stop": "\n"}, "stop='\\n', not a list of non-empty strings"),
+        ({"task": "summarise"}, "task='summarise', not classification or generation"),
+    ],
+)
+def test_unusable_settings_in_softprompt_json_are_refused_naming_the_checkpoint(tiny, tmp_path, setting,
+                                                                                 message):
+    engine = Engine(model_and_tokenizer=tiny[:2])
+    bad = _save(tmp_path / "bad", 4, {**GENERATION, **setting}, 5)
+    with pytest.raises(TaskLoadError) as error:
+        engine.add_task("bad", bad)
+    assert str(error.value) == f"{bad}: softprompt.json has {message}"
+    assert engine.tasks() == []
+
+
 def test_remove_unknown_task(tiny, prompts):
     engine = _engine(tiny, prompts, tasks=("sentiment",))
     with pytest.raises(TaskNotFoundError, match="sentiment"):

@@ -256,7 +256,38 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object")
+    _check_settings(value, path.parent)
     return value
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# The settings of softprompt.json that evaluation and serving read: what each must be.
+_SETTINGS = {
+    "template": (lambda value: isinstance(value, str), "a string"),
+    "verbalizer": (lambda value: isinstance(value, dict), "an object of label -> word(s)"),
+    "max_length": (_positive_int, "a positive integer"),
+    "max_target_length": (_positive_int, "a positive integer"),
+    "stop": (
+        lambda value: isinstance(value, list) and all(isinstance(item, str) and item for item in value),
+        "a list of non-empty strings",
+    ),
+    "task": (lambda value: value in ("classification", "generation"), "classification or generation"),
+}
+
+
+def _check_settings(metadata: dict[str, Any], directory: Path) -> None:
+    """Refuse a softprompt.json whose settings (``_SETTINGS``) eval or the Engine could not use.
+
+    Raises:
+        ValueError: naming the checkpoint directory, the field and its value.
+    """
+    for name, (usable, wanted) in _SETTINGS.items():
+        value = metadata.get(name)
+        if value is not None and not usable(value):
+            raise ValueError(f"{directory}: softprompt.json has {name}={value!r}, not {wanted}")
 
 
 def _umask() -> int:

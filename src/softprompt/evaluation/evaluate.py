@@ -82,8 +82,6 @@ def evaluate_prompt(
     """
     options = _resolve(options, overrides)
     checkpoint = load_prompt(options.prompt) if options.prompt else None
-    if checkpoint is not None:
-        _check_stored_setting(checkpoint.metadata, options.prompt)
     setting = _setting(
         options, checkpoint.metadata if checkpoint else {}, checkpoint.base_model if checkpoint else None
     )
@@ -232,24 +230,6 @@ def _resolve(options: EvalOptions | None, overrides: dict[str, Any]) -> EvalOpti
     if options.split not in SPLITS:
         raise ValueError(f"split={options.split!r} is not valid; allowed: {', '.join(SPLITS)}")
     return options
-
-
-def _check_stored_setting(metadata: dict[str, Any], prompt: Any) -> None:
-    """The settings eval reads from a checkpoint's ``softprompt.json`` have usable types.
-
-    Raises:
-        ValueError: naming the prompt, the field and its value.
-    """
-    kinds = {
-        "template": (str, "a string"),
-        "verbalizer": (dict, "an object of label -> word(s)"),
-        "max_length": (int, "an integer"),
-        "max_target_length": (int, "an integer"),
-    }
-    for name, (kind, wanted) in kinds.items():
-        value = metadata.get(name)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise ValueError(f"{prompt}: softprompt.json has {name}={value!r}, not {wanted}")
 
 
 def _setting(

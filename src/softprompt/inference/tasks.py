@@ -129,21 +129,14 @@ def load_member(path: Path, frozen: FrozenModel, *, use_kv_cache: bool) -> Membe
         raise TaskLoadError(f"{path}: task_type is {config.task_type.value}, not CAUSAL_LM")
     if len(template.fields) != 1:  # a request carries one text
         raise TaskLoadError(f"{path}: template {template.format!r} must have exactly one field")
+    # load_prompt checked the settings' types (core.checkpoint._SETTINGS)
     kind = metadata.get("task") or ("classification" if verbalizer else "generation")
-    if kind not in ("classification", "generation"):
-        raise TaskLoadError(f"{path}: task {kind!r} is neither classification nor generation")
     if kind == "classification" and verbalizer is None:
         raise TaskLoadError(f"{path}: a classification prompt needs a verbalizer")
-    max_length = metadata.get("max_length")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise TaskLoadError(f"{path}: max_length {max_length!r} is not a positive integer")
-    stop = metadata.get("stop") or []
-    if not isinstance(stop, list) or not all(isinstance(item, str) and item for item in stop):
-        raise TaskLoadError(f"{path}: stop {stop!r} is not a list of non-empty strings")
     kv = compute_prompt_kv(frozen, prompt) if use_kv_cache else None
     verbalizer = verbalizer if kind == "classification" else None
-    stop = tuple(stop) if kind == "generation" else ()
-    return Member(str(path), prompt, kv, template, verbalizer, None, max_length, stop)
+    stop = tuple(metadata.get("stop") or ()) if kind == "generation" else ()
+    return Member(str(path), prompt, kv, template, verbalizer, None, metadata.get("max_length"), stop)
 
 
 def make_task(name: str, members: tuple[Member, ...]) -> Task:
