@@ -379,7 +379,11 @@ def test_completions_openai_shape(server: MainServer) -> None:
         assert isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert 0 < usage["completion_tokens"] <= 10 and usage["prompt_tokens"] == 5
+    # The input as the model read it: the task's template rendered around the text.
+    tokenizer = server.engine.tokenizer
+    read = sum(len(tokenizer(f"Q: {text}\nA:")["input_ids"]) for text in request["prompt"])
+    assert 0 < usage["completion_tokens"] <= 10 and usage["prompt_tokens"] == read
+    assert read > len(tokenizer(" ".join(request["prompt"]), add_special_tokens=False)["input_ids"])
     assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in body["choices"]]
     assert sampled[0]["choices"][0]["text"] == sampled[1]["choices"][0]["text"]
     assert single.status_code == 200  # a classification prompt can still generate

@@ -83,6 +83,8 @@ class GenerateResult:
         finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (max_new_tokens, or the
             model's position limit).
         token_ids: the generated token ids (``num_tokens`` of them).
+        prompt_tokens: tokens of the input the model read (template rendered, cut to the task's
+            limit; an ensemble's first member), the virtual tokens not counted.
     """
 
     task: str
@@ -90,6 +92,7 @@ class GenerateResult:
     num_tokens: int
     finish_reason: Literal["stop", "length"]
     token_ids: list[int] = field(default_factory=list, repr=False)
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -102,6 +105,7 @@ class DecodeRequest:
         params: its parameters.
         budget: new tokens allowed: ``max_new_tokens`` capped by the room left in the model's
             positions (may be 0).
+        prompt_tokens: tokens of its encoded input (see :class:`GenerateResult`).
         tokens, text, finish_reason: the state of the generation, filled by :func:`decode`.
         generator: the request's sampler (sampling only), seeded from ``params.seed``.
     """
@@ -110,6 +114,7 @@ class DecodeRequest:
     rows: list[int]
     params: GenerateParams
     budget: int
+    prompt_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: Literal["stop", "length"] | None = None
@@ -139,7 +144,8 @@ class DecodeRequest:
 
     def result(self) -> GenerateResult:
         return GenerateResult(
-            self.task, self.text, len(self.tokens), self.finish_reason, list(self.tokens)
+            self.task, self.text, len(self.tokens), self.finish_reason, list(self.tokens),
+            self.prompt_tokens,
         )
 
 

@@ -38,7 +38,7 @@ def decode_request(
     pairs = list(zip(task.members, encoded, strict=True))
     room = min(frozen.max_positions - member.length - len(ids) for member, ids in pairs)
     budget = min(params.max_new_tokens, room)
-    return DecodeRequest(task.info.name, list(rows or []), params, budget)
+    return DecodeRequest(task.info.name, list(rows or []), params, budget, len(encoded[0]))
 
 
 def generate_requests(

@@ -52,8 +52,6 @@ class WorkItem:
         loop: The event loop that owns ``future``.
         enqueued_at: ``time.monotonic()`` when queued.
         abandoned: Set when the client stopped waiting; the worker then skips the item.
-        prompt_tokens: For ``generate`` items, the input's token count (set by the worker,
-            which alone may use the tokenizer: fast tokenizers are not safe across threads).
         index: The item's place among the inputs of its HTTP request.
         stream: For streamed completions, the queue (shared by the request's items) that gets
             ``(index, text)`` for each new piece of text and ``(index, None)`` once the future
@@ -71,7 +69,6 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     enqueued_at: float = field(default_factory=time.monotonic)
     abandoned: bool = False
-    prompt_tokens: int = 0
     index: int = 0
     stream: asyncio.Queue | None = None
     first_token_at: float | None = None
@@ -309,7 +306,6 @@ class MicroBatcher:
             self.metrics.engine_seconds.labels(kind=kind).observe(time.perf_counter() - started)
         self.metrics.items.labels(kind=kind).inc(len(items))
         if kind == "generate":
-            self._count_prompt_tokens(items)
             now = time.monotonic()
             for item, result in zip(items, results, strict=True):
                 if not isinstance(result, BaseException):  # every token came at the end
@@ -330,16 +326,6 @@ class MicroBatcher:
         if tokens > 1 and finished_at > first_token_at:
             self.metrics.time_per_output_token.observe(
                 (finished_at - first_token_at) / (tokens - 1))
-
-    def _count_prompt_tokens(self, items: list[WorkItem]) -> None:
-        tokenizer = getattr(self.engine, "tokenizer", None)
-        if tokenizer is None:
-            return
-        for item in items:
-            try:
-                item.prompt_tokens = len(tokenizer.encode(item.text, add_special_tokens=False))
-            except Exception:  # usage counts are informative only; never fail a request on them
-                item.prompt_tokens = 0
 
     def _slot_error(self, item: WorkItem, error: BaseException) -> ApiError:
         """Maps an exception the engine returned for one input to the client's answer."""

@@ -71,7 +71,7 @@ async def completions(body: s.CompletionRequest, state: State, request: Request)
         return await stream_completion(batcher, items, body.model, options.request_timeout)
     results = await _wait(request, batcher, items, options.request_timeout)
     completion_tokens = sum(int(r.num_tokens) for r in results)
-    prompt_tokens = sum(item.prompt_tokens for item in items)
+    prompt_tokens = sum(int(r.prompt_tokens) for r in results)
     return JSONResponse(s.CompletionResponse(
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
         choices=[s.CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason)

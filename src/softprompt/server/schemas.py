@@ -141,6 +141,9 @@ class CompletionChoice(BaseModel):
 
 
 class Usage(BaseModel):
+    """Tokens of a completion request: ``prompt_tokens`` counts each input as the model read it
+    (the task's template rendered, cut where truncation cut it; virtual tokens not counted)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int

@@ -99,7 +99,6 @@ class StepBatcher(MicroBatcher):
         if not items:
             return
         self.metrics.items.labels(kind="generate").inc(len(items))
-        self._count_prompt_tokens(items)
         for item in items:
             try:
                 request = scheduler.add(item.task, item.text, item.params, item.truncate)

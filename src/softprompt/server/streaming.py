@@ -51,7 +51,7 @@ async def stream_completion(batcher: MicroBatcher, items: Sequence[WorkItem], mo
 async def _events(batcher: MicroBatcher, items: Sequence[WorkItem], model: str,
                   timeout_s: float, event: Event) -> AsyncIterator[str]:
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    remaining, completion_tokens = len(items), 0
+    remaining, prompt_tokens, completion_tokens = len(items), 0, 0
 
     def chunk(index: int, text: str, finish_reason: str | None = None,
               usage: s.Usage | None = None) -> str:
@@ -73,9 +73,9 @@ async def _events(batcher: MicroBatcher, items: Sequence[WorkItem], model: str,
                 else:
                     result = items[index].future.result()
                     completion_tokens += int(result.num_tokens)
+                    prompt_tokens += int(result.prompt_tokens)
                     usage = None
                     if remaining == 0:
-                        prompt_tokens = sum(item.prompt_tokens for item in items)
                         usage = s.Usage(prompt_tokens=prompt_tokens,
                                         completion_tokens=completion_tokens,
                                         total_tokens=prompt_tokens + completion_tokens)
