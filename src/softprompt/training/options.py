@@ -40,8 +40,9 @@ METHODS = ("prompt", "prefix")
 # "demo" is `make demo`: the best recipe measured to fit 10 minutes on 2 CPU cores, a deep prompt,
 # 300 steps x 16 with a cosine decay, validating and keeping the moving average of the prompt,
 # scored on every test example, against zero-shot only (SmolLM2-135M, AMD EPYC, seeds 0-4:
-# 86.57 +- 0.29%; without the average 86.03 +- 0.64%; README, Results). "full" is the long run of a plain prompt: 50
-# tokens, about 0.8 epoch with a cosine decay (86.2% in 67 minutes on one CPU core).
+# 86.57 +- 0.29%; without the average 86.03 +- 0.64%; README, Results). "full" is the long run
+# of a plain prompt: 50 tokens, about 0.8 epoch with a cosine decay (86.2% in 67 minutes on one
+# CPU core).
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "method": "prefix",
@@ -332,9 +333,9 @@ class TrainOptions:
 
         A preset is a name in ``PRESETS`` or the ``options.json`` an earlier run wrote (a
         committed ``prompts/<name>/`` keeps its run's): its recipe, less its ``output_dir``,
-        ``resume`` and ``overwrite``, so the rerun writes a new run directory. A given option wins even when it
-        equals the default the preset would replace (``from_preset("quick", batch_size=8)``
-        keeps 8). ``preset=None`` is ``cls(**given)``.
+        ``resume`` and ``overwrite``, so the rerun writes a new run directory. A given option
+        wins even when it equals the default the preset would replace
+        (``from_preset("quick", batch_size=8)`` keeps 8). ``preset=None`` is ``cls(**given)``.
 
         Raises:
             ValueError: an unknown name; a file that is missing, not JSON, not an object, or
